@@ -1,0 +1,108 @@
+"""The one way the daemon writes files: temp file, fsync, rename, fsync of the directory.
+
+A reader (or a restart after kill -9) sees either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FILE_MODE = 0o644  # never world-writable (umask may tighten further)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a log (status.log, events.jsonl).
+
+    Logs are append-only, so a torn last line is the worst a crash can leave; O_APPEND keeps
+    concurrent writers from interleaving within a line.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    try:
+        os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Copy src to dst durably; returns the sha256 of the bytes copied."""
+    import hashlib
+
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            while block := fin.read(chunk):
+                digest.update(block)
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+    return digest.hexdigest()
+
+
+def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Atomic rename, then fsync both parents so the move survives a power cut."""
+    os.rename(src, dst)
+    fsync_dir(Path(dst).parent)
+    if Path(src).parent != Path(dst).parent:
+        fsync_dir(Path(src).parent)
+
+
+def swap_symlink(link: str | os.PathLike, target: str) -> None:
+    """Point `link` at `target` atomically (a new link renamed over the old one)."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
