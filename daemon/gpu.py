@@ -1,0 +1,91 @@
+"""GPU readings through NVML, for the daemon (which never imports torch).
+
+pynvml (nvidia-ml-py) is absent or finds no driver on CPU machines: every function then returns None,
+so callers print "no GPU" rather than fail.
+"""
+
+from __future__ import annotations
+
+import os
+
+GIB = 1024**3
+
+
+def _nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:
+        return None
+
+
+def visible_indices(nvml) -> list[int]:
+    count = nvml.nvmlDeviceGetCount()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or visible.strip() == "":
+        return list(range(count)) if visible is None else []
+    indices = []
+    for part in visible.split(","):
+        part = part.strip()
+        if part.isdigit() and int(part) < count:
+            indices.append(int(part))
+    return indices
+
+
+def snapshot() -> dict | None:
+    """Memory and utilisation summed over the visible GPUs, or None without NVML."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        names, used, total, util = [], 0, 0, []
+        for i in visible_indices(nvml):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = nvml.nvmlDeviceGetName(handle)
+            names.append(name.decode() if isinstance(name, bytes) else name)
+            used += mem.used
+            total += mem.total
+            try:
+                util.append(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            except Exception:
+                pass
+        if not names:
+            return None
+        return {
+            "name": names[0] if len(set(names)) == 1 else ", ".join(names),
+            "count": len(names),
+            "mem_used_gib": round(used / GIB, 3),
+            "mem_total_gib": round(total / GIB, 3),
+            "util_percent": round(sum(util) / len(util), 1) if util else None,
+        }
+    except Exception:
+        return None
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def processes_using_gpu() -> list[int] | None:
+    """PIDs holding GPU memory (compute processes), or None without NVML."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        pids = []
+        for i in visible_indices(nvml):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                pids.append(proc.pid)
+        return pids
+    except Exception:
+        return None
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass

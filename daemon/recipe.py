@@ -1,0 +1,255 @@
+"""The LoRA training recipe: setup / train / save_checkpoint / cleanup, in the trainer child only.
+
+Flat on purpose (torchtune-style): read it top to bottom to know what a job does. Data order, RNG and
+optimizer state all live in checkpoints, so a run killed at any point and resumed from its last checkpoint
+produces bit-for-bit the adapter an uninterrupted run would (CPU, fp32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from . import checkpoint, faults, packing
+from .checkpoint import Progress
+from .loss import token_loss_sum
+from .model import load_for_training, prepare_model
+
+GIB = 1024**3
+
+
+class Diverged(Exception):
+    """Loss or gradient norm stopped being finite."""
+
+
+class StopRequested(Exception):
+    """A warm stop: the state is checkpointed and the job resumes later."""
+
+
+class LoRARecipe:
+    def __init__(self, cfg, *, emit: Callable[[dict], None] = lambda e: None, job_dir: Path | None = None,
+                 stop_flag: Callable[[], bool] = lambda: False):
+        self.cfg = cfg
+        self.t = cfg.training
+        self.emit = emit
+        self.job_dir = job_dir
+        self.resume_dir = job_dir / "resume" if job_dir else None
+        self.stop_flag = stop_flag
+        self.progress = Progress()
+        self.config_snapshot: dict = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, train_examples, eval_examples, *, base_dir: Path | None = None, adapter_dir: Path | None = None,
+              model=None, tokenizer=None, config_snapshot: dict | None = None) -> None:
+        """Load the model with its LoRA, build the optimizer, plan every epoch's batches, and resume if possible."""
+        self._seed(self.t.seed)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        if model is None:
+            model, tokenizer, self.plan = load_for_training(base_dir, self.cfg, self.device, adapter_dir=adapter_dir)
+        else:
+            model, tokenizer, self.plan = prepare_model(model, tokenizer, self.cfg, self.device, adapter_dir=adapter_dir)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.train_examples, self.eval_examples = train_examples, eval_examples
+        self.config_snapshot = config_snapshot or {}
+
+        self.micro_batch_size = int(self.plan.get("micro_batch_size") or self.t.micro_batch_size)
+        self.accum = self.t.gradient_accumulation * max(1, self.t.micro_batch_size // self.micro_batch_size)
+        self.plans = [self._plan_epoch(e) for e in range(self.t.epochs)]
+        steps = sum(math.ceil(len(p) / self.accum) for p in self.plans)
+        if self.t.max_steps:
+            steps = min(steps, self.t.max_steps)
+        self.progress.total_steps = steps
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.t.learning_rate, weight_decay=self.t.weight_decay)
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(self.t.lr_scheduler, optimizer, num_warmup_steps=int(self.t.warmup_ratio * steps),
+                                  num_training_steps=max(steps, 1))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self._resume()
+
+    def _plan_epoch(self, epoch: int) -> list[list[int]]:
+        lengths = [len(ex.input_ids) for ex in self.train_examples]
+        return packing.plan_micro_batches(lengths, token_budget=self.micro_batch_size * self.t.max_length,
+                                          max_examples=self.micro_batch_size, packing=self.t.packing,
+                                          seed=self.t.seed, epoch=epoch)
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _resume(self) -> None:
+        if self.resume_dir is None:
+            return
+        found = checkpoint.load_latest(self.resume_dir, log=lambda m: self.emit({"event": "log", "message": m}))
+        if found is None:
+            return
+        path, state = found
+        checkpoint.restore_weights(self.accelerator.unwrap_model(self.model), state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        total = self.progress.total_steps
+        self.progress = state["progress"]
+        self.progress.total_steps = total
+        self.emit({"event": "resumed", "step": self.progress.step, "checkpoint": path.name})
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> Progress:
+        p, t = self.progress, self.t
+        model = self.model
+        model.train()
+        last_ckpt_time = time.monotonic()
+        window_start = time.perf_counter()
+        window_tokens = 0
+        first_step_emitted = p.step > 0
+        while p.epoch < t.epochs and p.step < p.total_steps:
+            plan = self.plans[p.epoch]
+            while p.micro_batch < len(plan) and p.step < p.total_steps:
+                if self.stop_flag():
+                    raise StopRequested()
+                window = plan[p.micro_batch:p.micro_batch + self.accum]
+                batches = [packing.collate([self.train_examples[i] for i in mb], packing=t.packing, pad_id=self.pad_id)
+                           for mb in window]
+                # Normalise by the trainable tokens of the whole window, so accumulation equals one large batch
+                # whatever the split into micro-batches (and an OOM retry with half the micro-batch is the same job).
+                n_window = sum(b["n_trainable"] for b in batches)
+                loss_sum = torch.zeros((), device=self.device)
+                for batch in batches:
+                    faults.check("train_step", step=p.step)
+                    batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    step_loss = token_loss_sum(model, batch)
+                    self.accelerator.backward(step_loss / max(n_window, 1))
+                    loss_sum += step_loss.detach()
+                grad_norm = self._clip()
+                loss = (loss_sum / max(n_window, 1)).item()  # one host sync per optimizer step, not per micro-batch
+                if faults.active("train_step", step=p.step):
+                    loss = float("nan")
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    p.nonfinite_streak += 1
+                    if p.nonfinite_streak >= self.cfg.limits.max_diverged_steps:
+                        raise Diverged(f"diverged at step {p.step + 1}: loss={loss} grad_norm={grad_norm} "
+                                       f"for {p.nonfinite_streak} consecutive steps")
+                    p.micro_batch += len(window)
+                    continue
+                p.nonfinite_streak = 0
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                p.step += 1
+                p.micro_batch += len(window)
+                n_tokens = sum(b["n_tokens"] for b in batches)
+                p.tokens_seen += n_tokens
+                p.trainable_tokens_seen += n_window
+                window_tokens += n_tokens
+                p.losses.append([p.step, round(loss, 6)])
+                if not first_step_emitted:
+                    first_step_emitted = True
+                    self.emit({"event": "first_step", "step": p.step, "loss": loss})
+                if p.step % self.cfg.status.progress_every_steps == 0 or p.step == p.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    p.train_seconds += elapsed
+                    tps = window_tokens / elapsed if elapsed > 0 else 0.0
+                    self._emit_progress(loss, grad_norm, tps)
+                    window_start, window_tokens = time.perf_counter(), 0
+                due_steps = p.step % t.checkpoint_every_steps == 0
+                due_time = time.monotonic() - last_ckpt_time >= t.checkpoint_every_seconds
+                if (due_steps or due_time) and p.step < p.total_steps:
+                    self.save_checkpoint()
+                    last_ckpt_time = time.monotonic()
+            if p.micro_batch >= len(plan):
+                p.epoch += 1
+                p.micro_batch = 0
+        p.train_seconds += time.perf_counter() - window_start
+        eval_loss = self.evaluate()
+        if eval_loss is not None:
+            p.evals.append([p.step, eval_loss])
+            self.emit({"event": "eval", "step": p.step, "eval_loss": eval_loss})
+        return p
+
+    def _clip(self) -> float:
+        params = [q for q in self.model.parameters() if q.requires_grad]
+        max_norm = self.t.max_grad_norm if self.t.max_grad_norm else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm)
+
+    def _emit_progress(self, loss: float, grad_norm: float, tokens_per_s: float) -> None:
+        p = self.progress
+        remaining = p.total_steps - p.step
+        per_step = p.train_seconds / max(p.step, 1)
+        event = {"event": "progress", "step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
+                 "loss": round(loss, 5), "grad_norm": round(grad_norm, 4),
+                 "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens_per_s, 1),
+                 "eta_s": round(remaining * per_step, 1)}
+        if torch.cuda.is_available():
+            event["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
+        self.emit(event)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.eval_examples:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        lengths = [len(ex.input_ids) for ex in self.eval_examples]
+        plan = packing.plan_micro_batches(lengths, token_budget=self.micro_batch_size * self.t.max_length,
+                                          max_examples=self.micro_batch_size, packing=self.t.packing,
+                                          seed=self.t.seed, epoch=0)
+        for mb in plan:
+            batch = packing.collate([self.eval_examples[i] for i in mb], packing=self.t.packing, pad_id=self.pad_id)
+            n = batch["n_trainable"]
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            total += float(token_loss_sum(self.model, batch))
+            count += n
+        self.model.train()
+        return round(total / count, 6) if count else None
+
+    # ------------------------------------------------------------ checkpoint
+    def save_checkpoint(self) -> Path | None:
+        if self.resume_dir is None:
+            return None
+        self.emit({"event": "saving", "step": self.progress.step})
+        faults.check("checkpoint_save", step=self.progress.step)
+        path = checkpoint.save(self.resume_dir, self.accelerator.unwrap_model(self.model), self.optimizer,
+                               self.scheduler, self.progress, self.config_snapshot,
+                               keep=self.t.keep_checkpoints, min_free_mb=self.cfg.limits.min_free_disk_mb)
+        self.emit({"event": "checkpoint", "step": self.progress.step, "path": str(path)})
+        return path
+
+    def save_adapter(self, out_dir: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+
+    def summary(self) -> dict:
+        p = self.progress
+        return {"steps": p.step, "epochs": self.t.epochs, "tokens_trained": p.tokens_seen,
+                "trainable_tokens_trained": p.trainable_tokens_seen,
+                "first_train_loss": p.losses[0][1] if p.losses else None,
+                "final_train_loss": p.losses[-1][1] if p.losses else None,
+                "eval_loss": p.evals[-1][1] if p.evals else None, "training_seconds": round(p.train_seconds, 3),
+                "micro_batch_size": self.micro_batch_size, "gradient_accumulation": self.accum,
+                "plan": self.plan, "progress": asdict(p)}
+
+    # --------------------------------------------------------------- cleanup
+    def cleanup(self) -> None:
+        for name in ("model", "optimizer", "scheduler"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
