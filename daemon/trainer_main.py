@@ -48,6 +48,18 @@ def watch_lifeline(fd: int) -> None:
     threading.Thread(target=run, daemon=True, name="lifeline").start()
 
 
+def die_with_parent(parent_pid: int | None) -> None:
+    """PR_SET_PDEATHSIG: the kernel kills us when the daemon dies; the pid check closes the race before it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(exitcodes.DAEMON_GONE)
+
+
 def write_error(job_dir: Path, kind: str, message: str) -> None:
     durable.write_json(job_dir / "error.json", {"kind": kind, "message": message,
                                                 "traceback": traceback.format_exc(), "at": now_iso()})
@@ -97,8 +109,10 @@ def main(argv=None) -> int:
     ap.add_argument("job_dir", type=Path)
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--lifeline-fd", type=int)
+    ap.add_argument("--parent-pid", type=int, help="the daemon's pid: exit if it is already gone")
     ap.add_argument("--micro-batch", type=int, help="override after an out-of-memory retry")
     args = ap.parse_args(argv)
+    die_with_parent(args.parent_pid)
     if args.lifeline_fd is not None:
         watch_lifeline(args.lifeline_fd)
     for sig in (signal.SIGUSR1, signal.SIGTERM):

@@ -1,0 +1,295 @@
+"""The `training-daemon` command (also `python training_daemon.py`)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
+
+
+def _load(root: str | None, config: str | None, need_config: bool = True):
+    """The config and the root folder: --root, then $TRAINING_DAEMON_ROOT, then `root:` in the config, then '.'."""
+    from .config import default_config_path, load_config
+
+    root = root or os.environ.get("TRAINING_DAEMON_ROOT")
+    config = config or os.environ.get("TRAINING_DAEMON_CONFIG")
+    path = Path(config) if config else default_config_path(Path(root) if root else Path.cwd())
+    cfg = load_config(path, Path(root) if root else None) if need_config else None
+    chosen = root or (cfg.root if cfg is not None and cfg.root else None) or "."
+    return cfg, path, Layout.at(chosen)
+
+
+def common(f):
+    """--root and --config on every command, so they can follow the command name."""
+    @click.option("--root", type=click.Path(file_okay=False), help="Data root (default: $TRAINING_DAEMON_ROOT, "
+                  "the config's root:, or the current directory).")
+    @click.option("--config", "config", type=click.Path(dir_okay=False), help="Daemon config YAML "
+                  "(default: ROOT/config/daemon.yaml, else the shipped config/daemon.yaml).")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="training-daemon")
+def cli():
+    """A local GPU LoRA training daemon: drop JSONL files into inbox/, get versioned adapters in checkpoints/."""
+
+
+@cli.command()
+@common
+@click.option("--once", is_flag=True, help="Drain the inbox and the queue, then exit: 0 if every job succeeded.")
+@click.option("--quiet", is_flag=True, help="Do not echo status lines to stdout.")
+def run(root, config, once, quiet):
+    """Run the daemon in the foreground (systemd runs this)."""
+    from .supervisor import Supervisor
+
+    cfg, path, layout = _load(root, config)
+    sys.exit(Supervisor(layout, cfg, path, once=once, echo=not quiet).run())
+
+
+@cli.command()
+@common
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--adapter", default=DEFAULT_ADAPTER, show_default=True, help="Adapter to train.")
+@click.option("--follow", is_flag=True, help="Show a live progress bar until the job ends; exit with its result.")
+def submit(root, config, file, adapter, follow):
+    """Copy FILE into the inbox atomically (the daemon takes it once it is complete)."""
+    from . import durable
+    from .console import follow_job
+    from .spool import Spool
+
+    _, _, layout = _load(root, config, need_config=False)
+    check_adapter_name(adapter)
+    src = Path(file)
+    folder = layout.inbox if adapter == DEFAULT_ADAPTER else layout.inbox / adapter
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{src.name}.{os.getpid()}.part"
+    sha = durable.copy_file(src, tmp)
+    dest = folder / src.name
+    n = 1
+    while True:  # never replace a file already waiting under that name: link() fails if it exists
+        try:
+            os.link(tmp, dest)
+            break
+        except FileExistsError:
+            n += 1
+            dest = folder / f"{src.stem} ({n}){src.suffix}"
+    os.unlink(tmp)
+    durable.fsync_dir(folder)
+    click.echo(f"submitted {src} -> {dest} (sha256 {sha[:12]})")
+    if follow:
+        job_id = _wait_for_job(Spool(layout), dest.name, sha)
+        sys.exit(follow_job(layout, job_id, sys.stdout))
+
+
+def _wait_for_job(spool, name: str, sha: str, timeout: float = 3600) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for job, _ in reversed(spool.list()):
+            if job.sha256 == sha and job.original_name == name:
+                return job.id
+        time.sleep(0.5)
+    raise UserError("the daemon has not taken the file yet: is `training-daemon run` running on this root?")
+
+
+@cli.command()
+@common
+@click.option("--json", "as_json", is_flag=True, help="Print status.json.")
+def status(root, config, as_json):
+    """Show the daemon's state, the current job and the queue."""
+    from .console import render_status
+
+    _, _, layout = _load(root, config, need_config=False)
+    snap = _read_json(layout.status_json) or {}
+    from .control import daemon_pid
+
+    snap.setdefault("daemon", {})["running"] = daemon_pid(layout) is not None
+    if as_json:
+        click.echo(json.dumps(snap, indent=2))
+    else:
+        click.echo(render_status(snap, _jobs(layout)))
+
+
+@cli.command()
+@common
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--state", type=click.Choice(["pending", "running", "done", "failed"]), help="Only jobs in this state.")
+def jobs(root, config, as_json, state):
+    """List jobs: id, file, adapter, state, version, error."""
+    from .console import render_jobs
+
+    _, _, layout = _load(root, config, need_config=False)
+    rows = [j for j in _jobs(layout) if state is None or j["state"] == state]
+    click.echo(json.dumps(rows, indent=2) if as_json else render_jobs(rows))
+
+
+def _jobs(layout: Layout) -> list[dict]:
+    from .spool import Spool
+
+    return [job.to_dict() for job, _ in Spool(layout).list()]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@cli.command()
+@common
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--adapter", default=DEFAULT_ADAPTER, help="Validate with this adapter's config overrides.")
+def validate(root, config, file, as_json, adapter):
+    """Check FILE as the daemon would (formats, per-line errors, token counts) without training."""
+    from .config import adapter_config
+    from .data import validate_command
+
+    cfg, path, _ = _load(root, config)
+    sys.exit(validate_command(Path(file), adapter_config(cfg, check_adapter_name(adapter), path), as_json))
+
+
+@cli.group("config")
+def config_group():
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@common
+def config_check(root, config):
+    """Print the effective config, or every error in it (exit 2)."""
+    from .config import config_check_command
+
+    sys.exit(config_check_command(Path(config) if config else None, Path(root) if root else None))
+
+
+@cli.command()
+@common
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (survives log rotation).")
+@click.option("-n", "--lines", default=20, show_default=True, help="How many earlier lines to show.")
+def logs(root, config, follow, lines):
+    """Show status.log."""
+    from .console import follow_log
+
+    _, _, layout = _load(root, config, need_config=False)
+    if follow:
+        try:
+            for line in follow_log(layout.status_log, lines=lines):
+                click.echo(line)
+        except KeyboardInterrupt:
+            return
+    else:
+        text = layout.status_log.read_text(errors="replace").splitlines() if layout.status_log.exists() else []
+        click.echo("\n".join(text[-lines:]))
+
+
+def _control(root, config, action, job_id=None):
+    from . import control
+    from .spool import Spool
+
+    _, _, layout = _load(root, config, need_config=False)
+    layout.ensure()
+    lock = control.DaemonLock(layout)
+    if lock.try_acquire():  # no daemon: apply it here, under the daemon's lock
+        try:
+            if action == "pause":
+                control.paused_flag(layout).touch()
+                msg = "paused (no daemon is running; it starts paused)"
+            elif action == "resume":
+                control.paused_flag(layout).unlink(missing_ok=True)
+                msg = "resumed"
+            elif action == "cancel":
+                msg = control.cancel_job(Spool(layout), job_id)
+            else:
+                msg = control.retry_job(Spool(layout), job_id)
+        finally:
+            lock.release()
+    else:
+        control.request(layout, action, job_id)
+        msg = f"{action} requested; the daemon applies it within a second"
+    click.echo(msg)
+
+
+@cli.command()
+@common
+def pause(root, config):
+    """Stop starting jobs; a running job checkpoints and goes back to pending."""
+    _control(root, config, "pause")
+
+
+@cli.command()
+@common
+def resume(root, config):
+    """Undo pause."""
+    _control(root, config, "resume")
+
+
+@cli.command()
+@common
+@click.argument("job_id", type=int)
+def cancel(root, config, job_id):
+    """Cancel a pending or running job (it ends in failed, its input kept)."""
+    _control(root, config, "cancel", job_id)
+
+
+@cli.command()
+@common
+@click.argument("job_id", type=int)
+def retry(root, config, job_id):
+    """Queue a failed job again."""
+    _control(root, config, "retry", job_id)
+
+
+@cli.command()
+@common
+@click.argument("spec", metavar="ADAPTER[@VERSION]")
+@click.option("--merge", "out", required=True, type=click.Path(), help="Write a merged full model to this folder.")
+def export(root, config, spec, out):
+    """Merge an adapter version into its base model and save the full model."""
+    from .export import export_merged
+
+    _, _, layout = _load(root, config, need_config=False)
+    click.echo(f"merged model written to {export_merged(layout, spec, Path(out))}")
+
+
+@cli.command("install-service")
+@common
+@click.option("--user", "scope", flag_value="user", help="Install as a user service (~/.config/systemd/user).")
+@click.option("--system", "scope", flag_value="system", help="Install as a system service (needs root).")
+@click.option("--dry-run", is_flag=True, help="Print the unit instead of writing it.")
+def install_service(root, config, scope, dry_run):
+    """Write a systemd unit for this daemon."""
+    from .service import install_service as install
+
+    if not scope:
+        raise UserError("choose --user or --system")
+    click.echo(install(scope, Path(root).resolve() if root else None, dry_run))
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="training-daemon", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise

@@ -1,0 +1,418 @@
+"""The daemon: watch the inbox, run one trainer child at a time, record every outcome.
+
+It never imports torch. Each job runs in `python -m daemon.trainer_main` in its own process group; the
+daemon reads the child's JSON events, forwards stop requests (SIGUSR1 = checkpoint and exit), kills the
+group on a cold stop, and checks with NVML that GPU memory came back after the child exited.
+Signals: the first SIGTERM/SIGINT is a warm stop, the second a cold one (rq's worker does the same).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import __version__, control, exitcodes, gpu
+from .config import adapter_config, effective_dict
+from .intake import Intake
+from .job import Job, JobStatus
+from .paths import PROJECT_DIR, Layout
+from .spool import Spool
+from .status import StatusWriter, now_iso
+from .outcome import Outcome, describe_exit, fmt_eta
+
+
+class Supervisor:
+    def __init__(self, layout: Layout, cfg, config_path: Path | None = None, *, once: bool = False, echo: bool = True):
+        self.layout, self.cfg, self.config_path, self.once = layout, cfg, config_path, once
+        self.status = StatusWriter(layout, echo=echo)
+        self.spool = Spool(layout)
+        self.intake = Intake(layout, cfg.intake, self.spool, self.status)
+        self.signals = 0
+        self.state = "starting"
+        self.current: dict | None = None
+        self.child: subprocess.Popen | None = None
+        self.results: list[bool] = []
+        self.web = None
+        self.notifier = None
+        self._last_snapshot = 0.0
+
+    # ---------------------------------------------------------------- life
+    def run(self) -> int:
+        from .notify import Notifier
+
+        self.notifier = Notifier()
+        self.layout.ensure()
+        self.layout.check_same_filesystem()
+        self.lock = control.DaemonLock(self.layout).acquire()
+        self._install_signals()
+        self.status.event("daemon_started", f"training-daemon {__version__} started on {self.layout.root} (pid {os.getpid()})",
+                          pid=os.getpid(), root=str(self.layout.root))
+        for line in self.spool.sweep(self.cfg.limits.max_attempts):
+            self.status.event("sweep", line, level="warning")
+        self._clean_publish_leftovers()
+        self._start_web()
+        self.intake.start()
+        self.state = "paused" if control.is_paused(self.layout) else "idle"
+        self.snapshot(force=True)
+        self.notifier.ready()
+        self.notifier.status("idle: watching " + str(self.layout.inbox))
+        try:
+            self._loop()
+        finally:
+            self.state = "stopping"
+            self.notifier.stopping()
+            self.intake.stop()
+            if self.web:
+                self.web.stop()
+            self.snapshot(force=True)
+            self.status.event("daemon_stopped", "training-daemon stopped")
+            self.lock.release()
+        if self.once:
+            return 0 if all(self.results) else 1
+        return 0
+
+    def _loop(self) -> None:
+        while not self.signals:
+            self._tick(timeout=0.5)
+            if self.signals:
+                break
+            if control.is_paused(self.layout):
+                self.state = "paused"
+                continue
+            pending = self.spool.list(JobStatus.PENDING)
+            if pending:
+                if not self._disk_ok():
+                    continue
+                job, job_dir = pending[0]
+                self.run_job(job, job_dir)
+            elif self.once and not self._inbox_has_files():
+                return
+            else:
+                self.state = "idle"
+
+    def _tick(self, timeout: float) -> None:
+        """One turn of housekeeping: new files, control requests, watchdog, the status snapshot."""
+        for job in self.intake.poll(timeout):
+            if job.state == JobStatus.DONE:  # a duplicate, finished without training
+                self.results.append(True)
+        for req in control.take(self.layout):
+            self._apply(req)
+        if self.notifier:
+            self.notifier.watchdog()
+        self.snapshot()
+
+    # ------------------------------------------------------------------ jobs
+    def run_job(self, job: Job, job_dir: Path) -> None:
+        cfg = adapter_config(self.cfg, job.adapter, self.config_path)
+        job_dir = self.spool.move(job, JobStatus.RUNNING)
+        snapshot_path = job_dir / "config.json"
+        if not snapshot_path.exists():
+            from . import durable
+
+            durable.write_json(snapshot_path, effective_dict(cfg))
+        attempt = {"n": len(job.attempts) + 1, "started_at": now_iso(),
+                   "micro_batch_size": job.micro_batch_size or cfg.training.micro_batch_size}
+        job.started_at = job.started_at or attempt["started_at"]
+        job.attempts.append(attempt)
+        job.save(job_dir)
+        self.current = {"job_id": job.id, "adapter": job.adapter, "file": job.original_name, "phase": "starting",
+                        "started_at": attempt["started_at"], "step": 0, "total_steps": None, "arrived_unix": None}
+        self.state = "training"
+        self.status.event("job_started", f"job {job.id} started: {job.original_name} -> adapter {job.adapter} "
+                          f"(attempt {attempt['n']})", job_id=job.id, adapter=job.adapter, attempt=attempt["n"])
+        gpu_before = gpu.snapshot()
+        rc = self._run_child(job, job_dir)
+        outcome = describe_exit(rc, job_dir, stop_requested=self.signals > 0 or control.is_paused(self.layout),
+                                cancelled=self.current.get("cancelled", False))
+        attempt.update(ended_at=now_iso(), exit_code=rc, outcome=outcome.kind, error=outcome.error)
+        self._finish(job, job_dir, cfg, outcome)
+        self._check_gpu_memory(job, gpu_before)
+        self.current = None
+        self.state = "idle"
+        self.snapshot(force=True)
+
+    def _run_child(self, job: Job, job_dir: Path) -> int:
+        lock_fd = self._trainer_lock()
+        life_r, life_w = os.pipe()
+        cmd = [sys.executable, "-m", "daemon.trainer_main", str(job_dir), "--root", str(self.layout.root),
+               "--lifeline-fd", str(life_r), "--parent-pid", str(os.getpid())]
+        if job.micro_batch_size:
+            cmd += ["--micro-batch", str(job.micro_batch_size)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_DIR), os.environ.get("PYTHONPATH", "")]),
+                   PYTHONUNBUFFERED="1")
+        with open(job_dir / "trainer.log", "ab") as log:
+            self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                          pass_fds=(life_r, lock_fd), start_new_session=True, env=env,
+                                          cwd=str(self.layout.root))
+        os.close(life_r)
+        os.close(lock_fd)  # the child holds the trainer lock until it exits, even if we die first
+        events: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=_read_events, args=(self.child.stdout, events), daemon=True)
+        reader.start()
+        stop_sent_at = None
+        try:
+            while True:
+                try:
+                    self._on_event(job, events.get(timeout=0.2))
+                    continue
+                except queue.Empty:
+                    pass
+                if self.child.poll() is not None and not reader.is_alive():
+                    break
+                self._tick(timeout=0)
+                if self.signals >= 2 or self.current.get("cancelled"):
+                    self._kill_child()
+                elif (self.signals or control.is_paused(self.layout)) and stop_sent_at is None:
+                    self.status.event("stopping", f"job {job.id}: asking the trainer to checkpoint and stop",
+                                      job_id=job.id)
+                    self._signal_child(signal.SIGUSR1)
+                    stop_sent_at = time.monotonic()
+                elif stop_sent_at and time.monotonic() - stop_sent_at > self.cfg.limits.stop_timeout_seconds:
+                    self.status.event("stop_timeout", f"job {job.id}: trainer did not stop in "
+                                      f"{self.cfg.limits.stop_timeout_seconds}s; killing it", level="warning")
+                    self._kill_child()
+            return self.child.wait()
+        finally:
+            os.close(life_w)
+            self.child = None
+
+    def _trainer_lock(self) -> int:
+        """Never two trainers: wait for a trainer left by a dead daemon (its lifeline makes it exit)."""
+        path = self.layout.state / "trainer.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RuntimeError("a trainer from an earlier daemon still holds state/trainer.lock")
+                time.sleep(0.2)
+
+    def _signal_child(self, sig: int) -> None:
+        try:
+            os.kill(self.child.pid, sig)
+        except (ProcessLookupError, AttributeError):
+            pass
+
+    def _kill_child(self) -> None:
+        if self.child and self.child.poll() is None:
+            try:
+                os.killpg(self.child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _on_event(self, job: Job, ev: dict) -> None:
+        kind = ev.get("event")
+        cur = self.current
+        if kind == "phase":
+            cur["phase"] = ev["phase"]
+            if ev.get("total_steps") is not None:
+                cur["total_steps"] = ev["total_steps"]
+            if ev["phase"] == "saving" and self.notifier:
+                self.notifier.extend_timeout(int(self.cfg.limits.stop_timeout_seconds * 1e6))
+            self.status.event("phase", f"job {job.id}: {ev['phase']}", level="debug", job_id=job.id, **ev)
+        elif kind == "progress":
+            cur.update({k: ev.get(k) for k in ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s",
+                                               "eta_s", "gpu_mem_gib")})
+            gpu_txt = f" GPU {ev['gpu_mem_gib']:.2f} GiB" if ev.get("gpu_mem_gib") is not None else ""
+            self.status.event("progress", f"job {job.id} step {ev['step']}/{ev['total_steps']} loss {ev['loss']:.4f} "
+                              f"{ev['tokens_per_s']:.0f} tok/s ETA {fmt_eta(ev.get('eta_s'))}{gpu_txt}",
+                              job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts")})
+            if self.notifier:
+                self.notifier.status(f"training job {job.id} ({job.adapter}): step {ev['step']}/{ev['total_steps']}, "
+                                     f"loss {ev['loss']:.4f}, ETA {fmt_eta(ev.get('eta_s'))}")
+        elif kind == "first_step":
+            self.status.event("first_step", f"job {job.id}: first optimizer step done (loss {ev['loss']:.4f})",
+                              job_id=job.id, loss=ev["loss"])
+        elif kind == "eval":
+            cur["eval_loss"] = ev["eval_loss"]
+            self.status.event("eval", f"job {job.id}: eval loss {ev['eval_loss']:.4f}", job_id=job.id,
+                              step=ev.get("step"), eval_loss=ev["eval_loss"])
+        elif kind == "validated":
+            self.status.event("validated", f"job {job.id}: {ev['examples']} examples, {ev['tokens']} tokens, "
+                              f"{ev['skipped']} skipped", job_id=job.id, examples=ev["examples"],
+                              tokens=ev["tokens"], skipped=ev["skipped"])
+        elif kind in ("checkpoint", "resumed", "log", "published", "invalid", "saving"):
+            msg = {"checkpoint": f"checkpoint at step {ev.get('step')}",
+                   "resumed": f"resumed from {ev.get('checkpoint')} (step {ev.get('step')})",
+                   "published": f"published version {ev.get('version')}",
+                   "invalid": "input rejected by validation", "saving": f"saving at step {ev.get('step')}"
+                   }.get(kind, ev.get("message", ""))
+            self.status.event(kind, f"job {job.id}: {msg}", level="debug" if kind == "saving" else "info",
+                              job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts")})
+        self.snapshot()
+
+    def _finish(self, job: Job, job_dir: Path, cfg, outcome: Outcome) -> None:
+        limits = cfg.limits
+        if outcome.kind == "done":
+            job.version = outcome.version
+            job.finished_at = now_iso()
+            job.error = None
+            self.spool.move(job, JobStatus.DONE)
+            self.results.append(True)
+            self.status.event("job_done", f"job {job.id} done: {job.adapter} v{outcome.version} at {outcome.path}",
+                              job_id=job.id, version=outcome.version, path=outcome.path)
+            return
+        if outcome.kind in ("stopped", "interrupted"):
+            job.note = outcome.error
+            self.spool.move(job, JobStatus.PENDING)
+            self.status.event("job_paused", f"job {job.id} back to pending: {outcome.error}", job_id=job.id)
+            return
+        if outcome.kind == "disk_full":
+            job.note = outcome.error
+            self.spool.move(job, JobStatus.PENDING)
+            self.status.event("disk_full", f"job {job.id} paused, disk full: {outcome.error}; input and earlier "
+                              "versions are intact", level="error", job_id=job.id)
+            return
+        if outcome.kind == "out_of_memory":
+            sizes = [a.get("micro_batch_size") for a in job.attempts if a.get("outcome") == "out_of_memory"]
+            current = job.micro_batch_size or cfg.training.micro_batch_size
+            if len(sizes) <= limits.oom_retries and current > 1:
+                job.micro_batch_size = max(1, current // 2)
+                self.spool.move(job, JobStatus.PENDING)
+                self.status.event("oom_retry", f"job {job.id}: out of memory at micro-batch {current}; retrying with "
+                                  f"{job.micro_batch_size} and {current // job.micro_batch_size}x the accumulation "
+                                  "(same effective batch)", level="warning", job_id=job.id)
+                return
+            outcome.error = (f"out of memory with micro-batch sizes {', '.join(map(str, sizes))} "
+                             f"(oom_retries={limits.oom_retries}): {outcome.error}")
+        elif outcome.kind == "failed":
+            failures = [a for a in _since_retry(job.attempts) if a.get("outcome") in ("failed", "interrupted")]
+            if len(failures) < limits.max_attempts:
+                job.error = outcome.error
+                self.spool.move(job, JobStatus.PENDING)
+                self.status.event("job_retry", f"job {job.id} failed (attempt {len(failures)} of "
+                                  f"{limits.max_attempts}), will retry: {outcome.first_line}", level="warning",
+                                  job_id=job.id)
+                return
+            outcome.error = "\n\n".join(f"attempt {a['n']}: {a.get('error')}" for a in failures)
+        job.error = outcome.error
+        job.finished_at = now_iso()
+        self.spool.move(job, JobStatus.FAILED)
+        self.results.append(False)
+        self.status.event("job_failed", f"job {job.id} failed: {outcome.first_line} (details: {job_dir.name}/error.json)",
+                          level="error", job_id=job.id, error=outcome.error)
+
+    def _check_gpu_memory(self, job: Job, before: dict | None) -> None:
+        if before is None:
+            self.status.event("gpu_memory", f"job {job.id}: no GPU visible to NVML; nothing to check", level="debug")
+            return
+        start = time.monotonic()
+        after = gpu.snapshot()
+        while after and after["mem_used_gib"] > before["mem_used_gib"] + 0.25 and time.monotonic() - start < 15:
+            time.sleep(0.25)
+            after = gpu.snapshot()
+        took = time.monotonic() - start
+        back = after is not None and after["mem_used_gib"] <= before["mem_used_gib"] + 0.25
+        self.status.event("gpu_memory", f"job {job.id}: GPU memory before {before['mem_used_gib']:.2f} GiB, after "
+                          f"{after['mem_used_gib'] if after else float('nan'):.2f} GiB"
+                          + (f" (back in {took:.1f}s)" if back else " - NOT released"),
+                          level="info" if back else "warning", job_id=job.id, before_gib=before["mem_used_gib"],
+                          after_gib=after["mem_used_gib"] if after else None, released=back, seconds=round(took, 2))
+
+    # ------------------------------------------------------------- control
+    def _apply(self, req: dict) -> None:
+        action, job_id = req.get("action"), req.get("job_id")
+        if action == "pause":
+            control.paused_flag(self.layout).touch()
+            self.status.event("paused", "paused: no new job starts; a running job checkpoints and waits")
+        elif action == "resume":
+            control.paused_flag(self.layout).unlink(missing_ok=True)
+            self.status.event("resumed", "resumed")
+        elif action == "cancel":
+            if self.current and self.current["job_id"] == job_id:
+                self.current["cancelled"] = True
+                return
+            self.status.event("cancel", control.cancel_job(self.spool, job_id))
+        elif action == "retry":
+            self.status.event("retry", control.retry_job(self.spool, job_id))
+
+    # ------------------------------------------------------------- helpers
+    def _install_signals(self) -> None:
+        def on_stop(signum, _frame):
+            self.signals += 1
+            what = "warm stop: checkpointing the current job" if self.signals == 1 else "cold stop: killing the trainer"
+            self.status.event("signal", f"{signal.Signals(signum).name}: {what}", level="warning")
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        if hasattr(self.status, "reopen"):
+            signal.signal(signal.SIGHUP, lambda *_: self.status.reopen())
+
+    def _start_web(self) -> None:
+        web = self.cfg.status.web
+        if not web.enabled:
+            return
+        try:
+            from .web import start_web
+
+            self.web = start_web(self.layout, web.host, web.port)
+            self.status.event("web", f"status page at {self.web.url}", url=self.web.url)
+        except OSError as e:
+            self.status.event("web", f"status page not started ({web.host}:{web.port}): {e}", level="warning")
+
+    def _disk_ok(self) -> bool:
+        free_mb = shutil.disk_usage(self.layout.root).free / 2**20
+        if free_mb >= self.cfg.limits.min_free_disk_mb:
+            return True
+        if self.state != "waiting_for_disk":
+            self.status.event("disk_low", f"only {free_mb:.0f} MiB free (floor {self.cfg.limits.min_free_disk_mb} MiB): "
+                              "waiting before the next job", level="error")
+        self.state = "waiting_for_disk"
+        time.sleep(1)
+        return False
+
+    def _inbox_has_files(self) -> bool:
+        from .intake import scan_inbox
+
+        return bool(scan_inbox(self.layout, 0, self.cfg.intake.ignore_suffixes))
+
+    def _clean_publish_leftovers(self) -> None:
+        from .publish import clean_staging, repair_latest
+
+        if self.layout.checkpoints.is_dir():
+            for adapter_dir in self.layout.checkpoints.iterdir():
+                if adapter_dir.is_dir():
+                    clean_staging(adapter_dir)
+                    repair_latest(adapter_dir)
+
+    def snapshot(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < 1.0:
+            return
+        self._last_snapshot = now
+        counts = {s: len(self.spool.list(s)) for s in ("pending", "running", "done", "failed")}
+        self.status.snapshot({
+            "daemon": {"pid": os.getpid(), "state": self.state, "root": str(self.layout.root), "version": __version__,
+                       "paused": control.is_paused(self.layout)},
+            "current": self.current, "queue": counts, "gpu": gpu.snapshot(),
+        })
+
+
+def _read_events(stream, events: queue.Queue) -> None:
+    for raw in stream:
+        try:
+            ev = json.loads(raw)
+            if isinstance(ev, dict):
+                events.put(ev)
+        except ValueError:
+            events.put({"event": "log", "message": raw.decode(errors="replace").rstrip()})
+
+
+def _since_retry(attempts: list[dict]) -> list[dict]:
+    for i in range(len(attempts) - 1, -1, -1):
+        if attempts[i].get("outcome") == "retried_by_user":
+            return attempts[i + 1:]
+    return attempts
