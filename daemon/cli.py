@@ -279,6 +279,25 @@ def install_service(root, config, scope, dry_run):
     click.echo(install(scope, Path(root).resolve() if root else None, dry_run))
 
 
+@cli.command()
+@common
+@click.argument("question")
+@click.option("--adapter", "spec", metavar="ADAPTER[@VERSION]", help="Use this adapter version (default: the base).")
+@click.option("--max-new-tokens", default=48, show_default=True)
+def ask(root, config, question, spec, max_new_tokens):
+    """Ask the base model, or an adapter version, one question (greedy decoding)."""
+    from .config import resolve_base_model
+    from .generate import answer, load, resolve_version
+
+    cfg, _, layout = _load(root, config)
+    if spec:
+        path, meta = resolve_version(layout.checkpoints, spec)
+        model, tok = load(Path(meta["base_model_path"]), path)
+    else:
+        model, tok = load(resolve_base_model(cfg.base_model))
+    click.echo(answer(model, tok, question, max_new_tokens))
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="training-daemon", standalone_mode=False)
@@ -293,3 +312,4 @@ def main(argv=None) -> None:
         sys.exit(e.exit_code)
     except SystemExit:
         raise
+

@@ -1,0 +1,47 @@
+"""Ask a base model, or one of its adapter versions, a question (greedy, for demos and checks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load(base_dir: Path, adapter_dir: Path | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base_dir)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer
+
+
+def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:
+    import torch
+
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def resolve_version(adapter_root: Path, spec: str) -> tuple[Path, dict]:
+    """ADAPTER or ADAPTER@VERSION (e.g. default@3) -> (version folder, its metadata)."""
+    from .paths import UserError, check_adapter_name
+    from .publish import latest_version
+
+    name, _, version = spec.partition("@")
+    adapter_dir = adapter_root / check_adapter_name(name)
+    v = int(version.lstrip("v")) if version else latest_version(adapter_dir)
+    path = adapter_dir / f"v{v}"
+    if v is None or not (path / "metadata.json").exists():
+        raise UserError(f"no published version {spec!r} under {adapter_root}")
+    return path, json.loads((path / "metadata.json").read_text())
