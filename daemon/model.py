@@ -1,0 +1,151 @@
+"""Load the base model and attach the LoRA the job trains, choosing precision, attention and memory plan.
+
+The plan dict this returns is stored in the version's metadata, so a user can see how a run was made:
+precision, attention implementation, checkpointing, whether Liger kernels ran, the micro-batch the memory
+plan picked and the free memory it saw. On CPU everything is fp32 and seeded, so a resumed run is
+bit-for-bit the run that was interrupted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import memory_plan
+
+GIB = 1024**3
+
+
+def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None = None):
+    """(peft model on `device`, tokenizer, plan) for the base model in `base_dir`; `adapter_dir` continues one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device)
+    trust = bool(getattr(cfg, "trust_remote_code", False))
+    dtype = resolve_dtype(cfg.training.precision, device)
+    model_cfg = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust)
+    mplan = _memory_plan(model_cfg, _count_params_from_config(model_cfg), cfg, device,
+                         can_quantize=_bitsandbytes_available() and device.type == "cuda")
+    kwargs = {"dtype": dtype, "attn_implementation": attention_for(device), "trust_remote_code": trust}
+    if mplan.quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
+    return prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan)
+
+
+def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None, *, _mplan=None):
+    """Attach the LoRA to an already-built causal LM (moved to `device` in the plan's precision)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    device = torch.device(device)
+    dtype = resolve_dtype(cfg.training.precision, device)
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False))
+    if not quantized:
+        model = model.to(device=device, dtype=dtype)
+    if _mplan is None:
+        _mplan = _memory_plan(model.config, sum(p.numel() for p in model.parameters()), cfg, device)
+    model.config.use_cache = False
+    if device.type == "cuda" and model.config._attn_implementation != attention_for(device):
+        model.set_attn_implementation(attention_for(device))
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    # Seeded so that LoRA A matrices are the same in every attempt of a job (resume is bit-for-bit on CPU).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.training.seed)
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        else:
+            lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                              target_modules=_targets(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
+            model = get_peft_model(model, lora)
+    model.to(device)
+
+    if _mplan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    plan = {
+        "device": str(device),
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "attn_implementation": model.config._attn_implementation,
+        "gradient_checkpointing": _mplan.gradient_checkpointing,
+        "quantized_4bit": quantized,
+        "liger": False,
+        "compiled": False,
+        "micro_batch_size": _mplan.micro_batch_size,
+        "free_memory_gib": _mplan.free_gib,
+        "memory_budget_gib": _mplan.budget_gib,
+        "estimated_peak_gib": _mplan.estimated_peak_gib,
+        "memory_plan": _mplan.reason,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    return model, tokenizer, plan
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    precision = str(precision).lower()
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision bf16 was asked for but this GPU does not support bfloat16")
+        return torch.bfloat16
+    # auto: bf16 where the GPU has it; fp32 on CPU (bf16 matmuls there are slow and not reproducible)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def attention_for(device: torch.device) -> str:
+    return "sdpa"
+
+
+def _targets(target_modules):
+    if target_modules in (None, "all-linear", ["all-linear"]):
+        return "all-linear"  # peft: every Linear except the output layer
+    return list(target_modules)
+
+
+def _count_params_from_config(model_cfg) -> int:
+    h, layers = model_cfg.hidden_size, model_cfg.num_hidden_layers
+    inter = getattr(model_cfg, "intermediate_size", 4 * h)
+    heads = model_cfg.num_attention_heads
+    kv = getattr(model_cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_cfg, "head_dim", None) or h // heads
+    attn = h * head_dim * (2 * heads + 2 * kv)
+    embed = model_cfg.vocab_size * h * (1 if getattr(model_cfg, "tie_word_embeddings", False) else 2)
+    return layers * (attn + 3 * h * inter) + embed
+
+
+def _memory_plan(model_cfg, n_params: int, cfg, device: torch.device, *, can_quantize: bool = False):
+    shape = memory_plan.Shape.from_config(model_cfg, n_params)
+    return memory_plan.plan_memory(shape, free_bytes=free_memory(device), max_length=cfg.training.max_length,
+                                   micro_batch_size=cfg.training.micro_batch_size,
+                                   checkpointing=cfg.training.gradient_checkpointing, can_quantize=can_quantize)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes this process may still use on `device`: the driver's free memory, under any per-process cap."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction_of is not None:
+        cap = int(fraction_of(device) * total) - torch.cuda.memory_reserved(device)
+        free = min(free, cap)
+    return free
+
+
+def _bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True
