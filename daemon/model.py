@@ -103,8 +103,84 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+VARLEN = "daemon_varlen"
+
+
 def attention_for(device: torch.device) -> str:
+    """Varlen flash attention for packed batches on a GPU that has it; SDPA otherwise.
+
+    SDPA on a packed row needs a dense [T, T] per-document mask, which rules out its flash kernel and
+    computes every masked-out block; varlen attention reads the document boundaries from `cu_seq_lens` and
+    does only the work inside each document.
+    """
+    if device.type == "cuda" and register_varlen_attention():
+        return VARLEN
     return "sdpa"
+
+
+def register_varlen_attention() -> bool:
+    """Register VARLEN with transformers (once); False when this torch has no varlen flash attention."""
+    if _varlen_fn() is None:
+        return False
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    return True
+
+
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                             **kwargs):
+    """transformers attention function: causal attention within each document of a packed [1, T] row.
+
+    Without `cu_seq_lens_q` (padded batches) it is SDPA with a causal mask and no attention mask, which is
+    exact for right-padded rows (real tokens only ever see earlier, real tokens; pads carry no loss):
+    VARLEN registers no mask function, so transformers builds no [T, T] mask for it at all.
+    """
+    import inspect
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.device.type != "cuda":
+        if cu_seq_lens_q is not None:  # CPU (tests): the same function, one document at a time
+            return _per_document_sdpa(module, query, key, value, cu_seq_lens_q, scaling)
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                      is_causal=True, **kwargs)
+    varlen_attn = _varlen_fn()
+    params = inspect.signature(varlen_attn).parameters
+    q, k, v = (x.transpose(1, 2).squeeze(0) for x in (query, key, value))  # [T, heads, head_dim]
+    extra = {"scale": scaling}
+    if "enable_gqa" in params:
+        extra["enable_gqa"] = k.shape[1] != q.shape[1]
+    elif k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "is_causal" in params:
+        extra["is_causal"] = True
+    else:
+        extra["window_size"] = (-1, 0)
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **extra)
+    return out.unsqueeze(0), None
+
+
+def _per_document_sdpa(module, query, key, value, cu_seq_lens, scaling):
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = cu_seq_lens.tolist()
+    outs = [torch.nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                             is_causal=True, scale=scaling)
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def _targets(target_modules):
