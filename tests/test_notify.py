@@ -1,0 +1,132 @@
+"""sd_notify against real AF_UNIX datagram sockets, as systemd would listen for them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from daemon.notify import Notifier
+
+
+class FakeSystemd:
+    """The receiving end of $NOTIFY_SOCKET: a datagram socket, in a path or in the abstract namespace."""
+
+    def __init__(self, abstract: bool):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"training-daemon-test-{uuid.uuid4().hex}"
+            self.sock.bind("\0" + name)
+            self.env_value = "@" + name
+            self.dir = None
+        else:
+            # AF_UNIX paths are limited to 108 bytes: pytest's tmp paths can be longer.
+            self.dir = tempfile.mkdtemp(prefix="td-notify-")
+            path = os.path.join(self.dir, "notify.sock")
+            self.sock.bind(path)
+            self.env_value = path
+        self.sock.settimeout(2)
+
+    def messages(self, timeout: float = 0.3) -> list[dict]:
+        out = []
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (socket.timeout, BlockingIOError):
+                return out
+            out.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+    def close(self):
+        self.sock.close()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(params=["path", "abstract"])
+def systemd(request):
+    fake = FakeSystemd(abstract=request.param == "abstract")
+    yield fake
+    fake.close()
+
+
+def test_ready_status_stopping_reach_the_socket(systemd):
+    n = Notifier({"NOTIFY_SOCKET": systemd.env_value})
+    assert n.enabled
+    assert n.ready()
+    assert n.status("training job 3:\nstep 5/10")
+    assert n.extend_timeout(180_000_000)
+    assert n.stopping()
+    msgs = systemd.messages()
+    assert msgs[0] == {"READY": "1", "MAINPID": str(os.getpid())}
+    assert msgs[1] == {"STATUS": "training job 3: step 5/10"}  # one line, as systemctl shows it
+    assert msgs[2] == {"EXTEND_TIMEOUT_USEC": "180000000"}
+    assert msgs[3]["STOPPING"] == "1"
+
+
+def test_watchdog_only_when_asked_and_rate_limited(systemd):
+    quiet = Notifier({"NOTIFY_SOCKET": systemd.env_value})
+    assert quiet.watchdog_interval() is None and not quiet.watchdog()
+
+    n = Notifier({"NOTIFY_SOCKET": systemd.env_value, "WATCHDOG_USEC": "400000", "WATCHDOG_PID": str(os.getpid())})
+    assert n.watchdog_interval() == pytest.approx(0.2)
+    sent = 0
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:  # a busy loop calling watchdog() every turn
+        sent += n.watchdog()
+        time.sleep(0.01)
+    assert 2 <= sent <= 4, sent
+    assert [m for m in systemd.messages() if m != {"WATCHDOG": "1"}] == []
+
+
+def test_watchdog_meant_for_another_pid_is_ignored(systemd):
+    n = Notifier({"NOTIFY_SOCKET": systemd.env_value, "WATCHDOG_USEC": "400000", "WATCHDOG_PID": "1"})
+    assert n.watchdog_interval() is None and not n.watchdog()
+
+
+def test_no_socket_means_no_ops_and_errors_never_raise(tmp_path):
+    n = Notifier({})
+    assert not n.enabled
+    assert not any([n.ready(), n.status("x"), n.watchdog(), n.extend_timeout(1), n.stopping()])
+    gone = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock"), "WATCHDOG_USEC": "bogus"})
+    assert gone.enabled and not gone.ready() and not gone.status("x")
+    assert gone.watchdog_interval() is None
+    gone.close()
+
+
+def test_systemctl_status_line_during_training(root, tiny_model_dir):
+    """Run the real daemon under a fake systemd and show what `systemctl status` would print while it trains."""
+    import subprocess
+
+    from helpers import ENTRY, chat_lines, drop, env, write_config
+
+    if not ENTRY.exists():
+        pytest.skip("training_daemon.py entry point not present yet")
+    fake = FakeSystemd(abstract=True)
+    try:
+        write_config(root, tiny_model_dir)
+        drop(root, "facts.jsonl", chat_lines(8, "fig"))
+        proc = subprocess.run([sys.executable, str(ENTRY), "run", "--once", "--quiet", "--root", str(root)],
+                              env=env(NOTIFY_SOCKET=fake.env_value, WATCHDOG_USEC="2000000"),
+                              capture_output=True, text=True, timeout=300, cwd=root)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        msgs = fake.messages()
+    finally:
+        fake.close()
+    assert msgs and msgs[0].get("READY") == "1"
+    statuses = [m["STATUS"] for m in msgs if "STATUS" in m]
+    training = [s for s in statuses if s.startswith("training job")]
+    assert training, statuses
+    assert any(m.get("WATCHDOG") == "1" for m in msgs)
+    assert msgs[-1].get("STOPPING") == "1"
+    shown = (f"● training-daemon.service - LoRA training daemon\n"
+             f"     Active: active (running)\n"
+             f"     Status: \"{training[-1]}\"")
+    print("\n" + shown)
+    assert "step" in training[-1] and "loss" in training[-1]
