@@ -1,0 +1,396 @@
+"""Training data: validate a JSONL file in one streaming pass and turn its records into token ids with loss masks.
+
+Structural checks (formats, per-line error codes, safe line reading) live in data_formats.py and need no
+tokenizer; this module adds tokenization, the `Report` of a whole file and the `validate` CLI command.
+Nothing here imports torch or transformers at module level: the daemon process may use `validate_file`
+without a tokenizer.
+
+Masks: labels are aligned with input_ids (HF convention, the loss shifts) and hold -100 where nothing is
+trained. Chat-like examples are rendered with the tokenizer's chat template; by default only assistant
+messages are trained, each with the end-of-turn marker that follows it (e.g. <|im_end|>) so that the model
+learns to stop. Assistant spans are found in characters of the rendered text, then mapped to tokens through
+the fast tokenizer's offsets (see `_chat_spans`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import weakref
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .data_formats import Example, RecordReader, Rejection, check_record, detect_format
+
+IGNORE = -100
+MAX_LISTED_ERRORS = 100
+TOKENIZE_BATCH = 256  # records tokenized per call: the Rust tokenizer spreads a batch over its threads
+CHAT_FORMATS = ("messages", "prompt_completion", "alpaca")
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # same length as input_ids; IGNORE where not trained
+    truncated: bool = False
+    line: int = 0  # 1-based line of the source file (0 when not from a file)
+
+    @property
+    def trainable(self) -> int:
+        """Tokens that get a loss: a label at position 0 is never predicted by anything."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+# --- chat rendering -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _TemplateShape:
+    """What the chat template writes around an assistant message, learned once per tokenizer from a probe."""
+
+    gen_prompt: str  # appended by add_generation_prompt=True, e.g. "<|im_start|>assistant\n"
+    end: str  # closes an assistant message, e.g. "<|im_end|>" (trailing whitespace left out)
+
+
+_shapes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _render(tokenizer, messages: list[dict], generation: bool = False) -> str:
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation)
+
+
+def _template_shape(tokenizer) -> _TemplateShape | None:
+    template = tokenizer.chat_template
+    cached = _shapes.get(tokenizer)
+    if cached and cached[0] == template:
+        return cached[1]
+    probe = [{"role": "user", "content": "probe-question-one"}, {"role": "assistant", "content": "probe-answer-one"},
+             {"role": "user", "content": "probe-question-two"}, {"role": "assistant", "content": "probe-answer-two"}]
+    shape = None
+    try:
+        head, head_gen, full = _render(tokenizer, probe[:1]), _render(tokenizer, probe[:1], True), _render(tokenizer, probe)
+        last = full.rfind("probe-answer-two")
+        end = full[last + len("probe-answer-two"):].rstrip()
+        first = len(head_gen) + len("probe-answer-one")
+        if (head_gen.startswith(head) and full.startswith(head_gen + "probe-answer-one")
+                and full.startswith(end, first)):
+            shape = _TemplateShape(head_gen[len(head):], end)
+    except Exception:  # a template that refuses the probe: every example takes the slower prefix method
+        shape = None
+    try:
+        _shapes[tokenizer] = (template, shape)
+    except TypeError:
+        pass
+    return shape
+
+
+def _chat_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int, int]] | None:
+    """(start, end, message index) in characters of `full` for each assistant message: content + end marker.
+
+    Fast path, one render: each assistant content must appear right after the generation prompt and be
+    followed by the end marker (both learned from a probe). Templates that rewrite contents (trimming,
+    reasoning removal, default system prompts in odd places) fail that check and take the prefix method:
+    render messages[:i] with the generation prompt and messages[:i+1], both prefixes of the full text, the
+    span between them. That costs O(turns^2) rendering, so it is only the fallback.
+    """
+    shape = _template_shape(tokenizer)
+    if shape is not None:
+        spans, cursor = [], 0
+        for i, m in enumerate(messages):
+            content = m["content"]
+            if m["role"] != "assistant":
+                # Step over prompts so that an assistant's text quoted in a prompt is not taken for the answer.
+                pos = full.find(content, cursor)
+                cursor = pos + len(content) if pos >= 0 else cursor
+                continue
+            pos = full.find(shape.gen_prompt + content, cursor)
+            start = pos + len(shape.gen_prompt)
+            if pos < 0 or not full.startswith(shape.end, start + len(content)):
+                break
+            cursor = start + len(content) + len(shape.end)
+            spans.append((start, cursor, i))
+        else:
+            return spans
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True)
+        upto = _render(tokenizer, messages[:i + 1]).rstrip()
+        if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
+            return None
+        spans.append((len(before), len(upto), i))
+    return spans
+
+
+# --- tokenization ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    """One example ready to encode: its text and the character spans whose tokens are trained."""
+
+    example: Example
+    text: str
+    trained: list[tuple[int, int]]  # character spans trained
+    untrained: list[tuple[int, int]]  # spans excluded even with train_on_inputs (weight 0)
+    special_tokens: bool = False  # let the tokenizer add BOS etc. (plain text); chat templates write their own
+    add_eos: bool = False  # append EOS, trained: plain text and completions without a template learn to stop
+
+
+def _plan(tokenizer, ex: Example, train_on_inputs: bool) -> _Plan | Rejection:
+    if ex.messages is None:
+        return _Plan(ex, ex.text, [(0, len(ex.text))], [], special_tokens=True, add_eos=True)
+    if not getattr(tokenizer, "chat_template", None):
+        if ex.format == "prompt_completion":  # a base model without a template: plain concatenation
+            prompt, completion = ex.messages[0]["content"], ex.messages[1]["content"]
+            text = prompt + completion
+            return _Plan(ex, text, [(0 if train_on_inputs else len(prompt), len(text))], [], add_eos=True)
+        return Rejection(ex.line, "no_chat_template", f"the base model's tokenizer has no chat template, needed "
+                         f"for the {ex.format!r} format; use the 'text' or 'prompt'/'completion' format instead")
+    try:
+        full = _render(tokenizer, ex.messages)
+        spans = _chat_spans(tokenizer, ex.messages, full)
+    except Exception as e:  # jinja raises for conversations a template forbids (e.g. roles not alternating)
+        return Rejection(ex.line, "template_error", f"line {ex.line}: the model's chat template refused this "
+                         f"conversation: {str(e)[:200]}")
+    if spans is None:
+        return Rejection(ex.line, "template_error", f"line {ex.line}: cannot locate the assistant messages in the "
+                         "text rendered by the model's chat template")
+    weight = [ex.messages[i].get("weight", 1) for _, _, i in spans]
+    if train_on_inputs:
+        return _Plan(ex, full, [(0, len(full))], [(s, e) for (s, e, _), w in zip(spans, weight) if not w])
+    return _Plan(ex, full, [(s, e) for (s, e, _), w in zip(spans, weight) if w], [])
+
+
+def _encode(tokenizer, plans: list[_Plan]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per plan: a token is trained when its characters overlap a trained span."""
+    out = []
+    if getattr(tokenizer, "is_fast", False):
+        by_flag: dict[bool, list[int]] = {}
+        for k, p in enumerate(plans):
+            by_flag.setdefault(p.special_tokens, []).append(k)
+        encoded: list = [None] * len(plans)
+        for flag, idx in by_flag.items():
+            enc = tokenizer([plans[k].text for k in idx], add_special_tokens=flag, return_offsets_mapping=True)
+            for j, k in enumerate(idx):
+                encoded[k] = (enc["input_ids"][j], enc["offset_mapping"][j])
+        for p, (ids, offsets) in zip(plans, encoded):
+            labels = [IGNORE] * len(ids)
+            starts = [s for s, _ in offsets]
+            ends = [e for _, e in offsets]
+            for spans, on in ((p.trained, True), (p.untrained, False)):
+                for s, e in spans:
+                    a, b = bisect.bisect_right(ends, s), bisect.bisect_left(starts, e)
+                    labels[a:b] = ids[a:b] if on else [IGNORE] * max(0, b - a)
+            out.append((list(ids), labels))
+    else:
+        out = [_encode_pieces(tokenizer, p) for p in plans]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for p, (ids, labels) in zip(plans, out):
+        if p.add_eos and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            labels.append(eos)
+    return out
+
+
+def _encode_pieces(tokenizer, p: _Plan) -> tuple[list[int], list[int]]:
+    """Slow tokenizers have no offsets: encode the text piece by piece, cut at the span boundaries."""
+    cuts = sorted({0, len(p.text), *(x for s in p.trained + p.untrained for x in s)})
+    ids: list[int] = []
+    labels: list[int] = []
+    for a, b in zip(cuts, cuts[1:]):
+        piece = tokenizer(p.text[a:b], add_special_tokens=p.special_tokens and a == 0)["input_ids"]
+        trained = any(s <= a and b <= e for s, e in p.trained) and not any(s <= a and b <= e for s, e in p.untrained)
+        ids.extend(piece)
+        labels.extend(piece if trained else [IGNORE] * len(piece))
+    return ids, labels
+
+
+def tokenize_examples(tokenizer, examples: list[Example], max_length: int, train_on_inputs: bool = False,
+                      too_long: str = "skip") -> list[TokenizedExample | Rejection]:
+    """Tokenize structurally valid examples in one batch; results in the same order."""
+    if too_long not in ("skip", "truncate"):
+        raise ValueError(f"too_long must be 'skip' or 'truncate', not {too_long!r}")
+    plans = [_plan(tokenizer, ex, train_on_inputs) for ex in examples]
+    ready = [p for p in plans if isinstance(p, _Plan)]
+    encoded = iter(_encode(tokenizer, ready))
+    results: list[TokenizedExample | Rejection] = []
+    for p in plans:
+        if isinstance(p, Rejection):
+            results.append(p)
+            continue
+        ids, labels = next(encoded)
+        results.append(_fit(TokenizedExample(ids, labels, False, p.example.line), max_length, too_long))
+    return results
+
+
+def _fit(ex: TokenizedExample, max_length: int, too_long: str) -> TokenizedExample | Rejection:
+    n = len(ex.input_ids)
+    if n > max_length:
+        if too_long == "skip":
+            return Rejection(ex.line, "too_long", f"line {ex.line}: {n} tokens, more than max_length={max_length} "
+                             "(set training.too_long: truncate to cut such examples instead of skipping them)")
+        ex = TokenizedExample(ex.input_ids[:max_length], ex.labels[:max_length], True, ex.line)
+    if not ex.trainable:
+        why = " after truncation to max_length" if ex.truncated else ""
+        return Rejection(ex.line, "no_trainable_tokens", f"line {ex.line}: no token left to train{why}")
+    return ex
+
+
+def tokenize_example(tokenizer, example: Example | dict, max_length: int, train_on_inputs: bool = False,
+                     too_long: str = "skip") -> TokenizedExample | Rejection:
+    """One record (an Example, or a parsed JSON object of any format) -> token ids and labels, or a Rejection."""
+    if isinstance(example, dict):
+        fmt = detect_format(example, 0)
+        if isinstance(fmt, Rejection):
+            return fmt
+        example = check_record(example, fmt, 0, train_on_inputs)
+        if isinstance(example, Rejection):
+            return example
+    return tokenize_examples(tokenizer, [example], max_length, train_on_inputs, too_long)[0]
+
+
+# --- the report of a whole file -------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    file: str
+    format: str | None = None
+    lines: int = 0
+    examples: int = 0  # usable
+    skipped: int = 0  # non-blank lines rejected
+    truncated: int = 0
+    tokens: int | None = None  # None when validated without a tokenizer
+    trainable_tokens: int | None = None
+    longest: int | None = None  # tokens in the longest usable example
+    errors: list[dict] = field(default_factory=list)  # the first MAX_LISTED_ERRORS, in file order
+    counts_by_code: dict[str, int] = field(default_factory=dict)  # complete
+    fatal: dict | None = None
+    min_examples: int = 1
+    max_length: int | None = None
+    examples_list: list[TokenizedExample] = field(default_factory=list, repr=False)  # keep_examples=True only
+
+    @property
+    def ok(self) -> bool:
+        return self.fatal is None and self.examples >= self.min_examples
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "examples_list"}
+        d = json.loads(json.dumps(d))  # a deep copy of plain data, never of the examples
+        return {**d, "ok": self.ok, "errors_not_listed": self.skipped - len(self.errors)}
+
+    def render(self) -> str:
+        name = Path(self.file).name
+        out = []
+        if self.fatal:
+            out.append(f"{name}: REJECTED: {self.fatal['message']}")
+        else:
+            out.append(f"{name}: {'OK' if self.ok else 'REJECTED'}: {self.examples} usable examples"
+                       + (f" ({self.format} format)" if self.format else ""))
+        summary = f"  {self.lines} lines, {self.examples} usable, {self.skipped} skipped"
+        if self.truncated:
+            summary += f", {self.truncated} truncated to {self.max_length} tokens"
+        out.append(summary)
+        if self.tokens is not None:
+            out.append(f"  {self.tokens:,} tokens, {self.trainable_tokens:,} trained; longest example "
+                       f"{self.longest or 0:,} tokens")
+        if self.counts_by_code:
+            by_code = ", ".join(f"{code} {n}" for code, n in sorted(self.counts_by_code.items(), key=lambda x: -x[1]))
+            out.append(f"  skipped lines by reason: {by_code}")
+            out.extend(f"  {e['message']} [{e['code']}]" for e in self.errors)
+            if self.skipped > len(self.errors):
+                out.append(f"  ... and {self.skipped - len(self.errors)} more not listed")
+        return "\n".join(out)
+
+    def _add(self, item: TokenizedExample | Example | Rejection, keep: bool) -> None:
+        if isinstance(item, Rejection):
+            self.skipped += 1
+            self.counts_by_code[item.code] = self.counts_by_code.get(item.code, 0) + 1
+            if len(self.errors) < MAX_LISTED_ERRORS:
+                self.errors.append({"line": item.line, "code": item.code, "message": item.message})
+            return
+        self.examples += 1
+        if isinstance(item, TokenizedExample):
+            n = len(item.input_ids)
+            self.tokens += n
+            self.trainable_tokens += item.trainable
+            self.truncated += item.truncated
+            self.longest = max(self.longest or 0, n)
+            if keep:
+                self.examples_list.append(item)
+
+    def _set_fatal(self, r: Rejection) -> None:
+        self.fatal = {"code": r.code, "message": r.message, "line": r.line or None, "offset": r.offset}
+
+
+def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_bytes: int = 16 << 20,
+                  train_on_inputs: bool = False, too_long: str = "skip", min_examples: int = 1,
+                  keep_examples: bool = False) -> Report:
+    """Check a JSONL file in one streaming pass; with a tokenizer, also tokenize and count tokens.
+
+    Memory stays bounded by the longest accepted line and a batch of records, whatever the file's size,
+    unless keep_examples=True: then `report.examples_list` holds every usable TokenizedExample in file
+    order (each knows its source `line`), ready for training; skipped lines leave no gap in the list.
+    Validation stops at the first fatal problem (encoding, not JSONL, mixed formats).
+    """
+    report = Report(file=str(path), min_examples=min_examples, max_length=max_length if tokenizer else None)
+    if tokenizer is not None:
+        report.tokens = report.trainable_tokens = 0
+    keep = keep_examples and tokenizer is not None
+    pending: list[Example | Rejection] = []
+
+    def flush() -> None:
+        todo = [x for x in pending if isinstance(x, Example)]
+        done = iter(tokenize_examples(tokenizer, todo, max_length, train_on_inputs, too_long) if todo else [])
+        for x in pending:
+            result = next(done) if isinstance(x, Example) else x
+            if isinstance(result, Rejection) and result.fatal:
+                report._set_fatal(result)
+                break
+            report._add(result, keep)
+        pending.clear()
+
+    with open(path, "rb") as f:
+        reader = RecordReader(f, max_line_bytes=max_line_bytes, train_on_inputs=train_on_inputs)
+        for item in reader:
+            if isinstance(item, Rejection) and item.fatal:
+                flush()  # the lines before it still count
+                if not report.fatal:
+                    report._set_fatal(item)
+                break
+            if tokenizer is None:
+                report._add(item, False)
+                continue
+            pending.append(item)
+            if len(pending) >= TOKENIZE_BATCH:
+                flush()
+                if report.fatal:
+                    break
+        flush()
+        report.lines, report.format = reader.lines, reader.format
+    if report.fatal:
+        report.examples_list = []
+    elif report.examples < min_examples:
+        what = "no usable example" if report.examples == 0 else f"only {report.examples} usable examples"
+        why = " (the file is empty)" if report.lines == 0 else ""
+        report._set_fatal(Rejection(0, "too_few_examples", f"{what}{why}; at least {min_examples} needed"))
+    return report
+
+
+def validate_command(path: Path, cfg, as_json: bool) -> int:
+    """`training-daemon validate FILE`: check a file exactly as the trainer would; 0 when it is usable."""
+    from .config import resolve_base_model
+    from .paths import UserError
+
+    base_dir = resolve_base_model(cfg.base_model)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=getattr(cfg, "trust_remote_code", False))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of the base model {base_dir}: {e}") from e
+    t = cfg.training
+    report = validate_file(path, tokenizer, max_length=t.max_length, max_line_bytes=cfg.intake.max_line_bytes,
+                           train_on_inputs=t.train_on_inputs, too_long=t.too_long, min_examples=t.min_examples)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if as_json else report.render())
+    return 0 if report.ok else 1
