@@ -143,8 +143,9 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
 
     snapshot = json.loads((job_dir / "config.json").read_text())
     cfg = from_dict(snapshot)
-    if micro_batch:
-        # Same effective batch with a smaller micro-batch: the recipe scales accumulation to match.
+    if micro_batch and micro_batch < cfg.training.micro_batch_size:
+        # After an out-of-memory retry: a smaller micro-batch, more accumulation, the same effective batch.
+        cfg.training.gradient_accumulation *= cfg.training.micro_batch_size // micro_batch
         cfg.training.micro_batch_size = micro_batch
     faults.set_context(micro_batch=cfg.training.micro_batch_size, job_id=job_id)
     started_at = now_iso()
