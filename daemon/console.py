@@ -1,0 +1,331 @@
+"""What a person sees in a terminal: `status`, `jobs`, `logs -f` and `submit --follow`.
+
+Everything here reads the files the daemon writes (status.json, job.json, status.log); nothing talks to
+the daemon, so these work the same whether it is running, stopped or on its way up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .paths import STATES, Layout
+
+STALE_SECONDS = 30  # status.json is rewritten every second while the daemon lives
+
+
+# ------------------------------------------------------------------ formatting
+def fmt_duration(seconds) -> str:
+    """42s, 3m 05s, 2h 03m, 1d 04h; "?" when unknown."""
+    if seconds is None:
+        return "?"
+    s = max(0, int(round(float(seconds))))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
+
+
+def fmt_eta(seconds) -> str:
+    return "?" if seconds is None else fmt_duration(seconds)
+
+
+def _unix(when) -> float | None:
+    if when is None:
+        return None
+    if isinstance(when, (int, float)):
+        return float(when)
+    try:
+        dt = datetime.fromisoformat(str(when).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def fmt_age(when, now: float | None = None) -> str:
+    t = _unix(when)
+    return "?" if t is None else fmt_duration((now or time.time()) - t) + " ago"
+
+
+def progress_bar(step, total, width: int = 30) -> str:
+    if not total:
+        return "[" + "?" * width + "]"
+    frac = min(1.0, max(0.0, (step or 0) / total))
+    filled = int(frac * width)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {frac * 100:3.0f}%"
+
+
+def _num(value, fmt: str, unit: str = "") -> str:
+    return "?" if value is None else format(value, fmt) + unit
+
+
+def _first_line(text, limit: int = 70) -> str:
+    line = (str(text).strip().splitlines() or [""])[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# ------------------------------------------------------------------ status and jobs
+def daemon_line(status: dict, now: float | None = None) -> str:
+    now = now or time.time()
+    d = status.get("daemon") or {}
+    updated = status.get("updated_unix")
+    if not d and updated is None:
+        return "not running (no status.json yet)"
+    age = None if updated is None else now - updated
+    if d.get("running") is False:
+        return f"not running (last state {d.get('state', '?')}, {fmt_duration(age)} ago)"
+    text = d.get("state", "?")
+    extras = [f"pid {d['pid']}"] if d.get("pid") else []
+    if d.get("version"):
+        extras.append(f"version {d['version']}")
+    if d.get("started_at"):
+        extras.append(f"up {fmt_duration(now - (_unix(d['started_at']) or now))}")
+    if extras:
+        text += f" ({', '.join(extras)})"
+    if age is not None and age > STALE_SECONDS:
+        text += f" - status not updated for {fmt_duration(age)}: is the daemon stuck or gone?"
+    return text
+
+
+def progress_line(cur: dict) -> str:
+    """One line for a running job, the same in `status`, `submit --follow` and the journal's STATUS=."""
+    parts = [progress_bar(cur.get("step"), cur.get("total_steps"), 24),
+             f"step {cur.get('step') or 0}/{cur.get('total_steps') or '?'}"]
+    if cur.get("loss") is not None:
+        parts.append(f"loss {cur['loss']:.4f}")
+    if cur.get("eval_loss") is not None:
+        parts.append(f"eval {cur['eval_loss']:.4f}")
+    if cur.get("tokens_per_s"):
+        parts.append(f"{cur['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"ETA {fmt_eta(cur.get('eta_s'))}")
+    return "  ".join(parts)
+
+
+def render_status(status: dict, jobs: list[dict], now: float | None = None) -> str:
+    now = now or time.time()
+    d = status.get("daemon") or {}
+    rows = [("daemon", daemon_line(status, now))]
+    if d.get("root"):
+        rows.append(("root", d["root"]))
+    cur = status.get("current")
+    if cur:
+        started = f", started {fmt_age(cur['started_at'], now)}" if cur.get("started_at") else ""
+        rows.append(("job", f"#{cur.get('job_id')}  {cur.get('file', '?')} -> adapter {cur.get('adapter', '?')}"
+                            f"  ({cur.get('phase') or 'training'}{started})"))
+        rows.append(("progress", f"{progress_bar(cur.get('step'), cur.get('total_steps'))}  step {cur.get('step') or 0}"
+                                 f"/{cur.get('total_steps') or '?'}"
+                                 + (f"  epoch {cur['epoch']:.2f}" if cur.get("epoch") is not None else "")))
+        loss = f"{_num(cur.get('loss'), '.4f')}"
+        if cur.get("eval_loss") is not None:
+            loss += f"  (eval {cur['eval_loss']:.4f})"
+        if cur.get("lr") is not None:
+            loss += f"  lr {cur['lr']:.2e}"
+        rows.append(("loss", loss))
+        rows.append(("speed", f"{_num(cur.get('tokens_per_s'), ',.0f', ' tok/s')}  ETA {fmt_eta(cur.get('eta_s'))}"
+                              f"  GPU memory {_num(cur.get('gpu_mem_gib'), '.2f', ' GiB')}"))
+    else:
+        rows.append(("job", "none" + (" (paused)" if d.get("state") == "paused" else "")))
+    q = status.get("queue")
+    if q is None:  # no snapshot yet: count the folders
+        q = {s: sum(1 for j in jobs if j.get("state") == s) for s in STATES}
+    rows.append(("queue", "  ".join(f"{q.get(s, 0)} {s}" for s in STATES)))
+    g = status.get("gpu")
+    if g:
+        mem = f"{_num(g.get('mem_used_gib'), '.1f')} / {_num(g.get('mem_total_gib'), '.1f')} GiB"
+        util = f", {g['util_percent']:.0f}% busy" if g.get("util_percent") is not None else ""
+        rows.append(("gpu", f"{g.get('name', '?')}: {mem}{util}"))
+    else:
+        rows.append(("gpu", "none visible (NVML unavailable)"))
+    width = max(len(k) for k, _ in rows)
+    out = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    recent = sorted(jobs, key=lambda j: j.get("id") or 0)[-5:]
+    if recent:
+        out += ["", "recent jobs:", *("  " + line for line in render_jobs(recent, now).splitlines())]
+    return "\n".join(out)
+
+
+def _job_when(job: dict, now: float) -> str:
+    for key in ("finished_at", "started_at", "created_at", "queued_at", "received_at"):
+        if job.get(key):
+            return fmt_age(job[key], now)
+    return ""
+
+
+def render_jobs(jobs: list[dict], now: float | None = None) -> str:
+    if not jobs:
+        return "no jobs"
+    now = now or time.time()
+    header = ("ID", "STATE", "ADAPTER", "VERSION", "FILE", "WHEN", "NOTE")
+    rows = []
+    for j in sorted(jobs, key=lambda j: j.get("id") or 0):
+        note = _first_line(j.get("error")) if j.get("state") == "failed" else _first_line(j.get("note") or j.get("error"))
+        rows.append((str(j.get("id", "?")), str(j.get("state", "?")), str(j.get("adapter", "?")),
+                     f"v{j['version']}" if j.get("version") is not None else "-",
+                     _first_line(j.get("original_name", "?"), 40), _job_when(j, now), note))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+# ------------------------------------------------------------------ following
+def _tail(f, n: int, block: int = 65536) -> list[bytes]:
+    """The last n lines of an open binary file, reading backwards (status.log can be 50 MB)."""
+    end = f.seek(0, os.SEEK_END)
+    data, pos = b"", end
+    while pos > 0 and data.count(b"\n") <= n:
+        pos = max(0, pos - block)
+        f.seek(pos)
+        data = f.read(end - pos)
+    f.seek(end)
+    lines = data.split(b"\n")
+    if pos > 0:
+        lines = lines[1:]  # the first one is probably cut
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines[-n:] if n > 0 else []
+
+
+def follow_log(path, lines: int = 20, poll: float = 0.25):
+    """`tail -F`: the last `lines` lines, then every new one; survives rename, delete and truncation."""
+    path = Path(path)
+    f, ident, partial = None, None, b""
+
+    def reopen():
+        nonlocal f, ident
+        if f:
+            f.close()
+        try:
+            f = open(path, "rb")
+            st = os.fstat(f.fileno())
+            ident = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            f, ident = None, None
+
+    reopen()
+    if f:
+        for line in _tail(f, lines):
+            yield line.decode("utf-8", "replace")
+    while True:
+        chunk = f.read() if f else b""
+        if chunk:
+            partial += chunk
+            *complete, partial = partial.split(b"\n")
+            for line in complete:
+                yield line.decode("utf-8", "replace")
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (f is None or (st.st_dev, st.st_ino) != ident):
+            reopen()  # rotated: the old file was read to its end just above; the new one from its start
+            partial = b""
+            continue
+        if f is not None and st is not None and st.st_size < f.tell():
+            f.seek(0)  # truncated in place (copytruncate)
+            partial = b""
+            continue
+        time.sleep(poll)
+
+
+def find_job(layout: Layout, job_id: int) -> tuple[dict | None, str | None]:
+    """A job's manifest and the state folder it is in (folders are the truth; job.json may lag a move)."""
+    for _ in range(3):  # a job can be mid-rename between two state folders: look again
+        for state in STATES:
+            d = layout.state_dir(state) / f"j{int(job_id):06d}"
+            try:
+                return json.loads((d / "job.json").read_text()), state
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.05)
+    return None, None
+
+
+def _read_status(layout: Layout) -> dict:
+    try:
+        return json.loads(layout.status_json.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def follow_job(layout: Layout, job_id: int, out, poll: float = 0.5, missing_timeout: float = 10.0) -> int:
+    """A live progress line until the job ends: 0 if it ends done, 1 if failed (or never appears)."""
+    tty = bool(getattr(out, "isatty", lambda: False)())
+    shown, shown_len, last_print, missing_since, shown_kind = None, 0, 0.0, None, None
+
+    def show(text: str, final: bool = False):
+        nonlocal shown, shown_len, last_print
+        if tty:
+            out.write("\r" + text.ljust(shown_len) + ("\n" if final else ""))
+            shown_len = 0 if final else len(text)
+        else:
+            out.write(text + "\n")  # a pipe or a log file: plain lines, no carriage returns
+        out.flush()
+        shown, last_print = text, time.monotonic()
+
+    try:
+        while True:
+            job, state = find_job(layout, job_id)
+            if job is None:
+                missing_since = missing_since or time.monotonic()
+                if time.monotonic() - missing_since > missing_timeout:
+                    show(f"job {job_id}: not found under {layout.queue}", final=True)
+                    return 1
+                time.sleep(poll)
+                continue
+            missing_since = None
+            if state == "done":
+                version = job.get("version")
+                where = layout.checkpoints / job.get("adapter", "default") / f"v{version}"
+                show(f"job {job_id} done: adapter {job.get('adapter')} v{version} ({where})", final=True)
+                return 0
+            if state == "failed":
+                show(f"job {job_id} failed: {_first_line(job.get('error'), 200) or 'see training-daemon jobs'}",
+                     final=True)
+                return 1
+            status = _read_status(layout)
+            cur = status.get("current") or {}
+            kind = state
+            if state == "running" and cur.get("job_id") == job_id:
+                phase = cur.get("phase") or "training"
+                kind = phase
+                text = f"job {job_id} " + (progress_line(cur) if phase == "training" else f"{phase}...")
+            elif state == "pending":
+                ahead = _pending_ahead(layout, job_id)
+                text = f"job {job_id} queued" + (f", {ahead} ahead of it" if ahead else ", next")
+                if cur.get("job_id") is not None:
+                    text += f" (job {cur['job_id']} is {cur.get('phase') or 'training'})"
+                if (status.get("daemon") or {}).get("state") == "paused":
+                    text += " (daemon paused)"
+                if job.get("note"):
+                    text += f" - {_first_line(job['note'], 80)}"
+            else:
+                text = f"job {job_id} starting..."
+            updated = status.get("updated_unix")
+            if updated is not None and time.time() - updated > STALE_SECONDS:
+                text += f"  [daemon silent for {fmt_duration(time.time() - updated)}]"
+            # A terminal line is redrawn in place; a pipe gets a line per change, at most one per 10 s.
+            if text != shown and (tty or kind != shown_kind or time.monotonic() - last_print >= 10):
+                show(text)
+                shown_kind = kind
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        out.write(f"\nstopped following job {job_id}; it carries on (training-daemon status)\n")
+        out.flush()
+        return 130
+
+
+def _pending_ahead(layout: Layout, job_id: int) -> int:
+    ahead = 0
+    for d in layout.state_dir("pending").glob("j*"):
+        try:
+            if int(d.name[1:]) < job_id:
+                ahead += 1
+        except ValueError:
+            continue
+    return ahead

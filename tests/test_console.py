@@ -1,0 +1,218 @@
+"""The terminal views: status table, jobs table, `logs -f` through rotation, `submit --follow`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from daemon import durable
+from daemon.console import fmt_duration, follow_job, follow_log, progress_bar, render_jobs, render_status
+from daemon.paths import Layout
+from daemon.status import StatusWriter
+
+NOW = 1_700_000_000.0
+
+
+def iso(unix: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
+
+
+def training_status(**current) -> dict:
+    cur = {"job_id": 42, "adapter": "support-bot", "file": "tickets.jsonl", "step": 50, "total_steps": 200,
+           "epoch": 0.25, "loss": 1.23456, "eval_loss": 1.5, "lr": 2e-4, "tokens_per_s": 4567.0, "eta_s": 95,
+           "gpu_mem_gib": 3.2, "started_at": iso(NOW - 600), "phase": "training", **current}
+    return {"updated_at": iso(NOW - 1), "updated_unix": NOW - 1,
+            "daemon": {"pid": 4242, "state": "training", "started_at": iso(NOW - 3700), "root": "/srv/td",
+                       "version": "0.1.0"},
+            "current": cur, "queue": {"pending": 2, "running": 1, "done": 10, "failed": 1},
+            "gpu": {"name": "NVIDIA H100", "mem_used_gib": 12.3, "mem_total_gib": 80.0, "util_percent": 95.0}}
+
+
+JOBS = [
+    {"id": 40, "state": "done", "adapter": "default", "version": 3, "original_name": "a.jsonl",
+     "finished_at": iso(NOW - 7200)},
+    {"id": 41, "state": "failed", "adapter": "default", "original_name": "broken.jsonl", "finished_at": iso(NOW - 60),
+     "error": "line 2: not valid JSON\nTraceback (most recent call last): ..."},
+    {"id": 42, "state": "running", "adapter": "support-bot", "original_name": "tickets.jsonl",
+     "started_at": iso(NOW - 600)},
+]
+
+
+def test_formatting_helpers():
+    assert [fmt_duration(s) for s in (None, 0, 42, 185, 7380, 100000)] == ["?", "0s", "42s", "3m 05s", "2h 03m",
+                                                                          "1d 03h"]
+    assert progress_bar(50, 200, 20) == "[#####...............]  25%"
+    assert progress_bar(5, None, 4) == "[????]"
+
+
+def test_render_status_while_training():
+    text = render_status(training_status(), JOBS, now=NOW)
+    print("\n" + text)
+    assert "training (pid 4242, version 0.1.0, up 1h 01m)" in text
+    assert "#42  tickets.jsonl -> adapter support-bot  (training, started 10m 00s ago)" in text
+    assert "[#######.......................]  25%  step 50/200  epoch 0.25" in text
+    assert "1.2346  (eval 1.5000)  lr 2.00e-04" in text
+    assert "4,567 tok/s  ETA 1m 35s  GPU memory 3.20 GiB" in text
+    assert "2 pending  1 running  10 done  1 failed" in text
+    assert "NVIDIA H100: 12.3 / 80.0 GiB, 95% busy" in text
+    assert "line 2: not valid JSON" in text and "Traceback" not in text
+
+
+def test_render_status_idle_stale_and_without_gpu():
+    status = training_status()
+    status.update(current=None, gpu=None, updated_unix=NOW - 300)
+    status["daemon"]["state"] = "idle"
+    text = render_status(status, [], now=NOW)
+    assert "\njob     none\n" in text and "none visible" in text
+    assert "status not updated for 5m 00s" in text
+    status["daemon"]["running"] = False  # what the CLI adds when no daemon holds the lock
+    assert "not running (last state idle, 5m 00s ago)" in render_status(status, [], now=NOW)
+    assert "not running (no status.json yet)" in render_status({}, [], now=NOW)
+
+
+def test_render_jobs_table():
+    text = render_jobs(JOBS, now=NOW)
+    print("\n" + text)
+    header, done, failed, running = text.splitlines()
+    assert header.split() == ["ID", "STATE", "ADAPTER", "VERSION", "FILE", "WHEN", "NOTE"]
+    assert done.split()[:5] == ["40", "done", "default", "v3", "a.jsonl"] and "2h 00m ago" in done
+    assert failed.endswith("line 2: not valid JSON")
+    assert running.split()[:4] == ["42", "running", "support-bot", "-"]
+    assert render_jobs([]) == "no jobs"
+
+
+def take_later(gen, n):
+    """Start reading n lines from a follow_log generator in the background; call the result to get them."""
+    out = []
+    done = threading.Event()
+
+    def run():
+        for _ in range(n):
+            out.append(next(gen))
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+
+    def result(timeout=5.0):
+        assert done.wait(timeout), f"only got {out}"
+        return out
+
+    return result
+
+
+def take(gen, n, timeout=5.0):
+    return take_later(gen, n)(timeout)
+
+
+def test_follow_log_tails_then_follows_through_rotation(root):
+    layout = Layout.at(root)
+    w = StatusWriter(layout, echo=False)
+    for i in range(30):
+        w.event("e", f"old {i}")
+    gen = follow_log(layout.status_log, lines=3, poll=0.02)
+    assert [x.rsplit(" ", 1)[1] for x in take(gen, 3)] == ["27", "28", "29"]
+    w.event("e", "live 1")
+    assert take(gen, 1)[0].endswith("live 1")
+    # logrotate: rename; a line still lands in the old file; then the writer starts a new one.
+    os.rename(layout.status_log, root / "status.log.1")
+    with open(root / "status.log.1", "a") as old:
+        old.write("late line in the old file\n")
+    w.event("e", "after rotation")
+    got = take(gen, 2)
+    assert got[0] == "late line in the old file" and got[1].endswith("after rotation")
+    # truncation in place (copytruncate) restarts from the top
+    pending = take_later(gen, 1)
+    time.sleep(0.1)
+    layout.status_log.write_text("")
+    time.sleep(0.1)
+    w.event("e", "after truncation")
+    assert pending()[0].endswith("after truncation")
+
+
+def test_follow_log_waits_for_a_file_that_does_not_exist_yet(root):
+    gen = follow_log(root / "status.log", lines=5, poll=0.02)
+    threading.Timer(0.2, lambda: (root / "status.log").write_text("first\nsecond\n")).start()
+    assert take(gen, 2) == ["first", "second"]
+
+
+def make_job(layout: Layout, job_id: int, state: str, **fields) -> None:
+    d = layout.state_dir(state) / f"j{job_id:06d}"
+    d.mkdir(parents=True)
+    durable.write_json(d / "job.json", {"id": job_id, "adapter": "default", "original_name": "f.jsonl",
+                                        "state": state, **fields})
+
+
+def move_job(layout: Layout, job_id: int, src: str, dst: str, **fields) -> None:
+    d = layout.state_dir(src) / f"j{job_id:06d}"
+    job = json.loads((d / "job.json").read_text())
+    durable.write_json(d / "job.json", {**job, "state": dst, **fields})
+    durable.rename(d, layout.state_dir(dst) / d.name)
+
+
+def follow_in_thread(layout, job_id, out):
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", follow_job(layout, job_id, out, poll=0.02)),
+                         daemon=True)
+    t.start()
+    return t, result
+
+
+class TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_follow_job_shows_queue_progress_and_ends_done(root):
+    layout = Layout.at(root).ensure()
+    w = StatusWriter(layout, echo=False)
+    make_job(layout, 1, "running")
+    make_job(layout, 2, "pending")
+    w.snapshot({"daemon": {"state": "training"}, "current": {"job_id": 1, "phase": "training", "step": 1,
+                                                              "total_steps": 4}})
+    out = TTY()
+    t, result = follow_in_thread(layout, 2, out)
+    time.sleep(0.2)
+    move_job(layout, 1, "running", "done", version=1)
+    move_job(layout, 2, "pending", "running")
+    for step in (1, 2, 4):
+        w.snapshot({"daemon": {"state": "training"}, "current": {"job_id": 2, "phase": "training", "step": step,
+                                                                  "total_steps": 4, "loss": 2.0 / step, "eta_s": 4 - step}})
+        time.sleep(0.15)
+    move_job(layout, 2, "running", "done", version=2)
+    t.join(5)
+    text = out.getvalue()
+    print(text.replace("\r", "\n"))
+    assert result["rc"] == 0
+    assert "job 2 queued, next (job 1 is training)" in text
+    assert "step 2/4  loss 1.0000" in text and "step 4/4" in text
+    assert text.rstrip().endswith(f"job 2 done: adapter default v2 ({layout.checkpoints / 'default' / 'v2'})")
+    assert "\r" in text  # a terminal gets one line redrawn in place
+
+
+def test_follow_job_failed_returns_1_with_plain_lines_in_a_pipe(root):
+    layout = Layout.at(root).ensure()
+    make_job(layout, 5, "running")
+    StatusWriter(layout, echo=False).snapshot({"daemon": {"state": "training"},
+                                               "current": {"job_id": 5, "phase": "loading"}})
+    out = io.StringIO()
+    t, result = follow_in_thread(layout, 5, out)
+    time.sleep(0.2)
+    move_job(layout, 5, "running", "failed", error="line 3: no assistant turn\nmore detail")
+    t.join(5)
+    assert result["rc"] == 1
+    assert out.getvalue().splitlines() == ["job 5 loading...", "job 5 failed: line 3: no assistant turn"]
+
+
+@pytest.mark.parametrize("missing_timeout", [0.2])
+def test_follow_job_gives_up_on_a_job_that_never_appears(root, missing_timeout):
+    layout = Layout.at(root).ensure()
+    out = io.StringIO()
+    assert follow_job(layout, 99, out, poll=0.02, missing_timeout=missing_timeout) == 1
+    assert "job 99: not found" in out.getvalue()
