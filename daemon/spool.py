@@ -1,0 +1,314 @@
+"""The queue: job folders under queue/<state>/ moved between states by atomic rename.
+
+A claim builds the job under a temporary name (queue/<state>/.claim-j000042) and renames it into place
+only when it is complete, so a crash leaves one of: the file still in the inbox, a complete job, or a
+`.claim-*` folder that sweep() finishes at the next start. The folder a job is in is the truth for its
+state; job.json is rewritten before each move so it is never behind on anything else.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from . import durable
+from .job import MANIFEST, Job, JobStatus, dir_name, parse_dir_name
+from .paths import Layout
+from .status import now_iso
+
+CLAIM_PREFIX = ".claim-"
+INPUT = "input.jsonl"
+# A symlink dropped in the inbox is kept under this name, never as input.jsonl: a retry of its failed
+# job must not make the trainer follow the link.
+SYMLINK_INPUT = "input.symlink"
+RESTART_REASON = "daemon restarted while the job was running; it resumes from its last checkpoint"
+_STATES = tuple(JobStatus)
+_FAILURES = ("failed", "interrupted")
+
+
+class Spool:
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        # (sha256, adapter) per job id: both never change and ids are never reused, so this never goes stale.
+        self._digests: dict[int, tuple[str | None, str]] = {}
+
+    # ------------------------------------------------------------------ ids
+    def next_id(self) -> int:
+        """A fresh job id, persisted before it is used so that no crash can hand it out twice."""
+        try:
+            stored = int(self.layout.counter.read_text().strip())
+        except (OSError, ValueError):
+            stored = 1
+        # The folders also bound it from below: a lost or restored counter file cannot reuse an id.
+        candidate = max(stored, self._highest_id() + 1, 1)
+        self.layout.counter.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_text(self.layout.counter, f"{candidate + 1}\n")
+        return candidate
+
+    def _highest_id(self) -> int:
+        highest = 0
+        for state in _STATES:
+            for name in _names(self.layout.state_dir(state)):
+                job_id = parse_dir_name(name.removeprefix(CLAIM_PREFIX))
+                if job_id is not None:
+                    highest = max(highest, job_id)
+        return highest
+
+    # ---------------------------------------------------------------- claim
+    def claim(self, src: Path, adapter: str, original_name: str, *, duplicates: str = "train",
+              submitted_at: str | None = None) -> Job | None:
+        """Move the file `src` into a new job; None if it vanished first.
+
+        duplicates="skip": if a done/pending/running job of this adapter has the same sha256, the new job is
+        completed straight into done/ with duplicate_of set (in the same atomic step, so a crash cannot
+        leave it queued for training). A symlink becomes a failed job holding the link itself, unread.
+        """
+        src = Path(src)
+        job = Job(id=self.next_id(), adapter=adapter, original_name=original_name,
+                  submitted_at=submitted_at or now_iso())
+        pending = self.layout.state_dir(JobStatus.PENDING)
+        tmp = pending / (CLAIM_PREFIX + job.dir_name)
+        tmp.mkdir(mode=0o755)
+        # The manifest goes first so a crash after the move below still knows the adapter and the name.
+        job.save(tmp)
+        try:
+            durable.rename(src, tmp / INPUT)
+        except FileNotFoundError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+        except OSError as e:
+            try:
+                if e.errno != errno.EXDEV:
+                    raise
+                _copy_across_filesystems(src, tmp / INPUT)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        try:
+            return self._complete(tmp, job, duplicates)
+        except BaseException:
+            self._give_back(tmp, src)
+            raise
+
+    def _complete(self, tmp: Path, job: Job, duplicates: str) -> Job:
+        """Hash the input (from inside the job folder, so nobody can swap it), decide the state, rename into place."""
+        info = os.lstat(tmp / INPUT)
+        if stat.S_ISLNK(info.st_mode):
+            target = os.readlink(tmp / INPUT)
+            os.rename(tmp / INPUT, tmp / SYMLINK_INPUT)
+            job.state, job.finished_at = JobStatus.FAILED, now_iso()
+            job.error = f"symlinks are not followed: {job.original_name} -> {target}"
+        elif not stat.S_ISREG(info.st_mode):
+            job.state, job.finished_at = JobStatus.FAILED, now_iso()
+            job.error = f"not a regular file: {job.original_name}"
+        else:
+            job.sha256, job.size = _hash_and_sync(tmp / INPUT)
+            self._digests[job.id] = (job.sha256, job.adapter)
+            original = self.find_by_sha256(job.sha256, job.adapter) if duplicates == "skip" else None
+            if original is not None:
+                job.state, job.finished_at, job.duplicate_of = JobStatus.DONE, now_iso(), original.id
+                job.note = f"duplicate of job {original.id} (same sha256); not trained again"
+        job.queued_at = now_iso()
+        job.save(tmp)
+        durable.rename(tmp, self.layout.state_dir(job.state) / job.dir_name)
+        return job
+
+    def _give_back(self, tmp: Path, src: Path) -> None:
+        """A claim that failed half-way (disk full, permissions) puts the file back if its name is free."""
+        try:
+            if not os.path.lexists(src):
+                os.rename(tmp / INPUT, src)
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # the bytes stay safe in the .claim folder; sweep() completes it at the next start
+
+    # ------------------------------------------------------------ lookups
+    def job_dir(self, job: Job) -> Path:
+        """Where the job's folder is now (searching every state), or where its state says it would be."""
+        for state in (job.state, *(s for s in _STATES if s != job.state)):
+            path = self.layout.state_dir(state) / job.dir_name
+            if path.is_dir():
+                return path
+        return self.layout.state_dir(job.state) / job.dir_name
+
+    def get(self, job_id: int) -> tuple[Job, Path] | None:
+        for state in _STATES:
+            path = self.layout.state_dir(state) / dir_name(job_id)
+            job = _load(path)
+            if job is not None:
+                return job, path
+        return None
+
+    def list(self, state: JobStatus | str | None = None) -> list[tuple[Job, Path]]:
+        states = _STATES if state is None else (JobStatus(state),)
+        found = []
+        for s in states:
+            folder = self.layout.state_dir(s)
+            for name in _names(folder):
+                job_id = parse_dir_name(name)
+                if job_id is not None:
+                    job = _load(folder / name)
+                    if job is not None:
+                        found.append((job, folder / name))
+        found.sort(key=lambda pair: pair[0].id)
+        return found
+
+    def count(self, state: JobStatus | str) -> int:
+        """How many jobs are in a state, without reading any job.json (cheap enough for every snapshot)."""
+        return sum(parse_dir_name(n) is not None for n in _names(self.layout.state_dir(JobStatus(state))))
+
+    def find_by_sha256(self, sha: str, adapter: str) -> Job | None:
+        """The earliest done, pending or running job of `adapter` whose input has this sha256."""
+        matches = []
+        for state in (JobStatus.DONE, JobStatus.PENDING, JobStatus.RUNNING):
+            folder = self.layout.state_dir(state)
+            for name in _names(folder):
+                job_id = parse_dir_name(name)
+                if job_id is None:
+                    continue
+                if job_id not in self._digests:
+                    job = _load(folder / name)
+                    if job is None:
+                        continue
+                    self._digests[job_id] = (job.sha256, job.adapter)
+                if self._digests[job_id] == (sha, adapter):
+                    matches.append(job_id)
+        for job_id in sorted(matches):
+            found = self.get(job_id)
+            if found is not None and found[0].state != JobStatus.FAILED:
+                return found[0]
+        return None
+
+    # --------------------------------------------------------------- moves
+    def move(self, job: Job, to_state: JobStatus | str) -> Path:
+        """Save the job (with its new state) and rename its folder into queue/<to_state>/."""
+        to_state = JobStatus(to_state)
+        src = self.job_dir(job)
+        dst = self.layout.state_dir(to_state) / job.dir_name
+        job.state = to_state
+        # job.json first: a crash before the rename leaves the job in its old folder (the truth) with a
+        # manifest that is otherwise up to date.
+        job.save(src)
+        if src != dst:
+            durable.rename(src, dst)
+        return dst
+
+    # --------------------------------------------------------------- sweep
+    def sweep(self, max_attempts: int) -> list[str]:
+        """Startup repair: finish half-made claims, send jobs of a dead daemon back to pending
+        (or to failed after max_attempts failed or interrupted attempts). Returns what it did, in words."""
+        lines = self._finish_claims()
+        for job, path in self.list(JobStatus.RUNNING):
+            now = now_iso()
+            last = job.attempts[-1] if job.attempts else None
+            if last is not None and not last.get("outcome"):
+                last.update(ended_at=now, outcome="interrupted", error=RESTART_REASON)
+            else:  # died before the attempt was written down: count it anyway, or a crash could loop forever
+                job.attempts.append({"n": len(job.attempts) + 1, "started_at": None, "ended_at": now,
+                                     "outcome": "interrupted", "error": RESTART_REASON, "exit_code": None,
+                                     "micro_batch_size": job.micro_batch_size})
+            failures = [a for a in since_user_retry(job.attempts) if a.get("outcome") in _FAILURES]
+            if len(failures) >= max_attempts:
+                job.error = "\n\n".join(f"attempt {a.get('n')}: {a.get('error')}" for a in failures)
+                job.finished_at = now
+                self.move(job, JobStatus.FAILED)
+                lines.append(f"job {job.id} ({job.original_name}) failed: interrupted or failed "
+                             f"{len(failures)} times (max_attempts={max_attempts}); not retried again")
+            else:
+                job.note = RESTART_REASON
+                self.move(job, JobStatus.PENDING)
+                lines.append(f"job {job.id} ({job.original_name}) back to pending: {RESTART_REASON} "
+                             f"(attempt {len(failures)} of {max_attempts} used)")
+        return lines
+
+    def _finish_claims(self) -> list[str]:
+        lines = []
+        for state in _STATES:
+            folder = self.layout.state_dir(state)
+            for name in _names(folder):
+                if not name.startswith(CLAIM_PREFIX) or not (folder / name).is_dir():
+                    continue
+                tmp = folder / name
+                has_input = os.path.lexists(tmp / INPUT) or os.path.lexists(tmp / SYMLINK_INPUT)
+                if not has_input:
+                    # Crashed before the file moved: it is still in the inbox and is claimed again.
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    lines.append(f"removed an empty half-made job folder {state}/{name}")
+                    continue
+                lines.append(self._recover_claim(tmp, JobStatus(state)))
+        return lines
+
+    def _recover_claim(self, tmp: Path, state: JobStatus) -> str:
+        try:
+            job = Job.load(tmp)
+        except (OSError, ValueError, TypeError):
+            job_id = parse_dir_name(tmp.name.removeprefix(CLAIM_PREFIX)) or self.next_id()
+            job = Job(id=job_id, adapter="default", original_name=INPUT, submitted_at=None,
+                      note="recovered after a crash during intake: the original file name and adapter were lost")
+        if (tmp / SYMLINK_INPUT).is_symlink() and not os.path.lexists(tmp / INPUT):
+            job.state, job.finished_at = JobStatus.FAILED, job.finished_at or now_iso()
+            job.error = job.error or f"symlinks are not followed: {job.original_name} -> {os.readlink(tmp / SYMLINK_INPUT)}"
+            job.save(tmp)
+            durable.rename(tmp, self.layout.state_dir(job.state) / job.dir_name)
+        else:
+            # A duplicate decided before the crash stays one; otherwise it is queued like any new file.
+            policy = "skip" if job.duplicate_of is not None else "train"
+            job.state, job.duplicate_of = (JobStatus.PENDING if state == JobStatus.RUNNING else state), None
+            job = self._complete(tmp, job, duplicates=policy)
+        return f"completed job {job.id} ({job.original_name}) left half-made by a crash during intake: now {job.state}"
+
+
+def since_user_retry(attempts: list[dict]) -> list[dict]:
+    """The attempts that count towards max_attempts: those after the last `retry` by the user."""
+    for i in range(len(attempts) - 1, -1, -1):
+        if attempts[i].get("outcome") == "retried_by_user":
+            return attempts[i + 1:]
+    return attempts
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        with os.scandir(folder) as it:
+            return [e.name for e in it]
+    except FileNotFoundError:
+        return []
+
+
+def _load(path: Path) -> Job | None:
+    try:
+        return Job.load(path)
+    except (OSError, ValueError, TypeError):
+        return None  # not a job folder, or one without a readable manifest
+
+
+def _copy_across_filesystems(src: Path, dst: Path) -> None:
+    """A filesystem mounted inside the inbox: copy, then let go of the original (links stay links)."""
+    info = os.lstat(src)
+    if stat.S_ISLNK(info.st_mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISREG(info.st_mode):
+        durable.copy_file(src, dst)
+    else:
+        raise OSError(errno.EINVAL, f"not a regular file: {src}")
+    os.unlink(src)
+    durable.fsync_dir(dst.parent)
+
+
+def _hash_and_sync(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    """sha256 and size of a file, and fsync it: the user may never have, and the job must not outlive its bytes."""
+    digest = hashlib.sha256()
+    # O_NOFOLLOW | O_NONBLOCK: whatever is there now, never follow a link or hang on a FIFO.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = 0
+        while block := os.read(fd, chunk):
+            digest.update(block)
+            size += len(block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), size
