@@ -38,7 +38,8 @@ class TokenizedExample:
     @property
     def trainable(self) -> int:
         """Tokens that get a loss: a label at position 0 is never predicted by anything."""
-        return sum(1 for x in self.labels[1:] if x != IGNORE)
+        labels = self.labels
+        return len(labels) - labels.count(IGNORE) - (1 if labels and labels[0] != IGNORE else 0)
 
 
 # --- chat rendering -------------------------------------------------------------------------------------------
@@ -171,9 +172,8 @@ def _encode(tokenizer, plans: list[_Plan]) -> list[tuple[list[int], list[int]]]:
             by_flag.setdefault(p.special_tokens, []).append(k)
         encoded: list = [None] * len(plans)
         for flag, idx in by_flag.items():
-            enc = tokenizer([plans[k].text for k in idx], add_special_tokens=flag, return_offsets_mapping=True)
-            for j, k in enumerate(idx):
-                encoded[k] = (enc["input_ids"][j], enc["offset_mapping"][j])
+            for k, pair in zip(idx, _encode_batch(tokenizer, [plans[k].text for k in idx], flag)):
+                encoded[k] = pair
         for p, (ids, offsets) in zip(plans, encoded):
             labels = [IGNORE] * len(ids)
             starts = [s for s, _ in offsets]
@@ -191,6 +191,17 @@ def _encode(tokenizer, plans: list[_Plan]) -> list[tuple[list[int], list[int]]]:
             ids.append(eos)
             labels.append(eos)
     return out
+
+
+def _encode_batch(tokenizer, texts: list[str], special_tokens: bool) -> list[tuple[list[int], list]]:
+    """(ids, offsets) per text, straight from the Rust tokenizer when that is safe (a third faster: no per-token
+    Python conversion), else through the transformers wrapper, which also resets truncation and padding."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=special_tokens)]
+    enc = tokenizer(texts, add_special_tokens=special_tokens, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
 def _encode_pieces(tokenizer, p: _Plan) -> tuple[list[int], list[int]]:
