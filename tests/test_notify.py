@@ -100,6 +100,7 @@ def test_no_socket_means_no_ops_and_errors_never_raise(tmp_path):
     gone.close()
 
 
+@pytest.mark.slow
 def test_systemctl_status_line_during_training(root, tiny_model_dir):
     """Run the real daemon under a fake systemd and show what `systemctl status` would print while it trains."""
     import subprocess
