@@ -68,12 +68,16 @@ class MemoryPlan:
 
 def plan_memory(shape: Shape, *, free_bytes: int | None, max_length: int, micro_batch_size: int,
                 checkpointing: str = "auto", weight_bytes_per_param: float = 2.0,
-                can_quantize: bool = False) -> MemoryPlan:
+                can_quantize: bool = False, max_tokens: int | None = None) -> MemoryPlan:
     """Choose the largest micro-batch <= the configured one that fits, checkpointing only when it must.
 
     free_bytes None (CPU, or unknown): the configured micro-batch, checkpointing only if asked for.
     """
     forced = {"true": True, "false": False}.get(str(checkpointing).lower())
+    if max_tokens:
+        # Past a few thousand tokens a micro-batch runs no faster per token, it only holds more memory.
+        while micro_batch_size > 1 and micro_batch_size * max_length > max_tokens:
+            micro_batch_size //= 2
     if free_bytes is None:
         return MemoryPlan(micro_batch_size, bool(forced), False, None, None, None, "no GPU memory reading")
     budget = free_bytes * HEADROOM - FIXED_OVERHEAD

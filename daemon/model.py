@@ -8,6 +8,7 @@ bit-for-bit the run that was interrupted.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -50,35 +51,50 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
     if not quantized:
         model = model.to(device=device, dtype=dtype)
     if _mplan is None:
-        _mplan = _memory_plan(model.config, sum(p.numel() for p in model.parameters()), cfg, device)
+        # The weights are already resident: the plan counts them itself, so give it their bytes back.
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        _mplan = _memory_plan(model.config, sum(p.numel() for p in model.parameters()), cfg, device,
+                              resident_bytes=weight_bytes, bytes_per_param=torch.finfo(dtype).bits // 8)
     model.config.use_cache = False
-    if device.type == "cuda" and model.config._attn_implementation != attention_for(device):
-        model.set_attn_implementation(attention_for(device))
+    attn = knob("DAEMON_ATTN") or attention_for(device)
+    if attn == VARLEN:
+        register_varlen_attention()
+    if model.config._attn_implementation != attn and not (device.type == "cpu" and attn == "sdpa"):
+        model.set_attn_implementation(attn)
     for p in model.parameters():
         p.requires_grad_(False)
+    liger = device.type == "cuda" and knob("DAEMON_LIGER_KERNELS", "1") == "1" and _apply_liger_kernels(model)
 
     # Seeded so that LoRA A matrices are the same in every attempt of a job (resume is bit-for-bit on CPU).
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # LoRA weights stay in the base dtype (bf16 on GPU): fp32 adapters make every LoRA'd Linear cast its input
+    # to fp32 and add in fp32, which costs more than the adapters' own matmuls (docs/performance.md).
+    autocast = knob("DAEMON_LORA_DTYPE", "base") == "fp32"
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(cfg.training.seed)
         if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True,
+                                              autocast_adapter_dtype=autocast)
         else:
             lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                               target_modules=_targets(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, lora, autocast_adapter_dtype=autocast)
     model.to(device)
 
     if _mplan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    compiled = device.type == "cuda" and knob("DAEMON_COMPILE", "0") == "1" and _compile_layers(model)
+    lora_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), dtype)
     plan = {
         "device": str(device),
         "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "lora_dtype": str(lora_dtype).removeprefix("torch."),
         "attn_implementation": model.config._attn_implementation,
         "gradient_checkpointing": _mplan.gradient_checkpointing,
         "quantized_4bit": quantized,
-        "liger": False,
-        "compiled": False,
+        "liger": bool(liger),
+        "compiled": bool(compiled),
         "micro_batch_size": _mplan.micro_batch_size,
         "free_memory_gib": _mplan.free_gib,
         "memory_budget_gib": _mplan.budget_gib,
@@ -87,6 +103,37 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     return model, tokenizer, plan
+
+
+def knob(name: str, default: str | None = None) -> str | None:
+    """Benchmark switches (DAEMON_ATTN, DAEMON_LORA_DTYPE, DAEMON_LIGER_KERNELS, DAEMON_COMPILE, DAEMON_LOSS)."""
+    return os.environ.get(name, default)
+
+
+def _apply_liger_kernels(model) -> bool:
+    """Liger's fused RMSNorm, SwiGLU and RoPE kernels (fewer launches, less saved activation memory)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except Exception:
+        return False
+    try:
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+    except (TypeError, ValueError, NotImplementedError):  # an architecture Liger does not know: plain kernels
+        return False
+    return True
+
+
+def _compile_layers(model) -> bool:
+    """torch.compile each decoder layer (one graph for all of them; dynamic in the packed length)."""
+    from .loss import _causal_lm
+
+    layers = getattr(_causal_lm(model).get_decoder(), "layers", None)
+    if layers is None:
+        return False
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return True
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -200,21 +247,27 @@ def _count_params_from_config(model_cfg) -> int:
     return layers * (attn + 3 * h * inter) + embed
 
 
-def _memory_plan(model_cfg, n_params: int, cfg, device: torch.device, *, can_quantize: bool = False):
+def _memory_plan(model_cfg, n_params: int, cfg, device: torch.device, *, can_quantize: bool = False,
+                 resident_bytes: int = 0, bytes_per_param: int = 2):
     shape = memory_plan.Shape.from_config(model_cfg, n_params)
-    return memory_plan.plan_memory(shape, free_bytes=free_memory(device), max_length=cfg.training.max_length,
+    free = free_memory(device)
+    return memory_plan.plan_memory(shape, free_bytes=None if free is None else free + resident_bytes,
+                                   max_length=cfg.training.max_length,
                                    micro_batch_size=cfg.training.micro_batch_size,
-                                   checkpointing=cfg.training.gradient_checkpointing, can_quantize=can_quantize)
+                                   checkpointing=cfg.training.gradient_checkpointing, can_quantize=can_quantize,
+                                   weight_bytes_per_param=bytes_per_param,
+                                   max_tokens=int(knob("DAEMON_MICRO_TOKENS", "0")) or None)
 
 
 def free_memory(device: torch.device) -> int | None:
     """Free bytes this process may still use on `device`: the driver's free memory, under any per-process cap."""
     if device.type != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
     fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if fraction_of is not None:
-        cap = int(fraction_of(device) * total) - torch.cuda.memory_reserved(device)
+        cap = int(fraction_of(index) * total) - torch.cuda.memory_reserved(index)
         free = min(free, cap)
     return free
 
