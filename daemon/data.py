@@ -24,7 +24,10 @@ from .data_formats import Example, RecordReader, Rejection, check_record, detect
 
 IGNORE = -100
 MAX_LISTED_ERRORS = 100
-TOKENIZE_BATCH = 256  # records tokenized per call: the Rust tokenizer spreads a batch over its threads
+# Records tokenized per call (the Rust tokenizer spreads a batch over its threads), capped in bytes too so
+# that a batch of long lines cannot hold much memory.
+TOKENIZE_BATCH = 256
+TOKENIZE_BATCH_BYTES = 4 << 20
 CHAT_FORMATS = ("messages", "prompt_completion", "alpaca")
 
 
@@ -294,7 +297,7 @@ class Report:
         name = Path(self.file).name
         out = []
         if self.fatal:
-            out.append(f"{name}: REJECTED: {self.fatal['message']}")
+            out.append(f"{name}: REJECTED ({self.fatal['code']}): {self.fatal['message']}")
         else:
             out.append(f"{name}: {'OK' if self.ok else 'REJECTED'}: {self.examples} usable examples"
                        + (f" ({self.format} format)" if self.format else ""))
@@ -349,8 +352,10 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
         report.tokens = report.trainable_tokens = 0
     keep = keep_examples and tokenizer is not None
     pending: list[Example | Rejection] = []
+    pending_bytes = 0
 
     def flush() -> None:
+        nonlocal pending_bytes
         todo = [x for x in pending if isinstance(x, Example)]
         done = iter(tokenize_examples(tokenizer, todo, max_length, train_on_inputs, too_long) if todo else [])
         for x in pending:
@@ -360,6 +365,7 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
                 break
             report._add(result, keep)
         pending.clear()
+        pending_bytes = 0
 
     with open(path, "rb") as f:
         reader = RecordReader(f, max_line_bytes=max_line_bytes, train_on_inputs=train_on_inputs)
@@ -373,7 +379,8 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
                 report._add(item, False)
                 continue
             pending.append(item)
-            if len(pending) >= TOKENIZE_BATCH:
+            pending_bytes += getattr(item, "size", 0)
+            if len(pending) >= TOKENIZE_BATCH or pending_bytes >= TOKENIZE_BATCH_BYTES:
                 flush()
                 if report.fatal:
                     break

@@ -58,6 +58,7 @@ class Example:
     format: str
     messages: list[dict] | None = None
     text: str | None = None
+    size: int = 0  # bytes of its line: batches of examples are bounded by size too
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RawLine:
     offset: int  # byte offset of the line's first byte in the file
     data: bytes | None
     length: int
+    head: bytes = b""  # the first bytes of a line too long to keep, to recognise a one-line JSON array
 
 
 def read_lines(f: BinaryIO, max_line_bytes: int) -> Iterator[RawLine]:
@@ -83,7 +85,7 @@ def read_lines(f: BinaryIO, max_line_bytes: int) -> Iterator[RawLine]:
         start = offset
         offset += len(chunk)
         if not chunk.endswith(b"\n") and len(chunk) == max_line_bytes + 2:
-            length = len(chunk)
+            length, head = len(chunk), chunk[:64]
             del chunk
             while True:
                 piece = f.readline(SKIP_CHUNK)
@@ -92,13 +94,13 @@ def read_lines(f: BinaryIO, max_line_bytes: int) -> Iterator[RawLine]:
                 if not piece or piece.endswith(b"\n"):
                     break
             length -= 1 if piece.endswith(b"\n") else 0
-            yield RawLine(number, start, None, length)
+            yield RawLine(number, start, None, length, head)
             continue
         data = chunk[:-1] if chunk.endswith(b"\n") else chunk
         if data.endswith(b"\r"):
             data = data[:-1]
         if len(data) > max_line_bytes:
-            yield RawLine(number, start, None, len(data))
+            yield RawLine(number, start, None, len(data), data[:64])
         else:
             yield RawLine(number, start, data, len(data))
 
@@ -282,6 +284,10 @@ class RecordReader:
         for raw in read_lines(self.f, self.max_line_bytes):
             self.lines = raw.number
             if raw.data is None:
+                if not seen_content and raw.head.removeprefix(BOM).lstrip().startswith(b"["):
+                    yield not_jsonl("[", raw.number)
+                    return
+                seen_content = True
                 yield Rejection(raw.number, "line_too_long", f"line {raw.number} is {raw.length} bytes, more than "
                                 f"max_line_bytes={self.max_line_bytes}")
                 continue
@@ -314,4 +320,7 @@ class RecordReader:
         elif fmt != self.format:
             return Rejection(number, "mixed_formats", f"line {number} is in format {fmt!r} but the file is in "
                              f"format {self.format!r} (decided by line {self.format_line}); use one format per file")
-        return check_record(obj, fmt, number, self.train_on_inputs)
+        result = check_record(obj, fmt, number, self.train_on_inputs)
+        if isinstance(result, Example):
+            result.size = len(text)
+        return result

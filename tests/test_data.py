@@ -169,13 +169,14 @@ def test_nul_byte_rejects_the_file_naming_line_and_offset(tmp_path):
 
 @pytest.mark.parametrize("content, what", [
     ('[\n  {"text": "a"},\n  {"text": "b"}\n]\n', "JSON array"),
+    ('\ufeff  [' + '{"text": "a"}, ' * 1000 + '{"text": "b"}]', "JSON array"),  # one line over max_line_bytes
     ('[{"text": "a"}, {"text": "b"}]\n', "JSON array"),
     ('\n\n{\n  "text": "a"\n}\n', "pretty-printed JSON"),
 ])
 def test_json_array_or_pretty_printed_json_is_explained(tmp_path, content, what):
     path = tmp_path / "f.json"
     path.write_text(content)
-    report = validate_file(path)
+    report = validate_file(path, max_line_bytes=1000)
     assert report.fatal["code"] == "not_jsonl"
     assert "JSONL means one JSON object per line" in report.fatal["message"]
     assert f"this file looks like {'a ' if what == 'JSON array' else ''}{what}" in report.fatal["message"]
@@ -202,7 +203,7 @@ def test_report_is_json_able_and_readable(tmp_path):
     d = json.loads(json.dumps(report.to_dict()))
     assert d["ok"] is False and d["fatal"]["code"] == "mixed_formats" and "examples_list" not in d
     text = report.render()
-    assert "data.jsonl: REJECTED" in text and "line 3" in text and "line 2: invalid JSON" in text
+    assert "data.jsonl: REJECTED (mixed_formats)" in text and "line 3" in text and "line 2: invalid JSON" in text
 
 
 def _peak_bytes(fn) -> int:
@@ -241,3 +242,159 @@ def test_memory_stays_bounded_on_200k_lines(tmp_path):
     path = _big_file(tmp_path / "big.jsonl", 200_000)
     peak = _peak_bytes(lambda: validate_file(path, max_line_bytes=1 << 20))
     assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB"
+
+
+# --- tokenization and loss masks (the tiny model's ChatML tokenizer) -------------------------------------------
+
+EOT = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def fresh_tok(tiny_model_dir):
+    """A private copy whose chat template a test may change."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def trained_runs(tok, ex: TokenizedExample) -> list[str]:
+    """The decoded text of each run of consecutive trained tokens, checking labels token by token."""
+    assert isinstance(ex, TokenizedExample), ex
+    assert len(ex.labels) == len(ex.input_ids)
+    runs, current = [], []
+    for token, label in zip(ex.input_ids, ex.labels):
+        assert label in (token, IGNORE)  # unshifted: a trained label is its own token
+        if label != IGNORE:
+            current.append(token)
+        elif current:
+            runs, current = runs + [current], []
+    runs += [current] if current else []
+    return [tok.decode(r) for r in runs]
+
+
+CONVERSATION = {"messages": [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "Und auf Japanisch? 日本語で"},
+    {"role": "assistant", "content": "パリ (Pari) 🗼 — ça marche."},
+]}
+
+
+def test_only_assistant_messages_and_their_end_of_turn_are_trained(tok):
+    ex = tokenize_example(tok, CONVERSATION, max_length=512)
+    assert trained_runs(tok, ex) == ["Paris." + EOT, "パリ (Pari) 🗼 — ça marche." + EOT]
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(CONVERSATION["messages"], tokenize=False)
+    assert ex.trainable == sum(label != IGNORE for label in ex.labels) and not ex.truncated
+
+
+def test_weight_zero_messages_are_not_trained(tok):
+    messages = [dict(m) for m in CONVERSATION["messages"]]
+    messages[2]["weight"] = 0
+    messages[4]["weight"] = 1
+    assert trained_runs(tok, tokenize_example(tok, {"messages": messages}, 512)) == [
+        "パリ (Pari) 🗼 — ça marche." + EOT]
+
+
+def test_train_on_inputs_trains_every_token_except_weight_zero(tok):
+    ex = tokenize_example(tok, CONVERSATION, 512, train_on_inputs=True)
+    assert ex.labels == ex.input_ids
+    messages = [dict(m) for m in CONVERSATION["messages"]]
+    messages[2]["weight"] = 0
+    ex = tokenize_example(tok, {"messages": messages}, 512, train_on_inputs=True)
+    untrained = [t for t, label in zip(ex.input_ids, ex.labels) if label == IGNORE]
+    assert tok.decode(untrained) == "Paris." + EOT
+
+
+@pytest.mark.parametrize("record, user, answer", [
+    ({"prompt": "2+2=", "completion": " 4"}, "2+2=", " 4"),
+    ({"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"}, "Add the numbers.\n\n2 and 2", "4"),
+    ({"instruction": "Say hi.", "input": "", "output": "hi"}, "Say hi.", "hi"),
+])
+def test_pair_formats_become_one_user_and_one_assistant_turn(tok, record, user, answer):
+    ex = tokenize_example(tok, record, 512)
+    expected = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                                       tokenize=False)
+    assert tok.decode(ex.input_ids) == expected
+    assert trained_runs(tok, ex) == [answer + EOT]
+
+
+def test_text_trains_every_token_and_ends_with_eos(tok):
+    ex = tokenize_example(tok, {"text": "The cat walks to the market. 猫"}, 512)
+    assert ex.labels == ex.input_ids and ex.input_ids[-1] == tok.eos_token_id
+    assert tok.decode(ex.input_ids) == "The cat walks to the market. 猫" + EOT
+
+
+def test_too_long_is_skipped_or_truncated(tok):
+    record = chat("a short question", "a long answer " * 40)
+    n = len(tokenize_example(tok, record, 10_000).input_ids)
+    skipped = tokenize_example(tok, record, 20)
+    assert isinstance(skipped, Rejection) and skipped.code == "too_long"
+    assert f"{n} tokens, more than max_length=20" in skipped.message
+    cut = tokenize_example(tok, record, 20, too_long="truncate")
+    assert cut.truncated and len(cut.input_ids) == len(cut.labels) == 20
+    assert trained_runs(tok, cut)[0].startswith("a long")  # the answer's start survives, its end does not
+    # cut before the answer begins: nothing left to learn
+    nothing = tokenize_example(tok, chat("a long question " * 40, "ok"), 20, too_long="truncate")
+    assert isinstance(nothing, Rejection) and nothing.code == "no_trainable_tokens"
+    assert "truncation" in nothing.message
+
+
+def test_validate_file_counts_tokens_and_keeps_examples_in_file_order(tok, tmp_path):
+    lines = []
+    for i in range(700):  # more than one tokenization batch
+        if i % 100 == 7:
+            lines.append(chat(f"question {i}", "word " * 300))  # too long
+        elif i % 100 == 8:
+            lines.append("{broken")
+        else:
+            lines.append(chat(f"question {i}", f"answer {i}"))
+    path = write(tmp_path / "f.jsonl", lines)
+    report = validate_file(path, tok, max_length=128, keep_examples=True)
+    assert report.ok and report.examples == 686 and report.skipped == 14
+    assert report.counts_by_code == {"too_long": 7, "invalid_json": 7}
+    assert [e["line"] for e in report.errors] == sorted(i + 1 for i in range(700) if i % 100 in (7, 8))
+    kept = report.examples_list
+    assert [ex.line for ex in kept] == [i + 1 for i in range(700) if i % 100 not in (7, 8)]
+    assert trained_runs(tok, kept[600]) == [f"answer {kept[600].line - 1}" + EOT]
+    assert report.tokens == sum(len(ex.input_ids) for ex in kept)
+    assert report.trainable_tokens == sum(ex.trainable for ex in kept)
+    assert report.longest == max(len(ex.input_ids) for ex in kept)
+    # the same file, truncating: all 693 JSON lines are usable; without keep_examples nothing is held
+    report = validate_file(path, tok, max_length=128, too_long="truncate")
+    assert (report.examples, report.truncated, report.examples_list) == (693, 7, [])
+    assert "7 truncated to 128 tokens" in report.render()
+
+
+def test_templates_that_rewrite_content_take_the_prefix_method(fresh_tok):
+    # Llama-3 style: contents are trimmed, so a content with outer spaces is not in the text verbatim.
+    fresh_tok.chat_template = fresh_tok.chat_template.replace("message['content']", "(message['content'] | trim)")
+    record = {"messages": [{"role": "user", "content": "  hi  "}, {"role": "assistant", "content": " Paris. "},
+                           {"role": "user", "content": "and?"}, {"role": "assistant", "content": "Lyon"}]}
+    ex = tokenize_example(fresh_tok, record, 512)
+    assert trained_runs(fresh_tok, ex) == ["Paris." + EOT, "Lyon" + EOT]
+
+
+def test_template_that_refuses_a_conversation_rejects_that_line(fresh_tok, tmp_path):
+    fresh_tok.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must "
+                               "start with a user message') }}{% endif %}" + fresh_tok.chat_template)
+    bad = {"messages": [{"role": "system", "content": "s"}, *chat()["messages"]]}
+    report = validate_file(write(tmp_path / "f.jsonl", [chat(), bad, chat()]), fresh_tok)
+    err = only_error(report)
+    assert (err["line"], err["code"]) == (2, "template_error")
+    assert "must start with a user message" in err["message"] and report.examples == 2
+
+
+def test_without_chat_template_only_plain_formats_work(fresh_tok, tmp_path):
+    fresh_tok.chat_template = None
+    ex = tokenize_example(fresh_tok, {"prompt": "2+2=", "completion": "4"}, 64)
+    assert fresh_tok.decode(ex.input_ids) == "2+2=4" + EOT and trained_runs(fresh_tok, ex) == ["4" + EOT]
+    report = validate_file(write(tmp_path / "f.jsonl", [chat()] * 3), fresh_tok)
+    assert not report.ok and report.fatal["code"] == "no_chat_template"
