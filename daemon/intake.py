@@ -1,0 +1,402 @@
+"""The inbox: find complete files, claim them into the queue, and treat a hostile inbox calmly.
+
+Files directly in inbox/ train adapter "default", files in inbox/<adapter>/ train <adapter>; deeper folders
+are not followed. Nothing in the inbox is ever opened: symlinks are moved (unread) into a failed job,
+FIFOs, devices and sockets are only lstat()ed and skipped. A file is complete once its (size, mtime, inode)
+stayed the same for settle_seconds, or ~0.2 s after a watchdog event said the writer closed it or moved it
+in. Watchdog events are hints that make a scan happen sooner; the periodic rescan is the truth.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .job import JobStatus
+from .paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
+
+HINT_QUIET_SECONDS = 0.2  # after a "closed"/"moved in" event: no change for this long, then take the file
+CLAIM_BUDGET_SECONDS = 1.0  # claim (hash) for at most this long per poll; the rest waits for the next one
+RETRY_BROKEN_SECONDS = 60.0  # a file whose claim failed is tried again after this, or when it changes
+_WAKING_EVENTS = ("created", "closed", "moved")  # "modified" fires per write: the settle timer covers those
+_SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    adapter: str
+    original_name: str
+    first_seen: float = 0.0  # wall-clock time the scan first saw it (arrival order)
+
+
+@dataclass
+class _Seen:
+    ident: tuple[int, int, int]  # (size, mtime_ns, inode)
+    changed_at: float  # monotonic time the ident last changed
+    first_seen: float  # wall-clock time of the first sighting
+    hinted: bool = False
+
+
+@dataclass
+class ScanState:
+    """What scans remember: when each file was first seen and last changed, which problems were reported,
+    and the hints waiting to be applied. `notices` collects (kind, message, fields) for the caller to log."""
+
+    seen: dict[Path, _Seen] = field(default_factory=dict)
+    reported: set[tuple[str, Path]] = field(default_factory=set)
+    hints: set[Path] = field(default_factory=set)
+    notices: list[tuple[str, str, dict]] = field(default_factory=list)
+    next_due: float = float("inf")  # monotonic time at which a tracked file would have settled
+
+    def report_once(self, kind: str, path: Path, message: str, **fields) -> None:
+        if (kind, path) not in self.reported:
+            self.reported.add((kind, path))
+            self.notices.append((kind, message, {"path": str(path), **fields}))
+
+
+def show(name: str | os.PathLike) -> str:
+    """A file name fit for a one-line log: control characters (newlines!) and undecodable bytes escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in os.fspath(name))
+
+
+def scan_inbox(layout: Layout, settle_seconds: float, ignore_suffixes, state: ScanState | None = None,
+               ) -> list[Candidate]:
+    """The complete files in the inbox, in arrival order (first seen, then mtime, then name).
+
+    Without `state` every call is a first look, so only settle_seconds <= 0 returns anything.
+    """
+    state = state if state is not None else ScanState()
+    now, wall = time.monotonic(), time.time()
+    suffixes = tuple(ignore_suffixes or ())
+    present: dict[Path, tuple[str, str, os.stat_result]] = {}
+    for path, adapter, st in _walk(layout.inbox, suffixes, state):
+        present[path] = (adapter, path.name, st)
+
+    for gone in set(state.seen) - set(present):
+        del state.seen[gone]
+    state.reported = {(k, p) for k, p in state.reported if p in present or os.path.lexists(p)}
+
+    ready, state.next_due = [], float("inf")
+    for path, (adapter, name, st) in present.items():
+        ident = (st.st_size, st.st_mtime_ns, st.st_ino)
+        seen = state.seen.get(path)
+        if seen is None:
+            seen = state.seen[path] = _Seen(ident, now, wall)
+            state.notices.append(("file_seen", f"inbox: {show(_rel(layout, path))} ({_size(st.st_size)}) "
+                                  f"seen for adapter {adapter}", {"path": str(path), "adapter": adapter,
+                                                                  "size": st.st_size}))
+        elif seen.ident != ident:
+            seen.ident, seen.changed_at = ident, now
+        if path in state.hints:
+            seen.hinted = True
+        need = min(settle_seconds, HINT_QUIET_SECONDS) if seen.hinted else settle_seconds
+        if now - seen.changed_at >= need:
+            ready.append((seen.first_seen, st.st_mtime_ns, name, Candidate(path, adapter, name, seen.first_seen)))
+        else:
+            state.next_due = min(state.next_due, seen.changed_at + need)
+    state.hints.clear()
+    ready.sort(key=lambda r: r[:3])
+    return [r[3] for r in ready]
+
+
+def _walk(inbox: Path, suffixes: tuple[str, ...], state: ScanState):
+    """(path, adapter, lstat) of every file or symlink that may become a job; reports the rest once."""
+    for entry, st in _entries(inbox):
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                adapter = check_adapter_name(entry.name)
+            except UserError as e:
+                state.report_once("file_rejected", Path(entry.path), f"inbox: folder {show(entry.name)!s}/ is not "
+                                  f"followed: {e}", reason="bad_adapter_folder")
+                continue
+            for sub, sub_st in _entries(Path(entry.path)):
+                yield from _one(Path(sub.path), adapter, sub_st, suffixes, state, f"{adapter}/")
+        else:
+            yield from _one(Path(entry.path), DEFAULT_ADAPTER, st, suffixes, state, "")
+
+
+def _one(path: Path, adapter: str, st: os.stat_result, suffixes, state: ScanState, prefix: str):
+    name = path.name
+    if name.startswith(".") or name.endswith(suffixes):
+        return  # partial uploads and hidden files: taken after the rename to their final name
+    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+        yield path, adapter, st
+    elif stat.S_ISDIR(st.st_mode):
+        state.report_once("file_rejected", path, f"inbox: folder {show(prefix + name)}/ is not followed: "
+                          "only inbox/<file> and inbox/<adapter>/<file> are taken", reason="nested_folder")
+    else:
+        what = _SPECIAL.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        state.report_once("file_rejected", path, f"inbox: {show(prefix + name)} skipped: it is {what}, not a "
+                          "regular file (it was not opened)", reason="special_file")
+
+
+def _entries(folder: Path):
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    for entry in entries:
+        try:
+            yield entry, entry.stat(follow_symlinks=False)
+        except OSError:
+            continue  # vanished between listing and lstat
+
+
+def _rel(layout: Layout, path: Path) -> str:
+    try:
+        return str(path.relative_to(layout.inbox))
+    except ValueError:
+        return str(path)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _iso(wall: float) -> str:
+    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="seconds")
+
+
+class InboxWatcher:
+    """A watchdog observer on the inbox (recursive) that turns events into (event_type, path) hints."""
+
+    def __init__(self, inbox: Path, hints: queue.SimpleQueue, polling: bool = False, poll_interval: float = 1.0):
+        self.inbox, self.hints, self.polling, self.poll_interval = Path(inbox), hints, polling, poll_interval
+        self.observer = None
+        self.fallback: str | None = None  # why inotify was not used, if it failed
+        self._inbox_ident: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self.observer is not None:
+                return
+            st = os.stat(self.inbox)
+            try:
+                observer = self._new_observer(self.polling)
+            except OSError as e:  # e.g. the inotify watch limit: polling still works
+                self.fallback = f"inotify unavailable ({e}); polling the inbox instead"
+                observer = self._new_observer(True)
+            self.observer, self._inbox_ident = observer, (st.st_dev, st.st_ino)
+
+    def _new_observer(self, polling: bool):
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserverVFS
+
+        hints, inbox = self.hints, str(self.inbox)
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                if event.event_type == "moved":
+                    hints.put(("moved", Path(os.fsdecode(event.dest_path))))
+                elif event.event_type in _WAKING_EVENTS:
+                    hints.put((event.event_type, Path(os.fsdecode(event.src_path))))
+
+        # lstat, not stat: the polling snapshot must not walk into a symlinked folder (a link to / ...).
+        observer = (PollingObserverVFS(stat=os.lstat, listdir=os.scandir, polling_interval=self.poll_interval)
+                    if polling else Observer())
+        observer.daemon = True
+        try:
+            observer.schedule(Handler(), inbox, recursive=True)
+            observer.start()
+        except BaseException:
+            observer.stop()
+            raise
+        return observer
+
+    def stop(self) -> None:
+        with self._lock:
+            observer, self.observer = self.observer, None
+        if observer is not None:
+            try:
+                observer.stop()
+                observer.join(timeout=5)
+            except Exception:
+                pass
+
+    def alive(self) -> bool:
+        observer = self.observer
+        if observer is None or not observer.is_alive():
+            return False
+        if not observer.emitters or not all(e.is_alive() for e in observer.emitters):
+            return False  # the inotify emitter stops when the watched folder itself goes away
+        try:
+            st = os.stat(self.inbox)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._inbox_ident
+
+    def ensure_alive(self) -> bool:
+        """Restart a dead observer (or one watching a replaced inbox); True if it had to."""
+        if self.alive():
+            return False
+        self.stop()
+        self.start()
+        return True
+
+
+class Intake:
+    """Turns files in the inbox into queued jobs: poll() is called from the daemon loop and never raises."""
+
+    def __init__(self, layout: Layout, intake_cfg, spool, status):
+        self.layout, self.cfg, self.spool, self.status = layout, intake_cfg, spool, status
+        self.hints: queue.SimpleQueue = queue.SimpleQueue()
+        self.watcher = InboxWatcher(layout.inbox, self.hints, polling=bool(intake_cfg.polling),
+                                    poll_interval=min(1.0, float(intake_cfg.rescan_seconds)))
+        self.state = ScanState()
+        self._watching = False
+        self._next_rescan = 0.0  # the first poll scans at once
+        self._broken: dict[Path, tuple[tuple, float]] = {}
+
+    def start(self) -> None:
+        self._watching = True
+        try:
+            self.layout.inbox.mkdir(parents=True, exist_ok=True)
+            self.watcher.start()
+            if self.watcher.fallback:
+                self._event("watcher_restarted", self.watcher.fallback, level="warning")
+        except Exception as e:
+            self._event("watcher_restarted", f"inbox watcher not started ({e}); relying on rescans every "
+                        f"{self.cfg.rescan_seconds}s", level="warning")
+
+    def stop(self) -> None:
+        self._watching = False
+        self.watcher.stop()
+
+    def poll(self, timeout: float) -> list:
+        """Wait up to `timeout` for a hint or a due scan; then scan and claim. Returns the new jobs
+        (queued ones, and also duplicates finished into done/ and symlinks failed at once)."""
+        try:
+            self._check_watcher()
+            deadline = time.monotonic() + max(0.0, timeout)
+            woken = self._take_hints()
+            due = min(self._next_rescan, self.state.next_due)
+            if not woken and time.monotonic() < due:
+                wait = min(deadline, due) - time.monotonic()
+                if wait > 0:
+                    try:
+                        self._hint(self.hints.get(timeout=wait))
+                        woken = True
+                        self._take_hints()
+                    except queue.Empty:
+                        pass
+                if not woken and time.monotonic() < due:
+                    return []
+            return self._scan_and_claim()
+        except Exception as e:  # the daemon loop must go on whatever the inbox holds
+            self._event("file_rejected", f"inbox: scan failed: {type(e).__name__}: {e}", level="error")
+            self._next_rescan = time.monotonic() + float(self.cfg.rescan_seconds)
+            return []
+
+    # ----------------------------------------------------------------- inner
+    def _check_watcher(self) -> None:
+        if not self._watching:
+            return
+        try:
+            self.layout.inbox.mkdir(parents=True, exist_ok=True)
+            if self.watcher.ensure_alive():
+                self._event("watcher_restarted", "inbox watcher was not running; restarted it", level="warning")
+        except Exception as e:
+            self.state.report_once("watcher_restarted", self.layout.inbox,
+                                   f"inbox watcher cannot start ({e}); relying on rescans")
+
+    def _take_hints(self) -> bool:
+        woken = False
+        while True:
+            try:
+                self._hint(self.hints.get_nowait())
+                woken = True
+            except queue.Empty:
+                return woken
+
+    def _hint(self, hint: tuple[str, Path]) -> None:
+        kind, path = hint
+        if kind in ("closed", "moved"):
+            self.state.hints.add(path)
+
+    def _scan_and_claim(self) -> list:
+        cfg = self.cfg
+        candidates = scan_inbox(self.layout, float(cfg.settle_seconds), cfg.ignore_suffixes, self.state)
+        self._next_rescan = time.monotonic() + float(cfg.rescan_seconds)
+        self._flush_notices()
+        jobs, budget_end = [], time.monotonic() + CLAIM_BUDGET_SECONDS
+        for cand in candidates:
+            if time.monotonic() > budget_end:
+                self.state.next_due = 0.0  # the rest are ready: come back at the next poll
+                break
+            if self._skip_broken(cand):
+                continue
+            job = self._claim(cand)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def _skip_broken(self, cand: Candidate) -> bool:
+        seen = self.state.seen.get(cand.path)
+        broken = self._broken.get(cand.path)
+        if broken is None or seen is None:
+            return False
+        ident, retry_at = broken
+        if ident == seen.ident and time.monotonic() < retry_at:
+            return True
+        del self._broken[cand.path]
+        return False
+
+    def _claim(self, cand: Candidate):
+        policy = str(getattr(self.cfg, "duplicate_policy", "skip"))
+        try:
+            job = self.spool.claim(cand.path, cand.adapter, cand.original_name,
+                                   duplicates=policy, submitted_at=_iso(cand.first_seen))
+        except Exception as e:
+            seen = self.state.seen.get(cand.path)
+            self._broken[cand.path] = (seen.ident if seen else None, time.monotonic() + RETRY_BROKEN_SECONDS)
+            self.state.report_once("file_rejected", cand.path, f"inbox: cannot take {show(cand.original_name)} "
+                                   f"for adapter {cand.adapter}: {type(e).__name__}: {e}; it stays in the inbox",
+                                   reason="claim_failed")
+            self._flush_notices(level="error")
+            return None
+        self.state.seen.pop(cand.path, None)
+        if job is None:
+            return None  # gone before we could take it
+        fields = {"job_id": job.id, "adapter": job.adapter, "file": job.original_name}
+        name = show(job.original_name)
+        if job.state == JobStatus.FAILED:
+            self._event("file_rejected", f"job {job.id} failed at once: {show(job.error)}", level="error",
+                        reason="symlink", error=job.error, **fields)
+        elif job.duplicate_of is not None:
+            self._event("duplicate", f"job {job.id}: {name} is a duplicate of job {job.duplicate_of} (same sha256, "
+                        f"adapter {job.adapter}); not trained again", duplicate_of=job.duplicate_of,
+                        sha256=job.sha256, **fields)
+        else:
+            earlier = self.spool.find_by_sha256(job.sha256, job.adapter)
+            same = (f"; same bytes as job {earlier.id}, trained again (duplicate_policy={policy})"
+                    if earlier is not None and earlier.id != job.id else "")
+            self._event("job_queued", f"job {job.id} queued: {name} -> adapter {job.adapter} ({_size(job.size)}, "
+                        f"sha256 {job.sha256[:12]}){same}", sha256=job.sha256, size=job.size, **fields)
+        return job
+
+    def _flush_notices(self, level: str | None = None) -> None:
+        notices, self.state.notices = self.state.notices, []
+        for kind, message, fields in notices:
+            lvl = level or ("warning" if kind == "file_rejected" else "info")
+            self._event(kind, message, level=lvl, **fields)
+
+    def _event(self, kind: str, message: str, level: str = "info", **fields) -> None:
+        try:
+            self.status.event(kind, message, level=level, **fields)
+        except Exception:
+            pass  # logging must not stop intake either
