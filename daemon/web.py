@@ -1,0 +1,324 @@
+"""The status page, a JSON API and Prometheus /metrics, served by the daemon in a background thread.
+
+Every answer is read from the files the daemon writes (status.json, queue/*/j*/job.json, events.jsonl,
+checkpoints/*/v*/metadata.json) at request time, so nothing here can go stale or disagree with
+`training-daemon status`, and a slow browser cannot slow the daemon down. Read-only; bound to 127.0.0.1
+by default, where requests must also name a loopback Host (no DNS-rebinding reads from web pages).
+
+Routes: /  /api/status  /api/jobs[?state=&limit=]  /api/versions  /api/loss[?job=ID]  /metrics
+        /plots/<adapter>/v<N>.png
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from .paths import ADAPTER_NAME, STATES, Layout
+from .publish import latest_version, read_metadata, versions
+from .web_page import PAGE
+
+MAX_POINTS = 2000  # per series in one /api/loss answer; longer runs are thinned evenly
+VERSION_FIELDS = ("adapter", "version", "job_id", "source_file", "base_model", "steps", "epochs", "first_train_loss",
+                  "final_train_loss", "eval_loss", "tokens_trained", "examples_trained", "training_seconds",
+                  "finished_at", "device", "peak_gpu_mem_gib", "parent_version", "mode")
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def list_jobs(layout: Layout) -> list[dict]:
+    """Every job.json, with `state` taken from the folder it sits in (the folder is the truth)."""
+    found: dict[int, dict] = {}
+    for state in STATES:
+        folder = layout.state_dir(state)
+        if not folder.is_dir():
+            continue
+        for d in folder.iterdir():
+            job = read_json(d / "job.json")
+            if isinstance(job, dict) and "id" in job:
+                found[job["id"]] = {**job, "state": state}  # mid-move: the later state wins
+    return [found[k] for k in sorted(found)]
+
+
+def list_versions(layout: Layout) -> list[dict]:
+    out = []
+    if not layout.checkpoints.is_dir():
+        return out
+    for adapter_dir in sorted(layout.checkpoints.iterdir()):
+        if not adapter_dir.is_dir() or not ADAPTER_NAME.match(adapter_dir.name):
+            continue
+        newest = latest_version(adapter_dir)
+        for v in reversed(versions(adapter_dir)):
+            try:
+                meta = read_metadata(adapter_dir, v)
+            except (OSError, ValueError):
+                continue
+            row = {k: meta.get(k) for k in VERSION_FIELDS}
+            row.update(adapter=adapter_dir.name, version=v, latest=v == newest,
+                       loss_plot_url=f"/plots/{adapter_dir.name}/v{v}.png" if meta.get("loss_plot") else None)
+            out.append(row)
+    return out
+
+
+def _thin(points: list, limit: int = MAX_POINTS) -> list:
+    if len(points) <= limit:
+        return points
+    stride = len(points) / (limit - 1)
+    return [points[int(i * stride)] for i in range(limit - 1)] + [points[-1]]
+
+
+class LossIndex:
+    """Loss points per job, read incrementally from events.jsonl (and from the start of a rotated one)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.ident, self.offset, self.partial = None, 0, b""
+        self.jobs: dict[int, dict] = {}
+        self.last_job: int | None = None
+        self.lock = threading.Lock()
+
+    def refresh(self) -> None:
+        with self.lock:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                return
+            if (st.st_dev, st.st_ino) != self.ident or st.st_size < self.offset:
+                self.ident, self.offset, self.partial = (st.st_dev, st.st_ino), 0, b""
+            if st.st_size == self.offset:
+                return
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(st.st_size - self.offset)
+            self.offset += len(data)
+            *lines, self.partial = (self.partial + data).split(b"\n")
+            for line in lines:
+                # Most events are not about loss: skip them before paying for json.loads.
+                if b'"progress"' in line or b'"eval"' in line or b'"job_started"' in line:
+                    self._add(line)
+
+    def _add(self, line: bytes) -> None:
+        try:
+            ev = json.loads(line)
+            job_id = ev.get("job_id")
+        except (ValueError, AttributeError):
+            return
+        if job_id is None:
+            return
+        job = self.jobs.setdefault(job_id, {"train": [], "eval": [], "total_steps": None})
+        self.last_job = job_id
+        kind = ev.get("event")
+        if kind == "progress" and ev.get("step") is not None and ev.get("loss") is not None:
+            _add_point(job["train"], ev["step"], ev["loss"])
+            job["total_steps"] = ev.get("total_steps") or job["total_steps"]
+        elif kind == "eval" and ev.get("step") is not None and ev.get("eval_loss") is not None:
+            _add_point(job["eval"], ev["step"], ev["eval_loss"])
+
+    def points(self, job_id: int | None) -> dict:
+        self.refresh()
+        with self.lock:
+            job_id = self.last_job if job_id is None else job_id
+            job = self.jobs.get(job_id)
+            if job is None:
+                return {"job_id": job_id, "train": [], "eval": [], "total_steps": None, "source": None}
+            return {"job_id": job_id, "train": _thin(job["train"]), "eval": _thin(job["eval"]),
+                    "total_steps": job["total_steps"], "source": "events"}
+
+
+def _add_point(series: list, step, value) -> None:
+    # A resumed job repeats steps from its last checkpoint: the new run replaces the old tail.
+    while series and series[-1][0] >= step:
+        series.pop()
+    series.append([step, value])
+    if len(series) > 8 * MAX_POINTS:  # bound memory on very long runs: drop every other point
+        del series[1:-1:2]
+
+
+def loss_from_metadata(layout: Layout, job_id: int) -> dict | None:
+    """A finished job's curve from its version's metadata, when events.jsonl no longer has it."""
+    for row in list_versions(layout):
+        if row.get("job_id") == job_id:
+            meta = read_metadata(layout.checkpoints / row["adapter"], row["version"])
+            return {"job_id": job_id, "train": _thin(meta.get("loss_history") or []),
+                    "eval": _thin(meta.get("eval_history") or []), "total_steps": meta.get("steps"),
+                    "source": "metadata"}
+    return None
+
+
+class FileCollector:
+    """A prometheus-client Collector that reads the daemon's files at every scrape."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    def collect(self):
+        import time
+
+        from prometheus_client.core import GaugeMetricFamily as G
+
+        status = read_json(self.layout.status_json) or {}
+        d = status.get("daemon") or {}
+        jobs = G("training_daemon_jobs", "Jobs by state (counted from the queue folders)", labels=["state"])
+        counts = {s: 0 for s in STATES}
+        for job in list_jobs(self.layout):
+            counts[job["state"]] += 1
+        for s in STATES:
+            jobs.add_metric([s], counts[s])
+        yield jobs
+        info = G("training_daemon_info", "The daemon's version and pid", labels=["version", "pid", "state"])
+        info.add_metric([str(d.get("version", "")), str(d.get("pid", "")), str(d.get("state", "unknown"))], 1)
+        yield info
+        if status.get("updated_unix"):
+            yield G("training_daemon_status_age_seconds", "Seconds since status.json was written (about 1 while the "
+                    "daemon lives)", value=max(0.0, time.time() - status["updated_unix"]))
+        cur = status.get("current") or {}
+        yield G("training_daemon_training", "1 while a job is training", value=1 if cur else 0)
+        for key, name, doc in (("job_id", "current_job_id", "Id of the job being trained"),
+                               ("step", "current_step", "Optimizer step of the current job"),
+                               ("total_steps", "current_total_steps", "Total steps of the current job"),
+                               ("loss", "current_loss", "Latest training loss"),
+                               ("eval_loss", "current_eval_loss", "Latest eval loss"),
+                               ("lr", "current_learning_rate", "Current learning rate"),
+                               ("tokens_per_s", "current_tokens_per_second", "Training throughput"),
+                               ("eta_s", "current_eta_seconds", "Estimated seconds left"),
+                               ("gpu_mem_gib", "current_gpu_memory_gib", "GPU memory the trainer holds (torch)")):
+            if isinstance(cur.get(key), (int, float)):
+                g = G(f"training_daemon_{name}", doc, labels=["adapter"])
+                g.add_metric([str(cur.get("adapter", ""))], cur[key])
+                yield g
+        gpu = status.get("gpu") or {}
+        for key, name, doc, scale in (("mem_used_gib", "gpu_memory_used_bytes", "GPU memory in use", 2**30),
+                                      ("mem_total_gib", "gpu_memory_total_bytes", "GPU memory in total", 2**30),
+                                      ("util_percent", "gpu_utilization_percent", "GPU busy percentage", 1)):
+            if isinstance(gpu.get(key), (int, float)):
+                yield G(f"training_daemon_{name}", doc, value=gpu[key] * scale)
+        latest = G("training_daemon_adapter_latest_version", "Newest published version", labels=["adapter"])
+        for row in list_versions(self.layout):
+            if row["latest"]:
+                latest.add_metric([row["adapter"]], row["version"])
+        yield latest
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a hung browser connection never blocks the daemon's exit
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "training-daemon"
+    layout: Layout
+    index: LossIndex
+    registry = None
+    check_host = True
+
+    def log_message(self, *args) -> None:  # requests are not daemon events: keep them out of the journal
+        pass
+
+    def do_GET(self) -> None:
+        try:
+            if self.check_host and not _is_loopback(urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""):
+                return self._send(403, "text/plain", b"forbidden: this page answers to localhost only\n")
+            url = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            route = url.path.rstrip("/") or "/"
+            if route == "/":
+                return self._send(200, "text/html; charset=utf-8", PAGE.encode())
+            if route == "/api/status":
+                return self._json(read_json(self.layout.status_json) or {})
+            if route == "/api/jobs":
+                jobs = [j for j in list_jobs(self.layout) if query.get("state") in (None, j["state"])]
+                return self._json(jobs[-int(query["limit"]):] if query.get("limit", "").isdigit() else jobs)
+            if route == "/api/versions":
+                return self._json(list_versions(self.layout))
+            if route == "/api/loss":
+                return self._json(self._loss(query.get("job")))
+            if route == "/metrics":
+                from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+                return self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
+            m = re.fullmatch(r"/plots/([^/]+)/v(\d+)\.png", route)
+            if m and ADAPTER_NAME.match(m.group(1)) and ".." not in m.group(1):
+                png = self.layout.checkpoints / m.group(1) / f"v{int(m.group(2))}" / "loss.png"
+                if png.is_file():
+                    return self._send(200, "image/png", png.read_bytes())
+            return self._send(404, "application/json", b'{"error": "not found"}')
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # one bad request must not take the page down
+            try:
+                self._json({"error": f"{type(e).__name__}: {e}"}, 500)
+            except OSError:
+                pass
+
+    def _loss(self, job: str | None) -> dict:
+        if job is not None and not job.isdigit():
+            return {"error": "job must be a number"}
+        if job is None:
+            cur = (read_json(self.layout.status_json) or {}).get("current") or {}
+            job_id = cur.get("job_id")
+        else:
+            job_id = int(job)
+        answer = self.index.points(job_id)
+        if not answer["train"] and job_id is not None:
+            answer = loss_from_metadata(self.layout, job_id) or answer
+        return answer
+
+    def _json(self, obj, code: int = 200) -> None:
+        self._send(code, "application/json", json.dumps(obj, default=str).encode())
+
+    def _send(self, code: int, ctype: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class WebServer:
+    def __init__(self, httpd: ThreadingHTTPServer, host: str):
+        self.httpd = httpd
+        self.port: int = httpd.server_address[1]
+        shown = "127.0.0.1" if host in ("", "0.0.0.0") else (f"[{host}]" if ":" in host else host)
+        self.url = f"http://{shown}:{self.port}/"
+        self.thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                       name="status-web", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_web(layout: Layout, host: str = "127.0.0.1", port: int = 0) -> WebServer:
+    """Serve the status page for `layout` on host:port (0 = any free port); returns once it listens."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FileCollector(layout))
+    handler = type("Handler", (_Handler,), {"layout": layout, "index": LossIndex(layout.events),
+                                            "registry": registry, "check_host": _is_loopback(host or "0.0.0.0")})
+    server_cls = _Server
+    if ":" in host:
+        server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    return WebServer(server_cls((host, port), handler), host)
