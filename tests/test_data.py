@@ -398,3 +398,14 @@ def test_without_chat_template_only_plain_formats_work(fresh_tok, tmp_path):
     assert fresh_tok.decode(ex.input_ids) == "2+2=4" + EOT and trained_runs(fresh_tok, ex) == ["4" + EOT]
     report = validate_file(write(tmp_path / "f.jsonl", [chat()] * 3), fresh_tok)
     assert not report.ok and report.fatal["code"] == "no_chat_template"
+
+
+def test_one_render_method_agrees_with_the_prefix_method(tok, monkeypatch):
+    import daemon.data as data
+
+    records = [CONVERSATION, chat("q", "a"), {"prompt": "p", "completion": "c"},
+               {"messages": [{"role": "user", "content": "Paris."}, {"role": "assistant", "content": "Paris."},
+                             {"role": "user", "content": "again"}, {"role": "assistant", "content": "Paris."}]}]
+    fast = [tokenize_example(tok, r, 512) for r in records]
+    monkeypatch.setattr(data, "_template_shape", lambda tokenizer: None)  # as for a template the probe cannot read
+    assert [tokenize_example(tok, r, 512) for r in records] == fast
