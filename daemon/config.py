@@ -1,0 +1,529 @@
+"""The daemon's configuration: YAML validated by pydantic, every error reported at once in plain words.
+
+The daemon process imports this module, so it must stay light: no torch, no transformers (`training-daemon
+config check` answers in a fraction of a second). Relative paths in a config file (`root:`, a folder
+`base_model:`) are relative to the folder of the file that names them, so a systemd unit started from `/`
+reads the same config a user tested from their shell; loading rewrites them to absolute paths, which is
+what job snapshots (`config.json`) carry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from .paths import PROJECT_DIR, UserError, check_adapter_name
+
+SHIPPED_CONFIG = PROJECT_DIR / "config" / "daemon.yaml"
+OVERRIDABLE = ("base_model", "training", "lora")
+BASE_MODEL_ALLOWED = "a folder holding config.json, org/name in the local Hugging Face cache, or embedded:NAME"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EMBEDDED_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+
+
+class ConfigError(UserError):
+    """Every problem in a config at once. `errors`: dicts with path, message, got, allowed and line."""
+
+    exit_code = 2
+
+    def __init__(self, errors: list[dict], source: Path | str | None = None):
+        self.errors = errors
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        n = len(self.errors)
+        where = f"config {self.source}" if self.source else "config"
+        return f"{where} has {n} error{'s' if n != 1 else ''}:\n" + "\n".join(
+            "  " + _render(e) for e in self.errors)
+
+
+def _render(e: dict) -> str:
+    text = f"{e['path']}: {e['message']}" if e.get("path") else e["message"]
+    extras = [f"got {e['got']}"] if e.get("got") is not None else []
+    extras += [f"allowed: {e['allowed']}"] if e.get("allowed") else []
+    text += f" ({'; '.join(extras)})" if extras else ""
+    return text + (f" [line {e['line']}]" if e.get("line") else "")
+
+
+def _issue(path: str, message: str, got: Any = None, allowed: str | None = None, line: int | None = None) -> dict:
+    return {"path": path, "message": message, "got": None if got is None else _show(got), "allowed": allowed,
+            "line": line}
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------ the schema
+def _not_bool(v):
+    # pydantic would read `epochs: yes` as 1; a boolean where a number belongs is always a mistake.
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true/false")
+    return v
+
+
+def Int(ge=None, le=None, gt=None):
+    return Annotated[int, BeforeValidator(_not_bool), Field(ge=ge, le=le, gt=gt)]
+
+
+def Num(ge=None, le=None, gt=None):
+    return Annotated[float, BeforeValidator(_not_bool), Field(ge=ge, le=le, gt=gt)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IntakeConfig(Section):
+    settle_seconds: Num(0, 3600) = 2.0
+    rescan_seconds: Num(1, 86400) = 30.0
+    polling: bool = False
+    duplicate_policy: Literal["skip", "train"] = "skip"
+    max_line_bytes: Int(1024, 1 << 31) = 16 * 1024 * 1024
+    ignore_suffixes: list[Annotated[str, Field(min_length=1)]] = [".tmp", ".part"]
+
+
+class TrainingConfig(Section):
+    mode: Literal["continue", "fresh"] = "continue"
+    max_length: Int(128, 32768) = 2048
+    learning_rate: Num(1e-6, 1e-2) = 2.0e-4
+    micro_batch_size: Int(1, 128) = 4
+    gradient_accumulation: Int(1, 128) = 4
+    epochs: Int(1, 1000) = 1
+    max_steps: Int(ge=1) | None = None
+    warmup_ratio: Num(0, 0.5) = 0.03
+    weight_decay: Num(0, 1) = 0.0
+    max_grad_norm: Num(gt=0) | None = 1.0
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    seed: Int(0, 2**32 - 1) = 42
+    train_on_inputs: bool = False
+    too_long: Literal["skip", "truncate"] = "skip"
+    min_examples: Int(ge=1) = 1
+    eval_fraction: Num(0, 0.5) = 0.05
+    eval_max_examples: Int(0, 100_000) = 100
+    packing: bool = True
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    checkpoint_every_steps: Int(ge=1) = 50
+    checkpoint_every_seconds: Num(ge=10) = 600.0
+    keep_checkpoints: Int(1, 100) = 2
+    log_every_steps: Int(ge=1) = 10
+    # A string, so consumers compare one type; YAML's bare true/false are accepted and normalised.
+    gradient_checkpointing: Literal["auto", "true", "false"] = "auto"
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _bool_to_word(cls, v):
+        return str(v).lower() if isinstance(v, bool) else v
+
+
+class LoraConfig(Section):
+    r: Int(1, 1024) = 16
+    alpha: Num(1, 4096) = 32.0
+    dropout: Num(0, 1) = 0.05
+    target_modules: Union[str, list[str]] = Field(
+        "all-linear", json_schema_extra={"allowed": '"all-linear" or a non-empty list of module names'})
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, v):
+        if v == "all-linear" or (isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)):
+            return v
+        raise ValueError('must be "all-linear" or a non-empty list of module names like [q_proj, v_proj]')
+
+
+class LimitsConfig(Section):
+    max_attempts: Int(1, 100) = 3
+    oom_retries: Int(0, 10) = 3
+    min_free_disk_mb: Int(ge=0) = 1024
+    stop_timeout_seconds: Num(1, 3600) = 120.0
+    max_diverged_steps: Int(1, 100) = 3
+
+
+class WebConfig(Section):
+    enabled: bool = True
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    port: Int(0, 65535) = 8765
+
+
+class StatusConfig(Section):
+    progress_every_steps: Int(ge=1) = 10
+    web: WebConfig = WebConfig()
+
+
+class DaemonConfig(Section):
+    root: str | None = None
+    base_model: str = Field(json_schema_extra={"allowed": BASE_MODEL_ALLOWED})
+    trust_remote_code: bool = False
+    intake: IntakeConfig = IntakeConfig()
+    training: TrainingConfig = TrainingConfig()
+    lora: LoraConfig = LoraConfig()
+    limits: LimitsConfig = LimitsConfig()
+    status: StatusConfig = StatusConfig()
+    gpus: Union[str, list[int]] = Field("all", json_schema_extra={"allowed": "all, or a list of GPU indices like [0, 1]"})
+
+    _source: Path | None = PrivateAttr(default=None)  # the file it came from: overrides live next to it
+
+    @property
+    def source_path(self) -> Path | None:
+        return self._source
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, v):
+        if v == "all":
+            return v
+        if isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+            return list(dict.fromkeys(v))
+        raise ValueError("must be `all` or a list of non-negative GPU indices like [0, 1]")
+
+
+# ------------------------------------------------------------------ describing fields in plain words
+def _field(loc: tuple) -> tuple[Any, type | None]:
+    """The FieldInfo at `loc` (None if unknown) and the section that holds (or would hold) that key."""
+    section, info = DaemonConfig, None
+    for part in loc:
+        if isinstance(part, int):  # an item of a list: describe the list
+            break
+        if section is None:
+            return None, None
+        info = section.model_fields.get(part)
+        if info is None:
+            return None, section
+        holder = section
+        ann = info.annotation
+        section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return info, (holder if info is not None else None)
+
+
+def _allowed(info) -> str | None:
+    if info is None:
+        return None
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    return extra.get("allowed") or _describe(info.annotation, list(info.metadata))
+
+
+def _describe(tp, metadata: list) -> str:
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *meta = get_args(tp)
+        return _describe(base, metadata + meta)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        text = " or ".join(_describe(a, metadata) for a in args if a is not type(None))
+        return text + (", or null" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if origin is list:
+        return "a list of " + _describe(get_args(tp)[0], [])
+    if tp is bool:
+        return "true or false"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a section with keys " + ", ".join(tp.model_fields)
+    if tp in (int, float):
+        bounds = {}
+        for m in metadata:
+            for m2 in [m, *getattr(m, "metadata", [])]:  # a FieldInfo nested in Annotated carries its own
+                for k in ("ge", "gt", "le", "lt"):
+                    if getattr(m2, k, None) is not None:
+                        bounds[k] = getattr(m2, k)
+        kind = "a whole number" if tp is int else "a number"
+        lo = bounds.get("ge", bounds.get("gt"))
+        hi = bounds.get("le", bounds.get("lt"))
+        if "ge" in bounds and "le" in bounds:
+            return f"{kind} from {_num(lo)} to {_num(hi)}"
+        parts = [f"at least {_num(lo)}" if "ge" in bounds else f"above {_num(lo)}" if "gt" in bounds else "",
+                 f"at most {_num(hi)}" if "le" in bounds else f"below {_num(hi)}" if "lt" in bounds else ""]
+        return ", ".join([kind] + [p for p in parts if p])
+    return "text" if tp is str else getattr(tp, "__name__", str(tp))
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+_MESSAGES = {
+    "missing": "required", "literal_error": "not one of the choices", "int_from_float": "must be a whole number",
+    "int_parsing": "must be a whole number", "int_type": "must be a whole number", "float_parsing": "must be a number",
+    "float_type": "must be a number", "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+    "string_type": "must be text", "list_type": "must be a list", "model_type": "must be a section of keys",
+    "model_attributes_type": "must be a section of keys", "dict_type": "must be a section of keys",
+    "greater_than_equal": "too small", "greater_than": "too small", "less_than_equal": "too large",
+    "less_than": "too large", "string_too_short": "must not be empty", "too_short": "must not be empty",
+}
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _issues(exc: ValidationError, lines: dict[tuple, int]) -> list[dict]:
+    out = []
+    for e in exc.errors(include_url=False):
+        loc = tuple(e["loc"])
+        info, owner = _field(loc)
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            keys = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.75)
+            message = f"unknown key, did you mean {close[0]}?" if close else "unknown key"
+            allowed = ("keys: " + ", ".join(keys)) if keys else None
+        else:
+            message = _MESSAGES.get(kind) or str(e["msg"]).removeprefix("Value error, ")
+            allowed = _allowed(info)
+        got = None if kind == "missing" else e.get("input")
+        out.append(_issue(_path(loc), message, got, allowed, _line(lines, loc)))
+    return out
+
+
+def _line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for n in range(len(loc), 0, -1):  # the key itself, else the nearest section that was written
+        if tuple(loc[:n]) in lines:
+            return lines[tuple(loc[:n])]
+    return None
+
+
+# ------------------------------------------------------------------ reading YAML
+def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
+    """The mapping in `path` and the line of every key; duplicate keys are errors, not silently last-wins."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([_issue("", f"config file {path} does not exist: pass --config FILE, or create "
+                                      "ROOT/config/daemon.yaml (the shipped config/daemon.yaml is a commented "
+                                      "starting point)")], path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([_issue("", f"cannot read {path}: {e}")], path) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([_issue("", f"YAML syntax error{where}: {problem}")], path) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([_issue("", "the file must be a mapping of keys (like `base_model: ...`)",
+                                  data, line=1)], path)
+    lines: dict[tuple, int] = {}
+    dupes: list[dict] = []
+    _walk(node, (), lines, dupes)
+    if dupes:
+        raise ConfigError(dupes, path)
+    return data, lines
+
+
+def _walk(node, loc: tuple, lines: dict, dupes: list) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        loc2 = loc + (key_node.value,)
+        if loc2 in lines:
+            dupes.append(_issue(_path(loc2), f"given twice (first at line {lines[loc2]})",
+                                line=key_node.start_mark.line + 1))
+        lines[loc2] = key_node.start_mark.line + 1
+        _walk(value_node, loc2, lines, dupes)
+
+
+def _absolutize(data: dict, folder: Path) -> None:
+    """Relative `root:` and folder `base_model:` are relative to the config file that names them."""
+    if isinstance(data.get("root"), str) and data["root"]:
+        data["root"] = str((folder / Path(data["root"]).expanduser()).resolve())
+    bm = data.get("base_model")
+    if isinstance(bm, str) and _base_model_kind(bm) == "folder":
+        data["base_model"] = str((folder / Path(bm).expanduser()).resolve())
+
+
+def _validate(data: dict, lines: dict, source: Path | None, check_base_model: bool) -> DaemonConfig:
+    issues = []
+    try:
+        cfg = DaemonConfig.model_validate(data)
+    except ValidationError as e:
+        cfg, issues = None, _issues(e, lines)
+    if check_base_model and isinstance(data.get("base_model"), str):
+        try:
+            resolve_base_model(data["base_model"])
+        except ConfigError as e:
+            issues += [dict(i, line=_line(lines, ("base_model",))) for i in e.errors]
+    if issues:  # in the order a reader meets them in the file
+        raise ConfigError(sorted(issues, key=lambda i: i["line"] or 1 << 30), source)
+    cfg._source = source
+    return cfg
+
+
+# ------------------------------------------------------------------ public API
+def default_config_path(root: Path | None) -> Path:
+    """ROOT/config/daemon.yaml if there is one, else the shipped config/daemon.yaml."""
+    candidate = Path(root if root is not None else Path.cwd()).expanduser() / "config" / "daemon.yaml"
+    return candidate if candidate.is_file() else SHIPPED_CONFIG
+
+
+def load_config(path: Path | None = None, root: Path | None = None) -> DaemonConfig:
+    """Read, validate and check a daemon config; raises ConfigError listing every problem. `root` overrides `root:`."""
+    path = Path(path if path is not None else default_config_path(root)).expanduser().resolve()
+    data, lines = _read_yaml(path)
+    _absolutize(data, path.parent)
+    if root is not None:
+        data["root"] = str(Path(root).expanduser().resolve())
+    return _validate(data, lines, path, check_base_model=True)
+
+
+def override_path(config_path: Path, adapter: str) -> Path:
+    return Path(config_path).parent / "adapters" / f"{check_adapter_name(adapter)}.yaml"
+
+
+def adapter_config(cfg: DaemonConfig, adapter: str, config_path: Path | None = None) -> DaemonConfig:
+    """`cfg` with config/adapters/<adapter>.yaml (if any) deep-merged over it; errors name that file.
+
+    Read at every call, so an edited override applies from the next job without restarting the daemon.
+    """
+    config_path = config_path or cfg.source_path
+    file = override_path(config_path, adapter) if config_path else None
+    if file is None or not file.is_file():
+        return cfg.model_copy(deep=True)
+    file = file.resolve()
+    data, lines = _read_yaml(file)
+    stray = [_issue(k, f"cannot be set per adapter (only {', '.join(OVERRIDABLE)})", data[k], line=lines.get((k,)))
+             for k in data if k not in OVERRIDABLE]
+    if stray:
+        raise ConfigError(stray, file)
+    _absolutize(data, file.parent)
+    merged = _merge(cfg.model_dump(), data)
+    out = _validate(merged, lines, file, check_base_model="base_model" in data)
+    out._source = cfg.source_path or Path(config_path)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def effective_dict(cfg: DaemonConfig) -> dict:
+    """Every setting, defaults included, JSON-able; from_dict() reads it back."""
+    return cfg.model_dump(mode="json")
+
+
+def from_dict(d: dict) -> DaemonConfig:
+    """Re-validate a snapshot (a job's config.json) without checking that the base model still exists."""
+    return _validate(dict(d), {}, None, check_base_model=False)
+
+
+# ------------------------------------------------------------------ the base model
+def _base_model_kind(value: str) -> str:
+    if value.startswith("embedded:"):
+        return "embedded"
+    if value.startswith(("/", "~", "./", "../")) or value in (".", ".."):
+        return "folder"
+    return "hub" if HUB_ID.match(value) else "folder"
+
+
+def hf_hub_cache() -> Path:
+    """Where huggingface_hub keeps downloads, by the same environment variables it reads."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return cache / "huggingface" / "hub"
+
+
+def resolve_base_model(value: str) -> Path:
+    """The folder a base_model value names; raises ConfigError (path base_model) if there is none.
+
+    Never touches the network and never scans: `embedded:NAME`, a folder path, or the exact repo
+    `org/name` in the local Hugging Face cache (the revision refs/main points at).
+    """
+    def fail(message: str):
+        raise ConfigError([_issue("base_model", message, value, BASE_MODEL_ALLOWED)])
+
+    kind = _base_model_kind(value)
+    if kind == "embedded":
+        name = value[len("embedded:"):]
+        if not EMBEDDED_NAME.match(name):
+            fail("an embedded model's name is letters, digits, '.', '-' or '_'")
+        try:
+            from .embedded import embedded_model_dir
+        except ImportError:
+            fail("embedded models need daemon/embedded.py, which this install lacks")
+        folder = embedded_model_dir() / name
+        if not (folder / "config.json").is_file():
+            fail(f"the embedded model is not at {folder}: run `bash scripts/setup.sh` to convert the embedded model")
+        return folder.resolve()
+    if kind == "hub":
+        cache = hf_hub_cache()
+        repo = cache / ("models--" + value.replace("/", "--"))
+        if not repo.is_dir():
+            fail(f"{value} is not in the local Hugging Face cache ({cache}); nothing is downloaded at run time: "
+                 f"download it there once (e.g. `hf download {value}`), or point base_model at a folder "
+                 f"(write ./{value} for a folder by that relative path)")
+        ref = repo / "refs" / "main"
+        snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
+        if ref.is_file():
+            folder = repo / "snapshots" / ref.read_text().strip()
+        elif len(snapshots) == 1:  # downloaded by revision: no refs/main, but no ambiguity either
+            folder = snapshots[0]
+        else:
+            fail(f"{repo} has no refs/main and {len(snapshots)} snapshots: point base_model at one snapshot folder")
+        if not (folder / "config.json").is_file():
+            fail(f"the cached snapshot {folder} holds no config.json (an incomplete download?)")
+        return folder.resolve()
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        fail(f"the folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        fail(f"the folder {folder} holds no config.json, so it is not a model folder")
+    return folder.resolve()
+
+
+# ------------------------------------------------------------------ `training-daemon config check`
+def config_check_command(config_path: Path | None, root: Path | None) -> int:
+    """Print the effective config as YAML (0), or every error (2). Also checks every adapter override.
+
+    Like the other commands, honours $TRAINING_DAEMON_CONFIG and $TRAINING_DAEMON_ROOT when no option is given.
+    """
+    root = root or (Path(os.environ["TRAINING_DAEMON_ROOT"]) if os.environ.get("TRAINING_DAEMON_ROOT") else None)
+    if config_path is None and os.environ.get("TRAINING_DAEMON_CONFIG"):
+        config_path = Path(os.environ["TRAINING_DAEMON_CONFIG"])
+    try:
+        cfg = load_config(config_path, root)
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    failed = False
+    overrides = []
+    for file in sorted((cfg.source_path.parent / "adapters").glob("*.yaml")):
+        try:
+            adapter_config(cfg, file.stem)
+            overrides.append(file.stem)
+        except UserError as e:  # a ConfigError, or a file name that is no valid adapter name
+            print(f"Error: {e}", file=sys.stderr)
+            failed = True
+    if failed:
+        return 2
+    print(f"# effective config from {cfg.source_path}")
+    print(f"# base_model resolves to {resolve_base_model(cfg.base_model)}")
+    print(f"# adapter overrides: {', '.join(overrides) if overrides else 'none'}")
+    print(yaml.safe_dump(effective_dict(cfg), sort_keys=False, default_flow_style=False), end="")
+    return 0
