@@ -75,8 +75,8 @@ def daemon_line(status: dict, now: float | None = None) -> str:
     now = now or time.time()
     d = status.get("daemon") or {}
     updated = status.get("updated_unix")
-    if not d and updated is None:
-        return "not running (no status.json yet)"
+    if updated is None and not d.get("state"):
+        return "starting (no status.json yet)" if d.get("running") else "not running (no status.json yet)"
     age = None if updated is None else now - updated
     if d.get("running") is False:
         return f"not running (last state {d.get('state', '?')}, {fmt_duration(age)} ago)"

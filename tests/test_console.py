@@ -75,6 +75,7 @@ def test_render_status_idle_stale_and_without_gpu():
     status["daemon"]["running"] = False  # what the CLI adds when no daemon holds the lock
     assert "not running (last state idle, 5m 00s ago)" in render_status(status, [], now=NOW)
     assert "not running (no status.json yet)" in render_status({}, [], now=NOW)
+    assert "not running (no status.json yet)" in render_status({"daemon": {"running": False}}, [], now=NOW)
 
 
 def test_render_jobs_table():
