@@ -151,7 +151,7 @@ def render_status(status: dict, jobs: list[dict], now: float | None = None) -> s
 
 
 def _job_when(job: dict, now: float) -> str:
-    for key in ("finished_at", "started_at", "created_at", "queued_at", "received_at"):
+    for key in ("finished_at", "started_at", "queued_at", "submitted_at"):
         if job.get(key):
             return fmt_age(job[key], now)
     return ""
@@ -164,7 +164,12 @@ def render_jobs(jobs: list[dict], now: float | None = None) -> str:
     header = ("ID", "STATE", "ADAPTER", "VERSION", "FILE", "WHEN", "NOTE")
     rows = []
     for j in sorted(jobs, key=lambda j: j.get("id") or 0):
-        note = _first_line(j.get("error")) if j.get("state") == "failed" else _first_line(j.get("note") or j.get("error"))
+        if j.get("state") == "failed":
+            note = _first_line(j.get("error"))
+        elif j.get("duplicate_of") is not None:
+            note = f"same bytes as job {j['duplicate_of']}"
+        else:
+            note = _first_line(j.get("note") or j.get("error"))
         rows.append((str(j.get("id", "?")), str(j.get("state", "?")), str(j.get("adapter", "?")),
                      f"v{j['version']}" if j.get("version") is not None else "-",
                      _first_line(j.get("original_name", "?"), 40), _job_when(j, now), note))

@@ -87,6 +87,9 @@ def test_render_jobs_table():
     assert failed.endswith("line 2: not valid JSON")
     assert running.split()[:4] == ["42", "running", "support-bot", "-"]
     assert render_jobs([]) == "no jobs"
+    dup = {"id": 43, "state": "done", "adapter": "default", "original_name": "a copy.jsonl", "duplicate_of": 40,
+           "version": 3, "queued_at": iso(NOW - 5)}
+    assert render_jobs([dup], now=NOW).splitlines()[1].endswith("5s ago  same bytes as job 40")
 
 
 def take_later(gen, n):
