@@ -9,6 +9,7 @@ in. Watchdog events are hints that make a scan happen sooner; the periodic resca
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import stat
@@ -198,6 +199,7 @@ class InboxWatcher:
         from watchdog.observers.polling import PollingObserverVFS
 
         hints, inbox = self.hints, str(self.inbox)
+        _quiet_watchdog_shutdown()
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event):
@@ -247,6 +249,15 @@ class InboxWatcher:
         self.stop()
         self.start()
         return True
+
+
+def _quiet_watchdog_shutdown() -> None:
+    """watchdog logs an ERROR when its inotify thread is stopped with a read in flight (a harmless race);
+    in the daemon's stderr that would read like a real problem at every stop."""
+    logger = logging.getLogger("watchdog.observers.inotify")
+    if not getattr(logger, "_training_daemon_quiet", False):
+        logger.addFilter(lambda record: "called when the thread is inactive" not in record.getMessage())
+        logger._training_daemon_quiet = True
 
 
 class Intake:
@@ -392,7 +403,7 @@ class Intake:
     def _flush_notices(self, level: str | None = None) -> None:
         notices, self.state.notices = self.state.notices, []
         for kind, message, fields in notices:
-            lvl = level or ("warning" if kind == "file_rejected" else "info")
+            lvl = level or ("info" if kind == "file_seen" else "warning")
             self._event(kind, message, level=lvl, **fields)
 
     def _event(self, kind: str, message: str, level: str = "info", **fields) -> None:

@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 
 from . import durable
-from .job import MANIFEST, Job, JobStatus, dir_name, parse_dir_name
+from .job import Job, JobStatus, dir_name, parse_dir_name
 from .paths import Layout
 from .status import now_iso
 

@@ -1,0 +1,328 @@
+"""The inbox through real files and a real watchdog observer: settle, order, folders, hostile entries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from daemon.intake import Intake, scan_inbox
+from daemon.job import JobStatus
+from daemon.paths import Layout
+from daemon.spool import Spool
+from daemon.status import StatusWriter
+
+
+@pytest.fixture
+def layout(root):
+    return Layout.at(root).ensure()
+
+
+def make_intake(layout, **cfg):
+    settings = dict(settle_seconds=0.2, rescan_seconds=0.3, polling=False, duplicate_policy="skip",
+                    max_line_bytes=1 << 20, ignore_suffixes=[".tmp", ".part"])
+    settings.update(cfg)
+    intake = Intake(layout, SimpleNamespace(**settings), Spool(layout), StatusWriter(layout, echo=False))
+    intake.start()
+    return intake
+
+
+@pytest.fixture
+def intake(layout):
+    intake = make_intake(layout)
+    yield intake
+    intake.stop()
+
+
+def poll_for(intake, want: int, timeout: float = 5.0) -> list:
+    """Poll like the daemon loop until `want` jobs came out (or the timeout)."""
+    jobs, deadline = [], time.monotonic() + timeout
+    while len(jobs) < want and time.monotonic() < deadline:
+        jobs += intake.poll(0.1)
+    return jobs
+
+
+def poll_for_a_while(intake, seconds: float) -> list:
+    jobs, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        jobs += intake.poll(0.1)
+    return jobs
+
+
+def events(layout, kind=None):
+    if not layout.events.exists():
+        return []
+    rows = [json.loads(line) for line in layout.events.read_text().splitlines()]
+    return [r for r in rows if kind is None or r["event"] == kind]
+
+
+def drop(folder, name, data: bytes = b'{"text": "hi"}\n'):
+    """Write elsewhere, then rename in: a careful user."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{len(data)}.tmp"
+    tmp.write_bytes(data)
+    os.rename(tmp, folder / name)
+    return folder / name
+
+
+def test_arrival_order_and_ids_persist_across_restarts(layout):
+    now = time.time()
+    for i, name in enumerate(["c.jsonl", "a.jsonl", "b.jsonl"]):  # all present at the first scan: mtime decides
+        path = layout.inbox / name
+        path.write_text(name)
+        os.utime(path, (now - 100 + i, now - 100 + i))
+    intake = make_intake(layout)
+    try:
+        jobs = poll_for(intake, 3)
+        assert [(j.id, j.original_name) for j in jobs] == [(1, "c.jsonl"), (2, "a.jsonl"), (3, "b.jsonl")]
+        assert [e["file"] for e in events(layout, "job_queued")] == ["c.jsonl", "a.jsonl", "b.jsonl"]
+    finally:
+        intake.stop()
+    intake = make_intake(layout)  # a restarted daemon continues the numbering
+    try:
+        drop(layout.inbox, "later.jsonl")
+        assert [(j.id, j.original_name) for j in poll_for(intake, 1)] == [(4, "later.jsonl")]
+    finally:
+        intake.stop()
+    assert [j.id for j, _ in Spool(layout).list(JobStatus.PENDING)] == [1, 2, 3, 4]
+
+
+def test_a_file_still_being_written_is_not_taken(layout, intake):
+    path = layout.inbox / "growing.jsonl"
+    chunks = [f'{{"text": "line {i}"}}\n'.encode() for i in range(12)]
+    with open(path, "wb") as f:
+        for chunk in chunks:  # 0.6 s of writing with pauses shorter than the settle time
+            f.write(chunk)
+            f.flush()
+            assert intake.poll(0.05) == []
+    jobs = poll_for(intake, 1)
+    assert len(jobs) == 1
+    data = b"".join(chunks)
+    assert jobs[0].sha256 == hashlib.sha256(data).hexdigest() and jobs[0].size == len(data)
+    assert (Spool(layout).job_dir(jobs[0]) / "input.jsonl").read_bytes() == data
+
+
+def test_partial_and_hidden_names_wait_for_their_final_name(layout, intake):
+    for name in ["upload.jsonl.tmp", "upload2.jsonl.part", ".hidden.jsonl"]:
+        (layout.inbox / name).write_text("x\n")
+    (layout.inbox / "alpha").mkdir()
+    (layout.inbox / "alpha" / "in-folder.part").write_text("y\n")
+    assert poll_for_a_while(intake, 0.6) == []
+    os.rename(layout.inbox / "upload2.jsonl.part", layout.inbox / "upload2.jsonl")
+    os.rename(layout.inbox / "alpha" / "in-folder.part", layout.inbox / "alpha" / "in-folder.jsonl")
+    jobs = poll_for(intake, 2)
+    assert sorted((j.original_name, j.adapter) for j in jobs) == [("in-folder.jsonl", "alpha"),
+                                                                   ("upload2.jsonl", "default")]
+    assert sorted(p.name for p in layout.inbox.iterdir()) == [".hidden.jsonl", "alpha", "upload.jsonl.tmp"]
+
+
+def test_adapter_folders_and_deeper_nesting(layout, intake):
+    drop(layout.inbox / "alpha", "a.jsonl")
+    drop(layout.inbox / "beta.v2", "b.jsonl", b"other\n")
+    drop(layout.inbox / "alpha" / "deeper", "ignored.jsonl", b"deep\n")
+    jobs = poll_for(intake, 2)
+    assert sorted((j.adapter, j.original_name) for j in jobs) == [("alpha", "a.jsonl"), ("beta.v2", "b.jsonl")]
+    poll_for_a_while(intake, 0.6)
+    assert (layout.inbox / "alpha" / "deeper" / "ignored.jsonl").exists()
+    nested = [e for e in events(layout, "file_rejected") if e.get("reason") == "nested_folder"]
+    assert len(nested) == 1 and "alpha/deeper/ is not followed" in nested[0]["message"]
+
+
+def test_bad_adapter_folder_names_are_reported_once_and_not_followed(layout, intake):
+    for folder in [".hidden", "bad name", "-dash"]:
+        drop(layout.inbox / folder, "data.jsonl")
+    assert poll_for_a_while(intake, 0.6) == []
+    bad = [e for e in events(layout, "file_rejected") if e.get("reason") == "bad_adapter_folder"]
+    assert sorted(os.path.basename(e["path"]) for e in bad) == ["-dash", ".hidden", "bad name"]
+    assert all("invalid adapter name" in e["message"] for e in bad)
+    assert all((layout.inbox / f / "data.jsonl").exists() for f in [".hidden", "bad name", "-dash"])
+
+
+def test_a_symlink_is_rejected_and_its_target_left_alone(layout, intake, tmp_path):
+    target = tmp_path / "outside.jsonl"
+    target.write_text('{"text": "secret"}\n')
+    os.utime(target, (1_000_000_000, 1_000_000_000))  # atime too: any read would move it (strictatime aside)
+    (tmp_path / "dir").mkdir()
+    os.symlink(target, layout.inbox / "link.jsonl")
+    os.symlink(tmp_path / "dir", layout.inbox / "dirlink")
+    jobs = poll_for(intake, 2)
+    assert {j.state for j in jobs} == {JobStatus.FAILED}
+    errors = sorted(j.error for j in jobs)
+    assert errors == [f"symlinks are not followed: dirlink -> {tmp_path / 'dir'}",
+                      f"symlinks are not followed: link.jsonl -> {target}"]
+    assert target.read_text() == '{"text": "secret"}\n' and os.stat(target).st_mtime == 1_000_000_000
+    for job in jobs:
+        assert os.path.islink(layout.state_dir("failed") / job.dir_name / "input.symlink")
+    assert [e["reason"] for e in events(layout, "file_rejected")] == ["symlink", "symlink"]
+    assert list(layout.inbox.iterdir()) == []
+
+
+def test_a_fifo_is_skipped_without_blocking(layout, intake):
+    fifo = layout.inbox / "pipe.jsonl"
+    os.mkfifo(fifo)
+    drop(layout.inbox, "real.jsonl")
+    started = time.monotonic()
+    jobs = poll_for(intake, 1)
+    jobs += poll_for_a_while(intake, 0.6)
+    assert time.monotonic() - started < 3  # nothing opened the FIFO (that would hang without a writer)
+    assert [j.original_name for j in jobs] == ["real.jsonl"]
+    special = [e for e in events(layout, "file_rejected") if e.get("reason") == "special_file"]
+    assert len(special) == 1 and "it is a FIFO" in special[0]["message"]
+    assert fifo.exists()
+
+
+def test_names_with_spaces_unicode_and_newlines(layout, intake):
+    names = ["with space.jsonl", "ünïcødé 日本.jsonl", "new\nline.jsonl", "tab\there.jsonl"]
+    for i, name in enumerate(names):
+        drop(layout.inbox, name, f"{i}\n".encode())
+    jobs = poll_for(intake, len(names))
+    assert sorted(j.original_name for j in jobs) == sorted(names)
+    for job in jobs:
+        assert Spool(layout).get(job.id)[0].original_name == job.original_name
+    log = layout.status_log.read_text().splitlines()
+    assert any("new\\nline.jsonl" in line for line in log)  # escaped: one event, one line
+    assert len(log) == len(events(layout))
+
+
+@pytest.mark.parametrize("policy", ["skip", "train"])
+def test_duplicate_policy(layout, policy):
+    intake = make_intake(layout, duplicate_policy=policy)
+    try:
+        drop(layout.inbox, "first.jsonl", b"same bytes\n")
+        (original,) = poll_for(intake, 1)
+        drop(layout.inbox, "again.jsonl", b"same bytes\n")
+        drop(layout.inbox / "other", "again.jsonl", b"same bytes\n")  # another adapter: never a duplicate
+        jobs = sorted(poll_for(intake, 2), key=lambda j: j.adapter)
+    finally:
+        intake.stop()
+    again, other = jobs
+    assert other.adapter == "other" and other.state == JobStatus.PENDING and other.duplicate_of is None
+    if policy == "skip":
+        assert again.state == JobStatus.DONE and again.duplicate_of == original.id
+        assert again.note == f"duplicate of job {original.id} (same sha256); not trained again"
+        assert Spool(layout).get(again.id)[1].parent.name == "done"
+        assert len(events(layout, "duplicate")) == 1
+    else:
+        assert again.state == JobStatus.PENDING and again.duplicate_of is None
+        assert f"same bytes as job {original.id}" in events(layout, "job_queued")[1]["message"]
+
+
+def test_the_same_name_dropped_twice_is_two_jobs(layout, intake):
+    drop(layout.inbox, "data.jsonl", b"version one\n")
+    (first,) = poll_for(intake, 1)
+    drop(layout.inbox, "data.jsonl", b"version two\n")
+    (second,) = poll_for(intake, 1)
+    spool = Spool(layout)
+    assert (first.id, second.id) == (1, 2) and first.original_name == second.original_name == "data.jsonl"
+    assert (spool.job_dir(first) / "input.jsonl").read_bytes() == b"version one\n"
+    assert (spool.job_dir(second) / "input.jsonl").read_bytes() == b"version two\n"
+
+
+def test_moved_in_and_closed_files_are_taken_on_the_event_before_the_settle_time(layout):
+    intake = make_intake(layout, settle_seconds=30, rescan_seconds=30)
+    try:
+        intake.poll(0)  # the first scan
+        started = time.monotonic()
+        drop(layout.inbox, "moved.jsonl")  # a rename into the inbox
+        assert [j.original_name for j in poll_for(intake, 1, timeout=5)] == ["moved.jsonl"]
+        with open(layout.inbox / "written.jsonl", "wb") as f:  # written in place, then closed
+            f.write(b"in place\n")
+        assert [j.original_name for j in poll_for(intake, 1, timeout=5)] == ["written.jsonl"]
+        assert time.monotonic() - started < 4
+    finally:
+        intake.stop()
+
+
+def test_the_watcher_is_restarted_when_its_observer_stops(layout):
+    intake = make_intake(layout, settle_seconds=30, rescan_seconds=30)  # only events can bring a file in fast
+    try:
+        intake.poll(0)
+        assert intake.watcher.alive()
+        dead = intake.watcher.observer
+        dead.stop()
+        dead.join(5)
+        assert not intake.watcher.alive()
+        assert intake.poll(0) == []
+        assert intake.watcher.alive() and intake.watcher.observer is not dead
+        assert len(events(layout, "watcher_restarted")) == 1
+        drop(layout.inbox, "after.jsonl")
+        assert [j.original_name for j in poll_for(intake, 1, timeout=5)] == ["after.jsonl"]
+    finally:
+        intake.stop()
+    assert not intake.watcher.alive()
+
+
+def test_a_deleted_inbox_is_made_again_and_watched(layout, intake):
+    intake.poll(0)
+    shutil.rmtree(layout.inbox)
+    assert intake.poll(0.1) == []
+    assert layout.inbox.is_dir() and intake.watcher.alive()
+    drop(layout.inbox / "alpha", "back.jsonl")
+    assert [j.adapter for j in poll_for(intake, 1)] == ["alpha"]
+
+
+def test_the_polling_observer_works_too(layout):
+    intake = make_intake(layout, polling=True)
+    try:
+        drop(layout.inbox, "polled.jsonl")
+        assert [j.original_name for j in poll_for(intake, 1)] == ["polled.jsonl"]
+    finally:
+        intake.stop()
+
+
+def test_poll_never_blocks_longer_than_asked(layout, intake):
+    intake.poll(0)
+    for timeout in (0.0, 0.2):
+        started = time.monotonic()
+        intake.poll(timeout)
+        assert time.monotonic() - started < timeout + 0.15
+
+
+def test_scan_inbox_alone_sees_every_complete_file_with_no_settle(layout):
+    drop(layout.inbox, "a.jsonl")
+    drop(layout.inbox / "beta", "b.jsonl")
+    (layout.inbox / "c.jsonl.part").write_text("partial")
+    found = scan_inbox(layout, 0, [".tmp", ".part"])
+    assert sorted((c.adapter, c.original_name) for c in found) == [("beta", "b.jsonl"), ("default", "a.jsonl")]
+    assert scan_inbox(layout, 0.2, [".part"]) == []  # a first look cannot know that a file has settled
+
+
+def test_a_claim_error_is_logged_once_and_the_file_stays(layout, intake, monkeypatch):
+    from daemon import spool as spool_module
+
+    real = spool_module._hash_and_sync
+    calls = []
+
+    def io_error(path, chunk=0):  # a fault we cannot cause for real: the disk fails while hashing
+        calls.append(path)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_hash_and_sync", io_error)
+    stuck = drop(layout.inbox, "stuck.jsonl", b"keep me\n")
+    assert poll_for_a_while(intake, 0.6) == []
+    failed = [e for e in events(layout, "file_rejected") if e.get("reason") == "claim_failed"]
+    assert len(failed) == 1 and failed[0]["level"] == "error" and "Input/output error" in failed[0]["message"]
+    assert stuck.read_bytes() == b"keep me\n" and len(calls) == 1  # given back, and not hammered
+    monkeypatch.setattr(spool_module, "_hash_and_sync", real)
+    stuck.write_bytes(b"keep me too\n")  # a changed file is tried again at once
+    assert [j.original_name for j in poll_for(intake, 1)] == ["stuck.jsonl"]
+
+
+def test_poll_is_safe_from_another_thread_writing_files(layout, intake):
+    def writer():
+        for i in range(20):
+            drop(layout.inbox, f"f{i:02d}.jsonl", f"{i}\n".encode())
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    jobs = poll_for(intake, 20, timeout=8)
+    thread.join()
+    assert sorted(j.original_name for j in jobs) == [f"f{i:02d}.jsonl" for i in range(20)]
+    assert [j.id for j in jobs] == list(range(1, 21))
