@@ -278,7 +278,9 @@ def _issues(exc: ValidationError, lines: dict[tuple, int]) -> list[dict]:
         kind = e["type"]
         if kind == "extra_forbidden":
             keys = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.75)
+            # Typos, and names other tools use with a prefix (peft's lora_alpha for lora.alpha).
+            close = (difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.75)
+                     or [k for k in keys if str(loc[-1]).endswith("_" + k)])
             message = f"unknown key, did you mean {close[0]}?" if close else "unknown key"
             allowed = ("keys: " + ", ".join(keys)) if keys else None
         else:
