@@ -162,10 +162,16 @@ class Supervisor:
         try:
             while True:
                 try:
-                    self._on_event(job, events.get(timeout=0.2))
-                    continue
+                    event = events.get(timeout=0.2)
                 except queue.Empty:
-                    pass
+                    event = None
+                if event is not None:
+                    try:
+                        self._on_event(job, event)
+                    except Exception as e:  # a malformed event must never take the daemon down
+                        self.status.event("bad_event", f"job {job.id}: could not handle trainer event {event!r}: {e!r}",
+                                          level="warning")
+                    continue
                 if self.child.poll() is not None and not reader.is_alive():
                     break
                 self._tick(timeout=0)
@@ -251,7 +257,7 @@ class Supervisor:
                    "invalid": "input rejected by validation", "saving": f"saving at step {ev.get('step')}"
                    }.get(kind, ev.get("message", ""))
             self.status.event(kind, f"job {job.id}: {msg}", level="debug" if kind == "saving" else "info",
-                              job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts")})
+                              job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts", "message")})
         self.snapshot()
 
     def _finish(self, job: Job, job_dir: Path, cfg, outcome: Outcome) -> None:
@@ -307,7 +313,7 @@ class Supervisor:
 
     def _check_gpu_memory(self, job: Job, before: dict | None) -> None:
         if before is None:
-            self.status.event("gpu_memory", f"job {job.id}: no GPU visible to NVML; nothing to check", level="debug")
+            self.status.event("gpu_memory", f"job {job.id}: GPU memory not checked: no GPU visible to NVML", released=None)
             return
         start = time.monotonic()
         after = gpu.snapshot()

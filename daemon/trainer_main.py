@@ -164,6 +164,7 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
     report = validate_file(job_dir / "input.jsonl", tokenizer, max_length=t.max_length,
                            max_line_bytes=cfg.intake.max_line_bytes, train_on_inputs=t.train_on_inputs,
                            too_long=t.too_long, min_examples=t.min_examples, keep_examples=True)
+    report.file = job["original_name"]  # the user's name for it, not the job folder's copy
     durable.write_json(job_dir / "report.json", report.to_dict())
     if not report.ok:
         durable.write_json(job_dir / "error.json", {"kind": "bad_input", "message": report.render(), "at": now_iso()})
