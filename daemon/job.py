@@ -7,6 +7,7 @@ folder leaves a manifest that disagrees, so load() takes the state from the fold
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -71,17 +72,21 @@ class Job:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Job":
-        known = {f.name for f in fields(cls)}
         # Unknown keys are dropped rather than fatal: a manifest from a newer daemon still loads.
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in _FIELDS})
 
     @classmethod
-    def load(cls, job_dir: str | Path) -> "Job":
-        job_dir = Path(job_dir)
-        job = cls.from_dict(json.loads((job_dir / MANIFEST).read_text(encoding="utf-8")))
-        if job_dir.parent.name in JobStatus._value2member_map_:
-            job.state = JobStatus(job_dir.parent.name)
+    def load(cls, job_dir: str | os.PathLike) -> "Job":
+        job_dir = os.path.normpath(os.fspath(job_dir))
+        with open(os.path.join(job_dir, MANIFEST), "rb") as f:
+            job = cls.from_dict(json.loads(f.read()))
+        folder = os.path.basename(os.path.dirname(job_dir))
+        if folder in JobStatus._value2member_map_:
+            job.state = JobStatus(folder)
         return job
 
-    def save(self, job_dir: str | Path) -> None:
+    def save(self, job_dir: str | os.PathLike) -> None:
         durable.write_json(Path(job_dir) / MANIFEST, self.to_dict())
+
+
+_FIELDS = frozenset(f.name for f in fields(Job))
