@@ -409,3 +409,36 @@ def test_one_render_method_agrees_with_the_prefix_method(tok, monkeypatch):
     fast = [tokenize_example(tok, r, 512) for r in records]
     monkeypatch.setattr(data, "_template_shape", lambda tokenizer: None)  # as for a template the probe cannot read
     assert [tokenize_example(tok, r, 512) for r in records] == fast
+
+
+# --- `training-daemon validate` --------------------------------------------------------------------------------
+
+def test_validate_command_prints_the_report_and_exits_by_ok(root, tiny_model_dir, capsys):
+    from helpers import write_config
+
+    from daemon.config import load_config
+    from daemon.data import validate_command
+
+    cfg = load_config(write_config(root, tiny_model_dir, training={"max_length": 128, "min_examples": 2}))
+    good = write(root / "good.jsonl", [chat(), "oops", chat("another question", "another answer")])
+    assert validate_command(good, cfg, as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "good.jsonl: OK: 2 usable examples (messages format)" in out and "line 2: invalid JSON" in out
+    long_answer = write(root / "long.jsonl", [chat(), chat(answer="many words " * 100)])
+    assert validate_command(long_answer, cfg, as_json=True) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["fatal"]["code"] == "too_few_examples" and report["counts_by_code"] == {"too_long": 1}
+    assert report["errors"][0]["line"] == 2 and report["tokens"] > 0
+
+
+@pytest.mark.slow  # a subprocess that imports transformers (and so torch): several seconds on 2 cores
+def test_validate_cli_json(root, tiny_model_dir):
+    from helpers import cli, write_config
+
+    write_config(root, tiny_model_dir)
+    path = write(root / "mixed data.jsonl", [chat(), {"text": "plain"}])
+    result = cli(root, "validate", str(path), "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["fatal"]["code"] == "mixed_formats" and report["fatal"]["line"] == 2
+    assert report["file"].endswith("mixed data.jsonl") and report["ok"] is False
