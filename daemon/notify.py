@@ -27,20 +27,31 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def send(self, *assignments: str) -> bool:
-        """Send "KEY=VALUE" lines as one datagram; True if it was handed to the socket."""
+    def send(self, *assignments: str, wait: float = 0.0) -> bool:
+        """Send "KEY=VALUE" lines as one datagram; True if it was handed to the socket.
+
+        Never blocks for longer than `wait`: a datagram socket whose reader lags blocks its senders, and
+        a status line is not worth stalling the daemon (a stuck daemon is what the watchdog is for).
+        """
         if not self.address:
             return False
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto("\n".join(assignments).encode("utf-8", "replace"), self.address)
-            return True
-        except Exception:
-            return False
+        deadline = time.monotonic() + wait
+        data = "\n".join(assignments).encode("utf-8", "replace")
+        while True:
+            try:
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.sendto(data, socket.MSG_DONTWAIT, self.address)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.01)
+            except Exception:
+                return False
 
     def ready(self) -> bool:
-        return self.send("READY=1", f"MAINPID={os.getpid()}")
+        return self.send("READY=1", f"MAINPID={os.getpid()}", wait=2.0)
 
     def status(self, text: str) -> bool:
         # STATUS= is one line in `systemctl status`; a newline would start a new (bogus) assignment.
@@ -63,10 +74,10 @@ class Notifier:
 
     def extend_timeout(self, usec: int) -> bool:
         """Ask for usec more before systemd gives up on a start or stop (a checkpoint being saved)."""
-        return self.send(f"EXTEND_TIMEOUT_USEC={int(usec)}")
+        return self.send(f"EXTEND_TIMEOUT_USEC={int(usec)}", wait=1.0)
 
     def stopping(self) -> bool:
-        return self.send("STOPPING=1", "STATUS=stopping")
+        return self.send("STOPPING=1", "STATUS=stopping", wait=1.0)
 
     def close(self) -> None:
         if self._sock is not None:

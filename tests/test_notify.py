@@ -43,7 +43,25 @@ class FakeSystemd:
                 return out
             out.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
 
+    def collect_in_background(self) -> list[dict]:
+        """Read datagrams as systemd does, while the daemon runs; returns the list it fills."""
+        import threading
+
+        got: list[dict] = []
+        self._stop = threading.Event()
+
+        def run():
+            while not self._stop.is_set():
+                got.extend(self.messages(timeout=0.1))
+
+        self._reader = threading.Thread(target=run, daemon=True)
+        self._reader.start()
+        return got
+
     def close(self):
+        if getattr(self, "_reader", None):
+            self._stop.set()
+            self._reader.join(2)
         self.sock.close()
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -90,6 +108,16 @@ def test_watchdog_meant_for_another_pid_is_ignored(systemd):
     assert n.watchdog_interval() is None and not n.watchdog()
 
 
+def test_a_reader_that_lags_never_blocks_the_daemon(systemd):
+    n = Notifier({"NOTIFY_SOCKET": systemd.env_value})
+    start = time.monotonic()
+    sent = sum(n.status(f"step {i}") for i in range(5000))  # nobody reads: the socket queue fills up
+    assert time.monotonic() - start < 2
+    assert 0 < sent < 5000
+    assert not n.stopping() and time.monotonic() - start < 4  # waits at most a second for important ones
+    assert systemd.messages(timeout=0.1)[0] == {"STATUS": "step 0"}
+
+
 def test_no_socket_means_no_ops_and_errors_never_raise(tmp_path):
     n = Notifier({})
     assert not n.enabled
@@ -113,11 +141,11 @@ def test_systemctl_status_line_during_training(root, tiny_model_dir):
     try:
         write_config(root, tiny_model_dir)
         drop(root, "facts.jsonl", chat_lines(8, "fig"))
+        msgs = fake.collect_in_background()
         proc = subprocess.run([sys.executable, str(ENTRY), "run", "--once", "--quiet", "--root", str(root)],
                               env=env(NOTIFY_SOCKET=fake.env_value, WATCHDOG_USEC="2000000"),
                               capture_output=True, text=True, timeout=300, cwd=root)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        msgs = fake.messages()
     finally:
         fake.close()
     assert msgs and msgs[0].get("READY") == "1"
