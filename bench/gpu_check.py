@@ -61,12 +61,23 @@ def main() -> int:
         os.environ["DAEMON_LOSS"] = "chunked"
         lc, gc = grads(pm, packed)
         os.environ.pop("DAEMON_LOSS")
+        # The truth: the same LoRA model in fp32, padded, plain HF loss. Each bf16 path must be as close to it
+        # as the plain HF bf16 path is (bf16 rounding), whatever its attention kernel and loss.
+        pm.float()
+        os.environ["DAEMON_LOSS"] = "hf"
+        lt, gt = grads(pm, padded)
+        os.environ.pop("DAEMON_LOSS")
         n = packed["n_trainable"]
-        print(f"{name}: per-token loss packed {lp / n:.5f} padded {ld / n:.5f} hf {lh / n:.5f} chunked {lc / n:.5f}")
-        checks = {"loss packed/padded": rel(lp, ld), "loss default/hf": rel(ld, lh), "loss chunked/hf": rel(lc, lh),
-                  "grad packed/padded": rel(gp, gd), "grad default/hf": rel(gd, gh), "grad chunked/hf": rel(gc, gh)}
+        print(f"{name}: per-token loss fp32 {lt / n:.5f} | bf16: packed {lp / n:.5f} padded {ld / n:.5f} "
+              f"hf {lh / n:.5f} chunked {lc / n:.5f}")
+        base = rel(gh, gt)
+        print(f"  grad error vs fp32: hf bf16 {base:.2e}, packed {rel(gp, gt):.2e}, padded {rel(gd, gt):.2e}, "
+              f"chunked {rel(gc, gt):.2e}")
+        checks = {"loss packed": rel(lp, lt), "loss padded": rel(ld, lt), "loss chunked": rel(lc, lt),
+                  "grad packed": rel(gp, gt) / max(base, 1e-3), "grad padded": rel(gd, gt) / max(base, 1e-3),
+                  "grad chunked": rel(gc, gt) / max(base, 1e-3)}
         for k, v in checks.items():
-            good = v < 2e-2
+            good = v < (1e-2 if k.startswith("loss") else 2.0)  # grads: at most twice the plain bf16 error
             ok &= good
             print(f"  {k}: {v:.2e} {'ok' if good else 'FAIL'}")
         del pm, model

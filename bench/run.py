@@ -82,7 +82,13 @@ def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: b
         return out
     except torch.OutOfMemoryError as e:
         return {"path": "daemon", "model": name, "max_length": max_length, "error": f"OOM: {str(e)[:200]}",
-                "cap_gib": cap_gib}
+                "cap_gib": cap_gib, "env": env}
+    except Exception as e:  # a variant that breaks (e.g. a compile failure) must not end the whole benchmark
+        import traceback
+
+        traceback.print_exc()
+        return {"path": "daemon", "model": name, "max_length": max_length, "env": env,
+                "error": f"{type(e).__name__}: {str(e)[:200]}", "cap_gib": cap_gib}
     finally:
         if recipe is not None:
             recipe.cleanup()

@@ -63,7 +63,10 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         model.set_attn_implementation(attn)
     for p in model.parameters():
         p.requires_grad_(False)
-    liger = device.type == "cuda" and knob("DAEMON_LIGER_KERNELS", "1") == "1" and _apply_liger_kernels(model)
+    compile_layers = device.type == "cuda" and knob("DAEMON_COMPILE", "0") == "1"
+    # Liger's kernels are autograd Functions that torch.compile cannot trace through: one or the other.
+    liger = (device.type == "cuda" and not compile_layers and knob("DAEMON_LIGER_KERNELS", "1") == "1"
+             and _apply_liger_kernels(model))
 
     # Seeded so that LoRA A matrices are the same in every attempt of a job (resume is bit-for-bit on CPU).
     # LoRA weights stay in the base dtype (bf16 on GPU): fp32 adapters make every LoRA'd Linear cast its input
@@ -84,7 +87,7 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
 
     if _mplan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compiled = device.type == "cuda" and knob("DAEMON_COMPILE", "0") == "1" and _compile_layers(model)
+    compiled = compile_layers and _compile_layers(model)
     lora_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), dtype)
     plan = {
         "device": str(device),
@@ -165,22 +168,24 @@ def attention_for(device: torch.device) -> str:
     return "sdpa"
 
 
+_VARLEN: dict = {}  # the torch function and which keywords it takes, looked up once (no inspect in the hot path)
+
+
 def register_varlen_attention() -> bool:
     """Register VARLEN with transformers (once); False when this torch has no varlen flash attention."""
-    if _varlen_fn() is None:
-        return False
-    from transformers import AttentionInterface
+    if not _VARLEN:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            return False
+        import inspect
 
-    AttentionInterface.register(VARLEN, varlen_attention_forward)
+        from transformers import AttentionInterface
+
+        params = inspect.signature(varlen_attn).parameters
+        _VARLEN.update(fn=varlen_attn, gqa="enable_gqa" in params, is_causal="is_causal" in params)
+        AttentionInterface.register(VARLEN, varlen_attention_forward)
     return True
-
-
-def _varlen_fn():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -192,29 +197,25 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     exact for right-padded rows (real tokens only ever see earlier, real tokens; pads carry no loss):
     VARLEN registers no mask function, so transformers builds no [T, T] mask for it at all.
     """
-    import inspect
-
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if cu_seq_lens_q is None or query.device.type != "cuda":
         if cu_seq_lens_q is not None:  # CPU (tests): the same function, one document at a time
             return _per_document_sdpa(module, query, key, value, cu_seq_lens_q, scaling)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True, **kwargs)
-    varlen_attn = _varlen_fn()
-    params = inspect.signature(varlen_attn).parameters
     q, k, v = (x.transpose(1, 2).squeeze(0) for x in (query, key, value))  # [T, heads, head_dim]
     extra = {"scale": scaling}
-    if "enable_gqa" in params:
+    if _VARLEN["gqa"]:
         extra["enable_gqa"] = k.shape[1] != q.shape[1]
     elif k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if "is_causal" in params:
+    if _VARLEN["is_causal"]:
         extra["is_causal"] = True
     else:
         extra["window_size"] = (-1, 0)
-    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **extra)
+    out = _VARLEN["fn"](q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **extra)
     return out.unsqueeze(0), None
 
 

@@ -1,0 +1,87 @@
+"""Where a training step's time goes: host (CPU) vs device, per op, for one model shape.
+
+    python bench/profile_step.py --model smollm2-135m --steps 6
+
+Prints the per-micro-batch wall time of forward+loss+backward alone (no optimizer), the GPU busy share of it,
+the top ops by host time and by device time, and the top Python functions by own time (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
+from daemon import loss, model as dm, packing  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=8192)
+    args = ap.parse_args(argv)
+    cfg = types.SimpleNamespace(
+        training=types.SimpleNamespace(precision="auto", gradient_checkpointing="false", max_length=1024,
+                                       micro_batch_size=8, seed=0),
+        lora=types.SimpleNamespace(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), trust_remote_code=False)
+    pm, _, plan = dm.prepare_model(common.build_model(args.model), None, cfg, "cuda")
+    ex = common.synthetic_examples(2000, max_length=1024, seed=0)
+    plan_mb = packing.plan_micro_batches([len(e.input_ids) for e in ex], token_budget=args.tokens, max_examples=8,
+                                         packing=True, seed=0, epoch=0)
+    batches = [packing.collate([ex[i] for i in mb], packing=True, pad_id=0) for mb in plan_mb[:args.steps + 3]]
+
+    def step(b):
+        b = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        loss.token_loss_sum(pm, b).backward()
+
+    for b in batches[:3]:
+        step(b)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for b in batches[3:]:
+        step(b)
+    host = time.perf_counter() - t
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    print(f"{args.model}: {plan}\nper micro-batch: host {host / args.steps * 1e3:.1f} ms, wall {wall / args.steps * 1e3:.1f} ms")
+
+    prof_busy = common.BusyProfiler(start_step=0, steps=1)
+    prof_busy.step(0)
+    for b in batches[3:]:
+        step(b)
+    prof_busy.step(1)
+    print(f"GPU busy (kernels / wall): {prof_busy.busy_fraction():.1%}")
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for b in batches[3:5]:
+            step(b)
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    print(ka.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for b in batches[3:]:
+        step(b)
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+    print(s.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
