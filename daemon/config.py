@@ -190,7 +190,7 @@ class DaemonConfig(Section):
 
 # ------------------------------------------------------------------ describing fields in plain words
 def _field(loc: tuple) -> tuple[Any, type | None]:
-    """The FieldInfo at `loc` (None if unknown) and the section that holds (or would hold) that key."""
+    """(the FieldInfo at `loc`, None), or (None, the section that has no such key) for an unknown key."""
     section, info = DaemonConfig, None
     for part in loc:
         if isinstance(part, int):  # an item of a list: describe the list
@@ -200,10 +200,9 @@ def _field(loc: tuple) -> tuple[Any, type | None]:
         info = section.model_fields.get(part)
         if info is None:
             return None, section
-        holder = section
         ann = info.annotation
         section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return info, (holder if info is not None else None)
+    return info, None
 
 
 def _allowed(info) -> str | None:
@@ -274,10 +273,10 @@ def _issues(exc: ValidationError, lines: dict[tuple, int]) -> list[dict]:
     out = []
     for e in exc.errors(include_url=False):
         loc = tuple(e["loc"])
-        info, owner = _field(loc)
+        info, section = _field(loc)
         kind = e["type"]
         if kind == "extra_forbidden":
-            keys = list(owner.model_fields) if owner else []
+            keys = list(section.model_fields) if section else []
             # Typos, and names other tools use with a prefix (peft's lora_alpha for lora.alpha).
             close = (difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.75)
                      or [k for k in keys if str(loc[-1]).endswith("_" + k)])
