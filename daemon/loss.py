@@ -6,8 +6,9 @@ under LoRA, so that is the only gradient needed). Peak memory for the loss is on
 all of them: for a 150k vocabulary and 16k tokens that is ~0.3 GB instead of ~10 GB. On CUDA, Liger's fused
 linear cross entropy does the same in Triton when it is installed.
 
-`DAEMON_LOSS=hf|chunked|liger` forces one path (the benchmark compares them); the default is the best one
-that applies. Models whose logits are more than `lm_head(hidden)` (soft-capping, logit scales) and LoRA on
+`DAEMON_LOSS=hf|chunked|liger` forces one path (the benchmark compares them); the default is the chunked
+one, which measured faster than Liger's on an H100 (Liger launches many small Triton chunks from Python and
+syncs the host once per call: docs/performance.md). Models whose logits are more than `lm_head(hidden)` (soft-capping, logit scales) and LoRA on
 the lm_head itself take the plain HF path.
 """
 
@@ -21,12 +22,19 @@ import torch.nn.functional as F
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (fp32: 256 MB)
+# Packed rows vary in length at every step; each new length makes cuBLAS choose its kernels again on the host
+# for every matmul. Rounding the row up to a multiple (a padding document that attends only to itself and has
+# no labels) keeps the set of shapes small. On GPU only; DAEMON_PAD_MULTIPLE=0 turns it off.
+PAD_MULTIPLE = 128
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum of next-token cross entropy over the batch's trainable positions, as an fp32 scalar."""
     causal_lm = _causal_lm(model)
     mode = _mode(causal_lm, batch["input_ids"].device)
+    multiple = int(os.environ.get("DAEMON_PAD_MULTIPLE", PAD_MULTIPLE))
+    if "cu_seq_lens" in batch and batch["input_ids"].is_cuda and multiple > 1:
+        batch = pad_packed(batch, multiple)
     if mode == "hf":
         return _hf_loss_sum(causal_lm, batch)
     hidden = causal_lm.get_decoder()(**_body_inputs(causal_lm, batch)).last_hidden_state
@@ -38,6 +46,21 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     if mode == "liger":
         return _liger()(hidden, head.weight, targets, bias=head.bias, ignore_index=IGNORE, reduction="sum").float()
     return linear_cross_entropy_sum(hidden, head.weight, targets, head.bias)
+
+
+def pad_packed(batch: dict, multiple: int) -> dict:
+    """A packed [1, T] batch padded on the device to a multiple of `multiple` tokens (no host sync)."""
+    length = batch["input_ids"].shape[1]
+    extra = -length % multiple
+    if extra == 0:
+        return batch
+    out = dict(batch)
+    out["input_ids"] = F.pad(batch["input_ids"], (0, extra), value=0)
+    out["labels"] = F.pad(batch["labels"], (0, extra), value=IGNORE)
+    out["position_ids"] = F.pad(batch["position_ids"], (0, extra), value=0)
+    out["cu_seq_lens"] = F.pad(batch["cu_seq_lens"], (0, 1), value=length + extra)
+    out["max_seq_len"] = max(batch["max_seq_len"], extra)
+    return out
 
 
 def _causal_lm(model):
@@ -59,10 +82,10 @@ def _mode(causal_lm, device: torch.device) -> str:
         return "hf"
     if forced == "chunked":
         return "chunked"
-    if device.type == "cuda" and _liger() is not None:
-        return "liger"
     if forced == "liger":
-        raise RuntimeError("DAEMON_LOSS=liger needs CUDA and liger-kernel")
+        if device.type != "cuda" or _liger() is None:
+            raise RuntimeError("DAEMON_LOSS=liger needs CUDA and liger-kernel")
+        return "liger"
     return "chunked"
 
 

@@ -35,7 +35,7 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": device}
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
     return prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan)
@@ -83,8 +83,10 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
             lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                               target_modules=_targets(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
             model = get_peft_model(model, lora, autocast_adapter_dtype=autocast)
-    model.to(device)
+    if not quantized:  # bitsandbytes places 4-bit weights itself and refuses .to()
+        model.to(device)
 
+    lean = knob("DAEMON_LEAN_LORA", "1") == "1" and _lean_lora(model)
     if _mplan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled = compile_layers and _compile_layers(model)
@@ -98,6 +100,7 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         "quantized_4bit": quantized,
         "liger": bool(liger),
         "compiled": bool(compiled),
+        "lean_lora_modules": lean,
         "micro_batch_size": _mplan.micro_batch_size,
         "free_memory_gib": _mplan.free_gib,
         "memory_budget_gib": _mplan.budget_gib,
@@ -125,6 +128,43 @@ def _apply_liger_kernels(model) -> bool:
     except (TypeError, ValueError, NotImplementedError):  # an architecture Liger does not know: plain kernels
         return False
     return True
+
+
+def _lean_lora(model) -> int:
+    """Give each plain LoRA Linear a short forward: base + scale * B(A(x)), added in place.
+
+    peft's general forward (adapter lists, dtype casts, DoRA and merge checks, a separate scaling multiply)
+    costs host time on every call, and small models are bound by exactly that. Only modules where nothing
+    else applies (one adapter, no dropout, no DoRA, adapter in the base dtype, a plain nn.Linear base) get
+    it; peft's forward still runs whenever adapters are disabled or merged. Returns how many were changed.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    changed = 0
+    for module in model.modules():
+        if type(module) is not LoraLinear or len(module.active_adapters) != 1:
+            continue
+        name = module.active_adapters[0]
+        base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
+        if (type(base) is not torch.nn.Linear or module.use_dora.get(name)
+                or not isinstance(module.lora_dropout[name], torch.nn.Identity)
+                or lora_a.weight.dtype != base.weight.dtype or lora_a.bias is not None or lora_b.bias is not None):
+            continue
+        module.forward = _lean_forward(module, base, lora_a, lora_b, module.scaling[name], module.forward)
+        changed += 1
+    return changed
+
+
+def _lean_forward(module, base, lora_a, lora_b, scale, general):
+    import torch.nn.functional as F
+
+    def forward(x, *args, **kwargs):
+        if module.disable_adapters or module.merged or args or kwargs:
+            return general(x, *args, **kwargs)
+        out = F.linear(x, base.weight, base.bias)
+        return out.add_(F.linear(F.linear(x, lora_a.weight), lora_b.weight), alpha=scale)
+
+    return forward
 
 
 def _compile_layers(model) -> bool:
