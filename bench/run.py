@@ -168,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--busy", action="store_true", help="profile GPU busy fraction on the first model")
     ap.add_argument("--variants", default="", help="extra daemon runs: comma list of ENV=VALUE[+ENV=VALUE]")
+    ap.add_argument("--variant-models", default="", help="models the variants run on (default: all)")
+    ap.add_argument("--qlora-steps", type=int, default=12)
     ap.add_argument("--cap-plan", action="store_true", help="llama-3.1-8b, max length 2048, 24 GiB cap")
     ap.add_argument("--qlora", action="store_true", help="llama-3.1-8b 4-bit under a 10 GiB cap")
     ap.add_argument("--out", type=Path)
@@ -195,6 +197,8 @@ def main(argv=None) -> int:
         record(ref)
     for i, name in enumerate(names):
         record(run_ours(name, args, examples, busy=args.busy and i == 0))
+        if args.variant_models and name not in args.variant_models.split(","):
+            continue
         for variant in [v for v in args.variants.split(",") if v]:
             env = dict(kv.split("=", 1) for kv in variant.split("+"))
             record(run_ours(name, args, examples, env=env))
@@ -202,8 +206,10 @@ def main(argv=None) -> int:
         long = common.synthetic_examples(args.examples, max_length=2048, seed=1, mean=600)
         record(run_ours("llama-3.1-8b", args, long, cap_gib=24.0, max_length=2048))
     if args.qlora:
+        common.reset_gpu(None)
         path = common.save_random_model("llama-3.1-8b", Path("/tmp/bench_llama8b"))
-        record(run_ours("llama-3.1-8b", args, examples, cap_gib=10.0, quantized_dir=path))
+        qargs = argparse.Namespace(**{**vars(args), "steps": args.qlora_steps, "warmup": min(args.warmup, 4)})
+        record(run_ours("llama-3.1-8b", qargs, examples, cap_gib=10.0, quantized_dir=path))
     print(common.table(results), flush=True)
     return 0
 
