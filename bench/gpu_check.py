@@ -43,7 +43,7 @@ def main() -> int:
                                        micro_batch_size=8, seed=0),
         lora=types.SimpleNamespace(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), trust_remote_code=False)
     ok = True
-    for name in ("smollm2-135m", "qwen2.5-1.5b"):
+    for name in sys.argv[1:] or ("smollm2-135m", "qwen2.5-1.5b"):
         model = common.build_model(name, device="cuda")
         pm, _, plan = dm.prepare_model(model, None, cfg, "cuda")
         print(name, plan)
