@@ -123,9 +123,10 @@ def matmul_params(model) -> int:
         if "lora_" in name:
             continue
         weight = getattr(mod, "weight", None)
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
-            if weight is not None:
-                total += weight.numel() * (2 if type(mod).__name__ == "Linear4bit" else 1)
+        if weight is not None and (isinstance(mod, torch.nn.Linear)
+                                   or type(mod).__name__ in ("Linear4bit", "Linear8bitLt")):
+            quant = getattr(weight, "quant_state", None)  # 4-bit weights are stored packed: count the real shape
+            total += int(np.prod(quant.shape)) if quant is not None else weight.numel()
     return total
 
 
