@@ -142,13 +142,14 @@ def _chunk_size(vocab: int) -> int:
 
 def _chunked_forward(hidden, weight, bias, targets, *, want_grad: bool):
     n, vocab = hidden.shape[0], weight.shape[0]
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are upcast; fp64 (tests) stays fp64
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if want_grad else None
     step = _chunk_size(vocab)
     for start in range(0, n, step):
         h = hidden[start:start + step]
         t = targets[start:start + step]
-        logits = F.linear(h, weight, bias).float()
+        logits = F.linear(h, weight, bias).to(acc)
         lse = torch.logsumexp(logits, dim=-1)
         valid = t != IGNORE
         safe_t = t.clamp(min=0)

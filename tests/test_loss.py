@@ -1,0 +1,75 @@
+"""The loss: a sum over trainable tokens, equal to the plain HF loss, with chunking invisible in the result."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace as NS
+
+import torch
+import torch.nn.functional as F
+
+from daemon import loss, packing
+from daemon.model import load_for_training
+
+
+def cfg():
+    return NS(training=NS(precision="auto", gradient_checkpointing="auto", max_length=64, micro_batch_size=4, seed=1),
+              lora=NS(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), trust_remote_code=False)
+
+
+def test_linear_cross_entropy_matches_full_logits_in_value_and_gradient(monkeypatch):
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 50)  # 7 tokens a chunk: many chunks, a ragged last one
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 50, (40,), generator=g)
+    targets[::3] = -100
+    ours = loss.linear_cross_entropy_sum(hidden, weight, targets)
+    (g_ours,) = torch.autograd.grad(ours * 0.5, hidden)
+    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref * 0.5, hidden)
+    assert ours.dtype == torch.float32 or ours.dtype == torch.float64
+    assert torch.allclose(ours.double(), ref, rtol=1e-6)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        assert torch.allclose(loss.linear_cross_entropy_sum(hidden, weight, targets).double(), ref, rtol=1e-6)
+
+
+def test_chunked_loss_equals_hf_loss_on_the_tiny_model(tiny_model_dir, monkeypatch):
+    model, _, _ = load_for_training(tiny_model_dir, cfg(), "cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    rng = random.Random(2)
+    vocab = model.config.vocab_size
+    exs = []
+    for _ in range(5):
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(4, 30))]
+        exs.append(NS(input_ids=ids, labels=[-100] * 3 + ids[3:]))
+    batch = packing.collate(exs, packing=False, pad_id=0)
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 16 * vocab)  # several chunks
+
+    ours = loss.token_loss_sum(model, batch)
+    ours.backward()
+    g_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    # The reference: transformers computes the (mean) loss from full logits itself.
+    hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    (hf * batch["n_trainable"]).backward()
+    assert ours.dtype == torch.float32 and ours.dim() == 0
+    assert torch.allclose(ours, hf * batch["n_trainable"], rtol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert (g_ours[n] - p.grad).norm() <= 1e-5 * p.grad.norm(), n
+
+    monkeypatch.setenv("DAEMON_LOSS", "hf")  # the forced plain path gives the same sum
+    assert torch.allclose(loss.token_loss_sum(model, batch), ours, rtol=1e-5)
+
+
+def test_eval_needs_no_graph(tiny_model_dir):
+    model, _, _ = load_for_training(tiny_model_dir, cfg(), "cpu")
+    exs = [NS(input_ids=[5, 6, 7, 8], labels=[5, 6, 7, 8])]
+    with torch.no_grad():
+        value = loss.token_loss_sum(model, packing.collate(exs, packing=True, pad_id=0))
+    assert not value.requires_grad and torch.isfinite(value)
