@@ -131,12 +131,12 @@ class LoRARecipe:
                 loss_sum = torch.zeros((), device=self.device)
                 for batch in batches:
                     faults.check("train_step", step=p.step)
-                    batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    batch = self._to_device(batch)
                     step_loss = token_loss_sum(model, batch)
                     self.accelerator.backward(step_loss / max(n_window, 1))
                     loss_sum += step_loss.detach()
-                grad_norm = self._clip()
-                loss = (loss_sum / max(n_window, 1)).item()  # one host sync per optimizer step, not per micro-batch
+                # One host sync per optimizer step (both numbers in one copy), never one per micro-batch.
+                loss, grad_norm = torch.stack([loss_sum / max(n_window, 1), self._clip().float()]).tolist()
                 if faults.active("train_step", step=p.step):
                     loss = float("nan")
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -182,11 +182,18 @@ class LoRARecipe:
             self.emit({"event": "eval", "step": p.step, "eval_loss": eval_loss})
         return p
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
         params = [q for q in self.model.parameters() if q.requires_grad]
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _to_device(self, batch: dict) -> dict:
+        # A pageable host-to-device copy blocks until the GPU's queue drains; from pinned memory it is
+        # queued like a kernel, so the host can collate the next micro-batch meanwhile.
+        if self.device.type != "cuda":
+            return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
 
     def _emit_progress(self, loss: float, grad_norm: float, tokens_per_s: float) -> None:
         p = self.progress
