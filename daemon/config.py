@@ -120,8 +120,10 @@ class TrainingConfig(Section):
     log_every_steps: Int(ge=1) = 10
     # A string, so consumers compare one type; YAML's bare true/false are accepted and normalised.
     gradient_checkpointing: Literal["auto", "true", "false"] = "auto"
+    # Shard the base model's weights over the job's processes (FSDP); auto: only when it does not fit one GPU.
+    fsdp: Literal["auto", "true", "false"] = "auto"
 
-    @field_validator("gradient_checkpointing", mode="before")
+    @field_validator("gradient_checkpointing", "fsdp", mode="before")
     @classmethod
     def _bool_to_word(cls, v):
         return str(v).lower() if isinstance(v, bool) else v
@@ -170,7 +172,11 @@ class DaemonConfig(Section):
     lora: LoraConfig = LoraConfig()
     limits: LimitsConfig = LimitsConfig()
     status: StatusConfig = StatusConfig()
-    gpus: Union[str, list[int]] = Field("all", json_schema_extra={"allowed": "all, or a list of GPU indices like [0, 1]"})
+    gpus: Union[str, int, list[int]] = Field(
+        "all", json_schema_extra={"allowed": "all, a number of GPUs like 2, or a list of GPU indices like [0, 1]"})
+    # Without a visible GPU a job still trains on one process unless this asks for more (gloo on CPU): what
+    # the multi-process tests run in CI, and a way to try the multi-GPU code paths without GPUs.
+    cpu_processes: Int(1, 64) = 1
 
     _source: Path | None = PrivateAttr(default=None)  # the file it came from: overrides live next to it
 
@@ -183,9 +189,11 @@ class DaemonConfig(Section):
     def _gpus(cls, v):
         if v == "all":
             return v
-        if isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            return v
+        if isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
             return list(dict.fromkeys(v))
-        raise ValueError("must be `all` or a list of non-negative GPU indices like [0, 1]")
+        raise ValueError("must be `all`, a number of GPUs (1 or more), or a non-empty list of GPU indices like [0, 1]")
 
 
 # ------------------------------------------------------------------ describing fields in plain words

@@ -132,8 +132,9 @@ def test_target_modules_and_gpus():
     for bad in ([], "q_proj", [""], [3]):
         with pytest.raises(ConfigError, match="lora.target_modules: must be \"all-linear\" or a non-empty list"):
             from_dict({"base_model": "/m", "lora": {"target_modules": bad}})
-    for bad in ("some", [-1], [0.5], [True], 0):
-        with pytest.raises(ConfigError, match="gpus: must be `all` or a list of non-negative GPU indices"):
+    assert from_dict({"base_model": "/m", "gpus": 2}).gpus == 2
+    for bad in ("some", [-1], [0.5], [True], [], 0, True):
+        with pytest.raises(ConfigError, match="gpus: must be `all`, a number of GPUs"):
             from_dict({"base_model": "/m", "gpus": bad})
 
 
@@ -164,7 +165,7 @@ limits: 3
         "max_length, learning_rate, micro_batch_size, gradient_accumulation, epochs, max_steps, warmup_ratio, "
         "weight_decay, max_grad_norm, lr_scheduler, seed, train_on_inputs, too_long, min_examples, eval_fraction, "
         "eval_max_examples, packing, precision, checkpoint_every_steps, checkpoint_every_seconds, keep_checkpoints, "
-        "log_every_steps, gradient_checkpointing) [line 5]",
+        "log_every_steps, gradient_checkpointing, fsdp) [line 5]",
         "  lora.r: too large (got 2000; allowed: a whole number from 1 to 1024) [line 7]",
         "  status.web.port: too small (got -1; allowed: a whole number from 0 to 65535) [line 10]",
         "  limits: must be a section of keys (got 3; allowed: a section with keys max_attempts, oom_retries, "
