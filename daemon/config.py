@@ -160,6 +160,7 @@ class WebConfig(Section):
 
 class StatusConfig(Section):
     progress_every_steps: Int(ge=1) = 10
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     web: WebConfig = WebConfig()
 
 

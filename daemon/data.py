@@ -297,10 +297,11 @@ class Report:
         name = Path(self.file).name
         out = []
         if self.fatal:
-            out.append(f"{name}: REJECTED ({self.fatal['code']}): {self.fatal['message']}")
+            out.append(f"{name}: REJECTED ({self.fatal['code']}): {self.fatal['message']}{self._skip_reasons()}")
         else:
             out.append(f"{name}: {'OK' if self.ok else 'REJECTED'}: {self.examples} usable examples"
-                       + (f" ({self.format} format)" if self.format else ""))
+                       + (f" ({self.format} format)" if self.format else "")
+                       + (self._skip_reasons() if not self.ok else ""))
         summary = f"  {self.lines} lines, {self.examples} usable, {self.skipped} skipped"
         if self.truncated:
             summary += f", {self.truncated} truncated to {self.max_length} tokens"
@@ -315,6 +316,14 @@ class Report:
             if self.skipped > len(self.errors):
                 out.append(f"  ... and {self.skipped - len(self.errors)} more not listed")
         return "\n".join(out)
+
+    def _skip_reasons(self) -> str:
+        # The first line is what status.log and `jobs` show for a rejected file: say why lines were skipped.
+        if not self.counts_by_code:
+            return ""
+        by_code = ", ".join(f"{code} x{n}" for code, n in sorted(self.counts_by_code.items(), key=lambda x: -x[1]))
+        first = f" (first: line {self.errors[0]['line']})" if self.errors and self.errors[0].get("line") else ""
+        return f"; skipped lines: {by_code}{first}"
 
     def _add(self, item: TokenizedExample | Example | Rejection, keep: bool) -> None:
         if isinstance(item, Rejection):

@@ -26,14 +26,14 @@ from .intake import Intake
 from .job import Job, JobStatus
 from .paths import PROJECT_DIR, Layout
 from .spool import Spool
-from .status import StatusWriter, now_iso
+from .status import LEVEL_ENV, StatusWriter, now_iso
 from .outcome import Outcome, describe_exit, fmt_eta
 
 
 class Supervisor:
     def __init__(self, layout: Layout, cfg, config_path: Path | None = None, *, once: bool = False, echo: bool = True):
         self.layout, self.cfg, self.config_path, self.once = layout, cfg, config_path, once
-        self.status = StatusWriter(layout, echo=echo)
+        self.status = StatusWriter(layout, echo=echo, level=os.environ.get(LEVEL_ENV) or cfg.status.log_level)
         self.spool = Spool(layout)
         self.intake = Intake(layout, cfg.intake, self.spool, self.status)
         self.signals = 0

@@ -134,3 +134,17 @@ def test_snapshot_is_atomic_json_with_timestamps(layout):
     snap = json.loads(layout.status_json.read_text())
     assert snap["daemon"]["state"] == "idle" and snap["updated_unix"] > 0 and "updated_at" in snap
     assert not [p for p in layout.root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_configs_log_level_filters_the_daemons_log(root, tiny_model_dir):
+    from helpers import cli, drop, write_config
+
+    config = write_config(root, tiny_model_dir, status={"log_level": "warning", "web": {"enabled": False}})
+    drop(root, "broken.jsonl", b'{"messages": [\n')
+    result = cli(root, "run", "--once", "--config", str(config), TRAINING_DAEMON_LOG_LEVEL=None)
+    assert result.returncode != 0
+    levels = {line.split()[1] for line in lines(root / "status.log")}
+    assert levels and levels <= {"WARNING", "ERROR"}, levels
+    failed = [line for line in lines(root / "status.log") if " ERROR " in line]
+    assert any("broken.jsonl" in line or "job 1" in line for line in failed), failed
+    assert any("invalid_json x1 (first: line 1)" in line for line in failed), failed
