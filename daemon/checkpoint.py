@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import durable
+from . import durable, faults
 
 MANIFEST = "COMPLETE"
 PREFIX = "step-"
@@ -103,6 +103,7 @@ def save(resume_dir: Path, model, optimizer, scheduler, progress: Progress, conf
         torch.save(rng_state(), tmp / "rng.pt")
         durable.write_json(tmp / "progress.json", asdict(progress))
         durable.write_json(tmp / "config.json", config)
+        faults.check("checkpoint_write", step=progress.step)  # the files are there, the manifest is not yet
         files = {}
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:

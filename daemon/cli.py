@@ -218,6 +218,8 @@ def _control(root, config, action, job_id=None):
         finally:
             lock.release()
     else:
+        if action == "retry":  # refuse now what the daemon would refuse later, where the user can see it
+            control.check_retry(Spool(layout), job_id)
         control.request(layout, action, job_id)
         msg = f"{action} requested; the daemon applies it within a second"
     click.echo(msg)
@@ -299,6 +301,9 @@ def ask(root, config, question, spec, max_new_tokens):
 
 
 def main(argv=None) -> None:
+    from .durable import forbid_world_writable
+
+    forbid_world_writable()  # the control commands write into the root too
     try:
         cli.main(args=argv, prog_name="training-daemon", standalone_mode=False)
     except UserError as e:

@@ -104,15 +104,24 @@ def cancel_job(spool, job_id: int) -> str:
     """Cancel a pending job (a running one is cancelled by the daemon, which kills its trainer)."""
     from .job import JobStatus
 
-    found = spool.get(job_id)
-    if found is None:
-        return f"cancel: no job {job_id}"
-    job, _ = found
-    if job.state != JobStatus.PENDING:
-        return f"cancel: job {job_id} is {job.state}, not pending"
+    job = _job_in(spool, job_id, JobStatus.PENDING, "cancel")
     job.error = "cancelled by user"
     spool.move(job, JobStatus.FAILED)
     return f"job {job_id} cancelled"
+
+
+def check_retry(spool, job_id: int):
+    """The failed job `job_id`, if it can be queued again; else UserError saying why not."""
+    from .job import JobStatus
+    from .spool import INPUT, SYMLINK_INPUT
+
+    job = _job_in(spool, job_id, JobStatus.FAILED, "retry")
+    folder = spool.job_dir(job)
+    if not (folder / INPUT).is_file() or (folder / INPUT).is_symlink():
+        what = ("it was a symlink, which is never followed" if os.path.lexists(folder / SYMLINK_INPUT)
+                else "it has no regular input file")
+        raise UserError(f"retry: job {job_id} cannot be queued again: {what}; drop the real file into the inbox")
+    return job
 
 
 def retry_job(spool, job_id: int) -> str:
@@ -120,14 +129,19 @@ def retry_job(spool, job_id: int) -> str:
     from .job import JobStatus
     from .status import now_iso
 
-    found = spool.get(job_id)
-    if found is None:
-        return f"retry: no job {job_id}"
-    job, _ = found
-    if job.state != JobStatus.FAILED:
-        return f"retry: job {job_id} is {job.state}, not failed"
+    job = check_retry(spool, job_id)
     job.attempts.append({"n": len(job.attempts) + 1, "outcome": "retried_by_user", "started_at": now_iso()})
     job.error = None
     job.micro_batch_size = None
     spool.move(job, JobStatus.PENDING)
     return f"job {job_id} queued again"
+
+
+def _job_in(spool, job_id: int, state, action: str):
+    found = spool.get(job_id)
+    if found is None:
+        raise UserError(f"{action}: no job {job_id}")
+    job, _ = found
+    if job.state != state:
+        raise UserError(f"{action}: job {job_id} is {job.state}, not {state}")
+    return job

@@ -12,6 +12,15 @@ from pathlib import Path
 FILE_MODE = 0o644  # never world-writable (umask may tighten further)
 
 
+def forbid_world_writable() -> None:
+    """Mask the "others may write" bit for every file and folder this process and its children create.
+
+    Not every file goes through FILE_MODE (trainer.log, the libraries' safetensors and tokenizer files, temp
+    folders): with a umask of 000 they would be world-writable, and anyone could swap an adapter's weights.
+    """
+    os.umask(os.umask(0o022) | 0o002)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -1,14 +1,16 @@
 """Fault hooks: inject failures that cannot be caused on demand (CUDA OOM on a CPU machine, a kill at an
-exact step, a full disk) without replacing the code path under test.
+exact step, a full disk, a lost inotify event) without replacing the code path under test.
 
 Set TRAINING_DAEMON_FAULTS to a JSON list of faults; the trainer child inherits it from the daemon:
 
     [{"point": "train_step", "kind": "oom", "step": 2, "micro_batch_gt": 1},
-     {"point": "checkpoint_save", "kind": "kill", "step": 4, "once_file": "/tmp/fired"}]
+     {"point": "checkpoint_write", "kind": "kill", "step": 4, "once_file": "/tmp/fired"}]
 
-point: train_step | checkpoint_save | publish | validate | load (where the trainer calls `check`).
-kind:  oom (raises torch.OutOfMemoryError), error (RuntimeError), kill (SIGKILL to itself), enospc
-       (OSError ENOSPC), hang (sleeps until killed), nan (makes `active("nan_loss")` true: a non-finite loss).
+Points in the trainer: validate, load, train_step, checkpoint_save, checkpoint_write, publish, version_write,
+published. Points in the daemon: claim, job_start, job_end, watch_event. docs/reliability.md says where each
+one sits. kind: oom (raises torch.OutOfMemoryError), error (RuntimeError), kill (SIGKILL to its own process),
+enospc (OSError ENOSPC), hang (sleeps until killed), sleep (sleeps `seconds`, then goes on), nan (a
+non-finite loss, train_step only), drop (the event is lost, watch_event only).
 Conditions, all optional: step (fires when step == N), min_step (step >= N), micro_batch_gt (only while the
 micro-batch is larger than N, so an OOM retry with a smaller one succeeds), job_id, once_file (fires only if
 that file does not exist yet, and creates it: "once" across processes and restarts).
@@ -24,6 +26,7 @@ import signal
 import time
 
 ENV = "TRAINING_DAEMON_FAULTS"
+_PASSIVE = ("nan", "drop")  # the caller acts on these itself, through active()
 _context: dict = {}
 
 
@@ -43,7 +46,7 @@ def _faults() -> list[dict]:
     return faults if isinstance(faults, list) else [faults]
 
 
-def _matches(f: dict, point: str, step: int | None) -> bool:
+def _matches(f: dict, point: str, step: int | None, job_id: int | None) -> bool:
     if f.get("point") != point:
         return False
     if "step" in f and step != f["step"]:
@@ -52,7 +55,7 @@ def _matches(f: dict, point: str, step: int | None) -> bool:
         return False
     if "micro_batch_gt" in f and not _context.get("micro_batch", 0) > f["micro_batch_gt"]:
         return False
-    if "job_id" in f and _context.get("job_id") != f["job_id"]:
+    if "job_id" in f and (job_id if job_id is not None else _context.get("job_id")) != f["job_id"]:
         return False
     once = f.get("once_file")
     if once:
@@ -64,17 +67,18 @@ def _matches(f: dict, point: str, step: int | None) -> bool:
     return True
 
 
-def active(name: str, step: int | None = None) -> bool:
-    """True when a `nan` fault for this point is due (the caller corrupts its own value)."""
-    return any(f.get("kind") == "nan" and _matches(f, name, step) for f in _faults())
+def active(point: str, step: int | None = None, kind: str = "nan", job_id: int | None = None) -> bool:
+    """True when a passive fault (nan, drop) for this point is due: the caller corrupts or drops its own value."""
+    return any(f.get("kind") == kind and _matches(f, point, step, job_id) for f in _faults())
 
 
-def check(point: str, step: int | None = None) -> None:
+def check(point: str, step: int | None = None, job_id: int | None = None) -> None:
+    """Fire the active faults due at this point. The daemon passes job_id; the trainer sets it in the context."""
     for f in _faults():
-        if f.get("kind") == "nan" or not _matches(f, point, step):
+        if f.get("kind") in _PASSIVE or not _matches(f, point, step, job_id):
             continue
         kind = f.get("kind")
-        where = f"{point} step {step}"
+        where = f"{point} step {step}" if step is not None else point
         if kind == "oom":
             import torch
 
@@ -88,3 +92,5 @@ def check(point: str, step: int | None = None) -> None:
         if kind == "hang":
             while True:
                 time.sleep(3600)
+        if kind == "sleep":
+            time.sleep(float(f.get("seconds", 1)))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import faults
 from .job import JobStatus
 from .paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
 
@@ -199,6 +200,8 @@ class InboxWatcher:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event):
+                if faults.active("watch_event", kind="drop"):  # what an inotify overflow or NFS does
+                    return
                 if event.event_type == "moved":
                     hints.put(("moved", Path(os.fsdecode(event.dest_path))))
                 elif event.event_type in _WAKING_EVENTS:
@@ -268,6 +271,7 @@ class Intake:
         self._watching = False
         self._next_rescan = 0.0  # the first poll scans at once
         self._broken: dict[Path, tuple[tuple, float]] = {}
+        self.claim_failures: set[Path] = set()  # files left in the inbox because taking them failed
 
     def start(self) -> None:
         self._watching = True
@@ -371,12 +375,14 @@ class Intake:
         except Exception as e:
             seen = self.state.seen.get(cand.path)
             self._broken[cand.path] = (seen.ident if seen else None, time.monotonic() + RETRY_BROKEN_SECONDS)
+            self.claim_failures.add(cand.path)
             self.state.report_once("file_rejected", cand.path, f"inbox: cannot take {show(cand.original_name)} "
                                    f"for adapter {cand.adapter}: {type(e).__name__}: {e}; it stays in the inbox",
                                    reason="claim_failed")
             self._flush_notices(level="error")
             return None
         self.state.seen.pop(cand.path, None)
+        self.claim_failures.discard(cand.path)
         if job is None:
             return None  # gone before we could take it
         fields = {"job_id": job.id, "adapter": job.adapter, "file": job.original_name}

@@ -11,7 +11,7 @@ from . import exitcodes
 
 @dataclass
 class Outcome:
-    kind: str  # done | stopped | interrupted | disk_full | out_of_memory | bad_input | failed | cancelled
+    kind: str  # done | stopped | interrupted | disk_full | out_of_memory | bad_input | bad_config | failed | cancelled
     error: str | None = None
     version: int | None = None
     path: str | None = None

@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from . import durable
+from . import durable, faults
 
 VERSION = re.compile(r"^v(\d+)$")
 
@@ -67,8 +67,10 @@ def publish(adapter_dir: Path, staged: Path, metadata: dict) -> tuple[int, Path]
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    faults.check("version_write")  # staged and complete, not yet renamed into place
     final = adapter_dir / f"v{version}"
     durable.rename(staged, final)
+    faults.check("published")  # in place, `latest` not yet swapped and the job not yet done
     durable.swap_symlink(adapter_dir / "latest", final.name)
     return version, final
 

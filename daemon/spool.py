@@ -15,7 +15,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from . import durable
+from . import durable, faults
 from .job import Job, JobStatus, dir_name, parse_dir_name
 from .paths import Layout
 from .status import now_iso
@@ -89,6 +89,7 @@ class Spool:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         try:
+            faults.check("claim", job_id=job.id)  # the bytes are in the half-made job folder
             return self._complete(tmp, job, duplicates)
         except BaseException:
             self._give_back(tmp, src)

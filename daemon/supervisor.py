@@ -20,11 +20,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__, control, exitcodes, gpu
+from . import __version__, control, durable, exitcodes, faults, gpu
 from .config import adapter_config, effective_dict
 from .intake import Intake
 from .job import Job, JobStatus
-from .paths import PROJECT_DIR, Layout
+from .paths import PROJECT_DIR, Layout, UserError
 from .spool import Spool
 from .status import LEVEL_ENV, StatusWriter, now_iso
 from .outcome import Outcome, describe_exit, fmt_eta
@@ -44,12 +44,14 @@ class Supervisor:
         self.web = None
         self.notifier = None
         self._last_snapshot = 0.0
+        self.started_at = now_iso()
 
     # ---------------------------------------------------------------- life
     def run(self) -> int:
         from .notify import Notifier
 
         self.notifier = Notifier()
+        durable.forbid_world_writable()
         self.layout.ensure()
         self.layout.check_same_filesystem()
         self.lock = control.DaemonLock(self.layout).acquire()
@@ -77,7 +79,7 @@ class Supervisor:
             self.status.event("daemon_stopped", "training-daemon stopped")
             self.lock.release()
         if self.once:
-            return 0 if all(self.results) else 1
+            return 0 if all(self.results) and not self.intake.claim_failures else 1
         return 0
 
     def _loop(self) -> None:
@@ -91,6 +93,11 @@ class Supervisor:
             pending = self.spool.list(JobStatus.PENDING)
             if pending:
                 if not self._disk_ok():
+                    if self.once:  # nothing will free the disk for us: the jobs stay pending, intact
+                        self.results.append(False)
+                        return
+                    continue
+                if not self._trainer_lock_free():
                     continue
                 job, job_dir = pending[0]
                 self.run_job(job, job_dir)
@@ -104,6 +111,8 @@ class Supervisor:
         for job in self.intake.poll(timeout):
             if job.state == JobStatus.DONE:  # a duplicate, finished without training
                 self.results.append(True)
+            elif job.state == JobStatus.FAILED:  # rejected at intake (a symlink)
+                self.results.append(False)
         for req in control.take(self.layout):
             self._apply(req)
         if self.notifier:
@@ -112,17 +121,24 @@ class Supervisor:
 
     # ------------------------------------------------------------------ jobs
     def run_job(self, job: Job, job_dir: Path) -> None:
-        cfg = adapter_config(self.cfg, job.adapter, self.config_path)
+        # The attempt is written down in running/ before anything can fail: if the daemon dies from here on,
+        # sweep() counts it, so no job can crash the daemon more than max_attempts times.
         job_dir = self.spool.move(job, JobStatus.RUNNING)
-        snapshot_path = job_dir / "config.json"
-        if not snapshot_path.exists():
-            from . import durable
-
-            durable.write_json(snapshot_path, effective_dict(cfg))
-        attempt = {"n": len(job.attempts) + 1, "started_at": now_iso(),
-                   "micro_batch_size": job.micro_batch_size or cfg.training.micro_batch_size}
+        attempt = {"n": len(job.attempts) + 1, "started_at": now_iso(), "micro_batch_size": job.micro_batch_size}
         job.started_at = job.started_at or attempt["started_at"]
         job.attempts.append(attempt)
+        job.save(job_dir)
+        try:  # an adapter override may have been added or broken since the daemon started
+            cfg = adapter_config(self.cfg, job.adapter, self.config_path)
+        except UserError as e:
+            durable.write_json(job_dir / "error.json", {"kind": "bad_config", "message": str(e), "at": now_iso()})
+            attempt.update(ended_at=now_iso(), outcome="bad_config", error=str(e))
+            self._finish(job, job_dir, self.cfg, Outcome("bad_config", str(e)))
+            return
+        attempt["micro_batch_size"] = job.micro_batch_size or cfg.training.micro_batch_size
+        snapshot_path = job_dir / "config.json"
+        if not snapshot_path.exists():
+            durable.write_json(snapshot_path, effective_dict(cfg))
         job.save(job_dir)
         self.current = {"job_id": job.id, "adapter": job.adapter, "file": job.original_name, "phase": "starting",
                         "started_at": attempt["started_at"], "step": 0, "total_steps": None, "arrived_unix": None}
@@ -130,7 +146,9 @@ class Supervisor:
         self.status.event("job_started", f"job {job.id} started: {job.original_name} -> adapter {job.adapter} "
                           f"(attempt {attempt['n']})", job_id=job.id, adapter=job.adapter, attempt=attempt["n"])
         gpu_before = gpu.snapshot()
+        faults.check("job_start", job_id=job.id)
         rc = self._run_child(job, job_dir)
+        faults.check("job_end", job_id=job.id)
         outcome = describe_exit(rc, job_dir, stop_requested=self.signals > 0 or control.is_paused(self.layout),
                                 cancelled=self.current.get("cancelled", False))
         attempt.update(ended_at=now_iso(), exit_code=rc, outcome=outcome.kind, error=outcome.error)
@@ -277,11 +295,16 @@ class Supervisor:
             self.status.event("job_paused", f"job {job.id} back to pending: {outcome.error}", job_id=job.id)
             return
         if outcome.kind == "disk_full":
-            job.note = outcome.error
-            self.spool.move(job, JobStatus.PENDING)
-            self.status.event("disk_full", f"job {job.id} paused, disk full: {outcome.error}; input and earlier "
-                              "versions are intact", level="error", job_id=job.id)
-            return
+            full = [a for a in _since_retry(job.attempts) if a.get("outcome") == "disk_full"]
+            if len(full) < limits.max_attempts:  # counted: a disk that fills at every try must not loop forever
+                job.note = outcome.error
+                self.spool.move(job, JobStatus.PENDING)
+                self.status.event("disk_full", f"job {job.id} paused, disk full (attempt {len(full)} of "
+                                  f"{limits.max_attempts}): {outcome.error}; input and earlier versions are intact",
+                                  level="error", job_id=job.id)
+                return
+            outcome.error = "disk full; input and earlier versions are intact\n\n" + "\n\n".join(
+                f"attempt {a['n']}: {a.get('error')}" for a in full)
         if outcome.kind == "out_of_memory":
             sizes = [a.get("micro_batch_size") for a in job.attempts if a.get("outcome") == "out_of_memory"]
             current = job.micro_batch_size or cfg.training.micro_batch_size
@@ -341,9 +364,15 @@ class Supervisor:
             if self.current and self.current["job_id"] == job_id:
                 self.current["cancelled"] = True
                 return
-            self.status.event("cancel", control.cancel_job(self.spool, job_id))
+            self._control_reply("cancel", control.cancel_job, job_id)
         elif action == "retry":
-            self.status.event("retry", control.retry_job(self.spool, job_id))
+            self._control_reply("retry", control.retry_job, job_id)
+
+    def _control_reply(self, kind: str, action, job_id) -> None:
+        try:
+            self.status.event(kind, action(self.spool, job_id))
+        except UserError as e:  # refused: said once, and the daemon goes on
+            self.status.event(kind, str(e), level="warning", job_id=job_id)
 
     # ------------------------------------------------------------- helpers
     def _install_signals(self) -> None:
@@ -381,9 +410,28 @@ class Supervisor:
         return False
 
     def _inbox_has_files(self) -> bool:
+        """For --once: files still to take. One that failed to be claimed does not count (it stays in the inbox,
+        reported), or a file that can never be taken would keep `run --once` waiting forever."""
         from .intake import scan_inbox
 
-        return bool(scan_inbox(self.layout, 0, self.cfg.intake.ignore_suffixes))
+        return any(c.path not in self.intake.claim_failures
+                   for c in scan_inbox(self.layout, 0, self.cfg.intake.ignore_suffixes))
+
+    def _trainer_lock_free(self) -> bool:
+        """Never two trainers: a trainer left by a dead daemon holds state/trainer.lock until its lifeline makes
+        it exit. Until then, wait here, still watching the inbox and the signals."""
+        fd = os.open(self.layout.state / "trainer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if self.state != "waiting_for_trainer":
+                self.status.event("waiting_for_trainer", "a trainer from an earlier daemon still holds "
+                                  "state/trainer.lock; waiting for it to exit", level="warning")
+            self.state = "waiting_for_trainer"
+            return False
+        finally:
+            os.close(fd)  # closing drops the probe's lock
 
     def _clean_publish_leftovers(self) -> None:
         from .publish import clean_staging, repair_latest
@@ -399,10 +447,10 @@ class Supervisor:
         if not force and now - self._last_snapshot < 1.0:
             return
         self._last_snapshot = now
-        counts = {s: len(self.spool.list(s)) for s in ("pending", "running", "done", "failed")}
+        counts = {s: self.spool.count(s) for s in ("pending", "running", "done", "failed")}
         self.status.snapshot({
             "daemon": {"pid": os.getpid(), "state": self.state, "root": str(self.layout.root), "version": __version__,
-                       "paused": control.is_paused(self.layout)},
+                       "started_at": self.started_at, "paused": control.is_paused(self.layout)},
             "current": self.current, "queue": counts, "gpu": gpu.snapshot(),
         })
 

@@ -8,6 +8,7 @@ the daemon (PR_SET_PDEATHSIG, set by the daemon, and a lifeline pipe whose EOF m
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import platform
@@ -122,9 +123,14 @@ def main(argv=None) -> int:
     try:
         return run(job_dir, layout, args.micro_batch)
     except Exception as e:  # the last line of defence: the daemon gets the full traceback, never a truncated one
-        write_error(job_dir, "error", f"{type(e).__name__}: {e}")
+        # ENOSPC can come from anywhere (a library's save, report.json): it is a full disk, not a bug.
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        try:
+            write_error(job_dir, "disk_full" if full else "error", f"{type(e).__name__}: {e}")
+        except OSError:
+            pass  # the disk itself may be the problem: the exit status still tells the daemon
         traceback.print_exc()
-        return exitcodes.FAILED
+        return exitcodes.DISK_FULL if full else exitcodes.FAILED
 
 
 def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
