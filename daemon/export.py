@@ -16,17 +16,10 @@ from .paths import Layout, UserError
 from .status import now_iso
 
 
-def _resolve(layout: Layout, spec: str) -> tuple[Path, dict]:
+def export_merged(layout: Layout, spec: str, out: Path) -> Path:
     from .generate import resolve_version
 
-    try:
-        return resolve_version(layout.checkpoints, spec)
-    except ValueError:  # "default@abc"
-        raise UserError(f"bad version in {spec!r}: use ADAPTER or ADAPTER@N (e.g. default@3)") from None
-
-
-def export_merged(layout: Layout, spec: str, out: Path) -> Path:
-    version_dir, meta = _resolve(layout, spec)
+    version_dir, meta = resolve_version(layout.checkpoints, spec)
     out = Path(out).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not an empty folder; choose a new one")

@@ -40,7 +40,9 @@ def resolve_version(adapter_root: Path, spec: str) -> tuple[Path, dict]:
 
     name, _, version = spec.partition("@")
     adapter_dir = adapter_root / check_adapter_name(name)
-    v = int(version.lstrip("v")) if version else latest_version(adapter_dir)
+    if version and not version.removeprefix("v").isdigit():  # "default@../x" names no folder, only a mistake
+        raise UserError(f"bad version in {spec!r}: use ADAPTER or ADAPTER@N (e.g. default@3)")
+    v = int(version.removeprefix("v")) if version else latest_version(adapter_dir)
     path = adapter_dir / f"v{v}"
     if v is None or not (path / "metadata.json").exists():
         raise UserError(f"no published version {spec!r} under {adapter_root}")
