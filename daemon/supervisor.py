@@ -290,9 +290,11 @@ class Supervisor:
                               job_id=job.id, version=outcome.version, path=outcome.path)
             return
         if outcome.kind in ("stopped", "interrupted"):
-            job.note = outcome.error
+            point = _resume_point(job_dir)
+            job.note = f"{outcome.error} ({f'resume point: {point}' if point else 'no checkpoint yet: it starts over'})"
             self.spool.move(job, JobStatus.PENDING)
-            self.status.event("job_paused", f"job {job.id} back to pending: {outcome.error}", job_id=job.id)
+            self.status.event("job_paused", f"job {job.id} back to pending: {job.note}", job_id=job.id,
+                              resume_point=point)
             return
         if outcome.kind == "disk_full":
             full = [a for a in _since_retry(job.attempts) if a.get("outcome") == "disk_full"]
@@ -463,6 +465,13 @@ def _read_events(stream, events: queue.Queue) -> None:
                 events.put(ev)
         except ValueError:
             events.put({"event": "log", "message": raw.decode(errors="replace").rstrip()})
+
+
+def _resume_point(job_dir: Path) -> str | None:
+    """The newest complete checkpoint of a job (checkpoint.py's rule, read without importing torch)."""
+    resume = job_dir / "resume"
+    names = [p.name for p in resume.glob("step-*") if (p / "COMPLETE").exists()] if resume.is_dir() else []
+    return max(names, default=None)
 
 
 def _since_retry(attempts: list[dict]) -> list[dict]:
