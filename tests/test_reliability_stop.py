@@ -50,8 +50,10 @@ def test_first_signal_is_a_warm_stop(root, tiny_model_dir, tmp_path_factory, sig
     assert time.monotonic() - began < 10  # a checkpoint at the next step boundary, not the end of the job
 
     (job,) = jobs(root)
-    assert job["folder"] == "pending" and "stopped on request after a checkpoint" in job["note"]
     stopped_at = events(root, "checkpoint")[-1]["step"]
+    assert job["folder"] == "pending"
+    assert job["note"] == ("stopped on request after a checkpoint; it resumes from there "
+                           f"(resume point: step-{stopped_at:06d})")
     assert 2 <= stopped_at < resume_case.STEPS  # partly trained ...
     assert (root / "queue/pending/j000001/resume" / f"step-{stopped_at:06d}" / "COMPLETE").exists()
     assert not (root / "checkpoints" / "default" / "v1").exists()  # ... so neither done nor published
@@ -72,6 +74,7 @@ def test_second_signal_is_a_cold_stop_and_loses_nothing(root, tiny_model_dir, tm
 
     (job,) = jobs(root)
     assert job["folder"] == "pending" and job["attempts"][-1]["outcome"] == "interrupted"
+    assert job["note"].endswith("it resumes from its last checkpoint (resume point: step-000002)")
     finish_and_compare(root, inbox, expected, resumed_from=2)
 
 
