@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import durable, faults
+from . import durable, faults, sharding
+from .distributed import World
 
 MANIFEST = "COMPLETE"
 PREFIX = "step-"
@@ -80,13 +81,34 @@ def set_rng_state(state: dict) -> None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The whole LoRA weights; a collective when they are sharded (FSDP): then every rank must call it."""
+    return {n: sharding.full(p.detach()).to("cpu").contiguous().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
 
 
 def save(resume_dir: Path, model, optimizer, scheduler, progress: Progress, config: dict,
-         keep: int = 2, min_free_mb: int = 0) -> Path:
-    resume_dir.mkdir(parents=True, exist_ok=True)
+         keep: int = 2, min_free_mb: int = 0, world: World | None = None) -> Path | None:
+    """Write a checkpoint. With several ranks every rank calls it: sharded state is gathered, each rank's RNG
+    state goes to rank 0, rank 0 writes (returning the path; the others get None) and all wait for it."""
+    world = world or World()
     weights = trainable_state(model)
+    optimizer_state = sharding.full_optimizer_state(optimizer)
+    rng_states = world.gather(rng_state())
+    if not world.is_main:
+        world.barrier()
+        return None
+    path = _write(resume_dir, weights, optimizer_state, scheduler, rng_states, progress, config, keep, min_free_mb)
+    world.barrier()
+    return path
+
+
+def _write(resume_dir: Path, weights, optimizer_state, scheduler, rng_states, progress: Progress, config: dict,
+           keep: int, min_free_mb: int) -> Path:
+    resume_dir.mkdir(parents=True, exist_ok=True)
     approx = sum(t.numel() * t.element_size() for t in weights.values()) * 3  # weights + Adam moments
     check_free_space(resume_dir, min_free_mb, approx)
 
@@ -98,9 +120,10 @@ def save(resume_dir: Path, model, optimizer, scheduler, progress: Progress, conf
     tmp.mkdir()
     try:
         save_file(weights, str(tmp / "adapter.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        for rank, state in enumerate(rng_states):
+            torch.save(state, tmp / rng_file(rank))
         durable.write_json(tmp / "progress.json", asdict(progress))
         durable.write_json(tmp / "config.json", config)
         faults.check("checkpoint_write", step=progress.step)  # the files are there, the manifest is not yet
@@ -159,22 +182,35 @@ def prune(resume_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_latest(resume_dir: Path, log=print) -> tuple[Path, dict] | None:
-    """The newest verified checkpoint's contents, skipping (and reporting) any that fail verification."""
+def latest_verified(resume_dir: Path, log=print) -> Path | None:
+    """The newest checkpoint that passes verification, reporting any it skips."""
     for ckpt in complete_checkpoints(resume_dir):
         problem = verify(ckpt)
         if problem:
             log(f"skipping checkpoint {ckpt.name}: {problem}")
             continue
-        return ckpt, {
-            "weights": load_file(str(ckpt / "adapter.safetensors")),
-            "optimizer": torch.load(ckpt / "optimizer.pt", weights_only=False),
-            "scheduler": torch.load(ckpt / "scheduler.pt", weights_only=False),
-            "rng": torch.load(ckpt / "rng.pt", weights_only=False),
-            "progress": Progress.from_dict(json.loads((ckpt / "progress.json").read_text())),
-            "config": json.loads((ckpt / "config.json").read_text()),
-        }
+        return ckpt
     return None
+
+
+def load(ckpt: Path, rank: int = 0) -> dict:
+    """A checkpoint's contents as `rank` restores them; "rng" is None if no state was saved for that rank
+    (the job ran on fewer processes then)."""
+    rng = ckpt / rng_file(rank)
+    return {
+        "weights": load_file(str(ckpt / "adapter.safetensors")),
+        "optimizer": torch.load(ckpt / "optimizer.pt", weights_only=False),
+        "scheduler": torch.load(ckpt / "scheduler.pt", weights_only=False),
+        "rng": torch.load(rng, weights_only=False) if rng.is_file() else None,
+        "progress": Progress.from_dict(json.loads((ckpt / "progress.json").read_text())),
+        "config": json.loads((ckpt / "config.json").read_text()),
+    }
+
+
+def load_latest(resume_dir: Path, log=print) -> tuple[Path, dict] | None:
+    """The newest verified checkpoint's contents, skipping (and reporting) any that fail verification."""
+    ckpt = latest_verified(resume_dir, log)
+    return None if ckpt is None else (ckpt, load(ckpt))
 
 
 def restore_weights(model, weights: dict[str, torch.Tensor]) -> None:
@@ -184,4 +220,4 @@ def restore_weights(model, weights: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"checkpoint does not match the model: {missing[:3]} ...")
     with torch.no_grad():
         for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+            sharding.copy_whole_(params[n], t)

@@ -34,6 +34,28 @@ def visible_indices(nvml) -> list[int]:
     return indices
 
 
+def visible_devices() -> list[str] | None:
+    """The GPUs a job may be granted, as CUDA_VISIBLE_DEVICES entries (indices, or UUIDs if that is how the
+    variable names them); None without NVML, [] when CUDA_VISIBLE_DEVICES hides every GPU."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        count = nvml.nvmlDeviceGetCount()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            return [str(i) for i in range(count)]
+        entries = [p.strip() for p in visible.split(",") if p.strip()]
+        return [e for e in entries if not e.isdigit() or int(e) < count]
+    except Exception:
+        return None
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
 def snapshot() -> dict | None:
     """Memory and utilisation summed over the visible GPUs, or None without NVML."""
     nvml = _nvml()

@@ -63,6 +63,7 @@ class MemoryPlan:
     budget_gib: float | None
     estimated_peak_gib: float | None
     reason: str
+    fsdp: bool = False  # the base's weights sharded over the job's processes (daemon/sharding.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,23 +71,33 @@ class MemoryPlan:
 
 def plan_memory(shape: Shape, *, free_bytes: int | None, max_length: int, micro_batch_size: int,
                 checkpointing: str = "auto", weight_bytes_per_param: float = 2.0,
-                can_quantize: bool = False, max_tokens: int | None = None) -> MemoryPlan:
+                can_quantize: bool = False, max_tokens: int | None = None, world_size: int = 1,
+                sharding: str = "auto") -> MemoryPlan:
     """Choose the largest micro-batch <= the configured one that fits, checkpointing only when it must.
 
-    free_bytes None (CPU, or unknown): the configured micro-batch, checkpointing only if asked for.
+    With several processes (`world_size`), FSDP shards the base only when no whole-base plan fits one GPU
+    (or `sharding` forces it either way); 4-bit is the last resort and never combined with FSDP.
+    free_bytes None (CPU, or unknown): the configured micro-batch, checkpointing and FSDP only if asked for.
     """
     forced = {"true": True, "false": False}.get(str(checkpointing).lower())
+    forced_shard = {"true": True, "false": False}.get(str(sharding).lower()) if world_size > 1 else False
+    shard_options = [False, True] if forced_shard is None else [forced_shard]
     if max_tokens:
         # Past a few thousand tokens a micro-batch runs no faster per token, it only holds more memory.
         while micro_batch_size > 1 and micro_batch_size * max_length > max_tokens:
             micro_batch_size //= 2
     if free_bytes is None:
-        return MemoryPlan(micro_batch_size, bool(forced), False, None, None, None, "no GPU memory reading")
+        return MemoryPlan(micro_batch_size, bool(forced), False, None, None, None, "no GPU memory reading",
+                          fsdp=bool(forced_shard))
     budget = free_bytes * HEADROOM - FIXED_OVERHEAD
     loss_chunk = 3 * 4 * (1 << 26)  # logits chunk, its softmax and a grad buffer (daemon/loss.py)
     options = [False, True] if forced is None else [forced]
-    for quantize in ([False, True] if can_quantize else [False]):
+    layouts = [(False, s) for s in shard_options] + ([(True, False)] if can_quantize and not forced_shard else [])
+    for quantize, sharded in layouts:
         weights = shape.n_params * (0.56 if quantize else weight_bytes_per_param)  # nf4 + double-quant scales
+        if sharded:  # this rank's shard, two layers gathered whole (one prefetched), the head whole on every rank
+            weights = (weights / world_size + 2 * weights / shape.n_layers
+                       + shape.vocab * shape.hidden * weight_bytes_per_param)
         lora_and_optimizer = 0.02 * shape.n_params * 4  # generous: LoRA r<=64 is well under 2% of the weights
         for ckpt in options:
             per_token = activation_bytes_per_token(shape, checkpointing=ckpt)
@@ -96,10 +107,12 @@ def plan_memory(shape: Shape, *, free_bytes: int | None, max_length: int, micro_
                 if peak <= budget:
                     why = (f"micro-batch {mb} x {max_length} tokens fits {budget / GIB:.1f} GiB "
                            f"with{'' if ckpt else 'out'} activation checkpointing"
-                           + (" on a 4-bit base" if quantize else ""))
+                           + (" on a 4-bit base" if quantize else "")
+                           + (f" with the base sharded over {world_size} GPUs (FSDP)" if sharded else ""))
                     return MemoryPlan(mb, ckpt, quantize, round(free_bytes / GIB, 2), round(budget / GIB, 2),
-                                      round(peak / GIB, 2), why)
+                                      round(peak / GIB, 2), why, fsdp=sharded)
                 mb //= 2
     # Nothing fits by the estimate: try the smallest plan anyway; a real OOM is retried by the daemon.
-    return MemoryPlan(1, forced is not False, can_quantize, round(free_bytes / GIB, 2), round(budget / GIB, 2),
-                      None, "no plan fits the estimate; trying the smallest")
+    shard_last = shard_options[-1]
+    return MemoryPlan(1, forced is not False, can_quantize and not shard_last, round(free_bytes / GIB, 2),
+                      round(budget / GIB, 2), None, "no plan fits the estimate; trying the smallest", fsdp=shard_last)

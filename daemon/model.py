@@ -18,8 +18,10 @@ from . import memory_plan
 GIB = 1024**3
 
 
-def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None = None):
-    """(peft model on `device`, tokenizer, plan) for the base model in `base_dir`; `adapter_dir` continues one."""
+def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None = None, world=None):
+    """(peft model on `device`, tokenizer, plan) for the base model in `base_dir`; `adapter_dir` continues one.
+
+    `world` (daemon/distributed.py): the job's ranks, which must all follow one memory plan."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
@@ -27,7 +29,7 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
     dtype = resolve_dtype(cfg.training.precision, device)
     model_cfg = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust)
     mplan = _memory_plan(model_cfg, _count_params_from_config(model_cfg), cfg, device,
-                         can_quantize=_bitsandbytes_available() and device.type == "cuda")
+                         can_quantize=_bitsandbytes_available() and device.type == "cuda", world=world)
     kwargs = {"dtype": dtype, "attn_implementation": attention_for(device), "trust_remote_code": trust}
     if mplan.quantize_4bit:
         from transformers import BitsAndBytesConfig
@@ -38,23 +40,24 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
-    return prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan)
+    return prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan, world=world)
 
 
-def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None, *, _mplan=None):
+def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None, *, _mplan=None, world=None):
     """Attach the LoRA to an already-built causal LM (moved to `device` in the plan's precision)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     device = torch.device(device)
     dtype = resolve_dtype(cfg.training.precision, device)
     quantized = bool(getattr(model, "is_loaded_in_4bit", False))
+    sharded = _mplan is not None and _mplan.fsdp  # then the weights stay on the host until each rank takes its shard
     if not quantized:
-        model = model.to(device=device, dtype=dtype)
+        model = model.to(dtype=dtype) if sharded else model.to(device=device, dtype=dtype)
     if _mplan is None:
         # The weights are already resident: the plan counts them itself, so give it their bytes back.
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         _mplan = _memory_plan(model.config, sum(p.numel() for p in model.parameters()), cfg, device,
-                              resident_bytes=weight_bytes, bytes_per_param=torch.finfo(dtype).bits // 8)
+                              resident_bytes=weight_bytes, bytes_per_param=torch.finfo(dtype).bits // 8, world=world)
     model.config.use_cache = False
     attn = knob("DAEMON_ATTN") or attention_for(device)
     if attn == VARLEN:
@@ -84,7 +87,7 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
             lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                               target_modules=_targets(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
             model = get_peft_model(model, lora, autocast_adapter_dtype=autocast)
-    if not quantized:  # bitsandbytes places 4-bit weights itself and refuses .to()
+    if not quantized and not _mplan.fsdp:  # bitsandbytes places 4-bit weights itself and refuses .to()
         model.to(device)
 
     # Off by default: the first version (an in-place add on F.linear's output, a view) measured 25% slower on
@@ -92,6 +95,10 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
     lean = knob("DAEMON_LEAN_LORA", "0") == "1" and _lean_lora(model)
     if _mplan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if _mplan.fsdp:
+        from .sharding import shard
+
+        shard(model, device)
     compiled = compile_layers and _compile_layers(model)
     lora_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), dtype)
     plan = {
@@ -110,6 +117,8 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         "estimated_peak_gib": _mplan.estimated_peak_gib,
         "memory_plan": _mplan.reason,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "processes": world.size if world else 1,
+        "fsdp": _mplan.fsdp,
     }
     return model, tokenizer, plan
 
@@ -294,15 +303,18 @@ def _count_params_from_config(model_cfg) -> int:
 
 
 def _memory_plan(model_cfg, n_params: int, cfg, device: torch.device, *, can_quantize: bool = False,
-                 resident_bytes: int = 0, bytes_per_param: int = 2):
+                 resident_bytes: int = 0, bytes_per_param: int = 2, world=None):
     shape = memory_plan.Shape.from_config(model_cfg, n_params)
     free = free_memory(device)
-    return memory_plan.plan_memory(shape, free_bytes=None if free is None else free + resident_bytes,
+    plan = memory_plan.plan_memory(shape, free_bytes=None if free is None else free + resident_bytes,
                                    max_length=cfg.training.max_length,
                                    micro_batch_size=cfg.training.micro_batch_size,
                                    checkpointing=cfg.training.gradient_checkpointing, can_quantize=can_quantize,
                                    weight_bytes_per_param=bytes_per_param,
-                                   max_tokens=int(knob("DAEMON_MICRO_TOKENS", "0")) or None)
+                                   max_tokens=int(knob("DAEMON_MICRO_TOKENS", "0")) or None,
+                                   world_size=world.size if world else 1,
+                                   sharding=getattr(cfg.training, "fsdp", "auto"))
+    return world.agree_plan(plan) if world else plan
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -50,6 +50,12 @@ def _round_up(n: int, multiple: int | None) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
+def trainable_tokens(example) -> int:
+    """Labels of an example that count in the loss, packed or padded."""
+    # A label at an example's first position is never predicted by anything of that example: it does not count.
+    return sum(1 for x in example.labels[1:] if x != IGNORE)
+
+
 def collate(examples: Sequence, *, packing: bool, pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """Tensors for one micro-batch of examples that have `.input_ids` and `.labels` (HF convention: unshifted).
 
@@ -61,8 +67,7 @@ def collate(examples: Sequence, *, packing: bool, pad_id: int, pad_to_multiple_o
         raise ValueError("collate needs at least one example")
     lens = [len(ex.input_ids) for ex in examples]
     n_tokens = sum(lens)
-    # A label at an example's first position is never predicted by anything of that example: it does not count.
-    n_trainable = sum(sum(1 for x in ex.labels[1:] if x != IGNORE) for ex in examples)
+    n_trainable = sum(trainable_tokens(ex) for ex in examples)
     if packing:
         return _collate_packed(examples, lens, n_tokens, n_trainable, pad_id, pad_to_multiple_of)
     return _collate_padded(examples, lens, n_tokens, n_trainable, pad_id, pad_to_multiple_of)

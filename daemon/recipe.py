@@ -2,7 +2,8 @@
 
 Flat on purpose (torchtune-style): read it top to bottom to know what a job does. Data order, RNG and
 optimizer state all live in checkpoints, so a run killed at any point and resumed from its last checkpoint
-produces bit-for-bit the adapter an uninterrupted run would (CPU, fp32).
+produces bit-for-bit the adapter an uninterrupted run would (CPU, fp32). Under N processes (daemon/launch.py
+starts them) every rank runs this same code on its share of each step; daemon/distributed.py says how.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from . import checkpoint, faults, packing
+from . import checkpoint, faults, packing, sharding
 from .checkpoint import Progress
+from .distributed import World, accelerator_kwargs
 from .loss import token_loss_sum
 from .model import load_for_training, prepare_model
 
@@ -51,35 +53,51 @@ class LoRARecipe:
     def setup(self, train_examples, eval_examples, *, base_dir: Path | None = None, adapter_dir: Path | None = None,
               model=None, tokenizer=None, config_snapshot: dict | None = None) -> None:
         """Load the model with its LoRA, build the optimizer, plan every epoch's batches, and resume if possible."""
-        self._seed(self.t.seed)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # Under RANK/WORLD_SIZE from the daemon this joins the job's process group (gloo on CPU, NCCL on GPUs).
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_kwargs())
         self.device = self.accelerator.device
+        self.world = World.from_accelerator(self.accelerator)
+        self._seed(self.t.seed + self.world.rank)  # LoRA init is seeded on its own (model.py): the same on every rank
         if model is None:
-            model, tokenizer, self.plan = load_for_training(base_dir, self.cfg, self.device, adapter_dir=adapter_dir)
+            model, tokenizer, self.plan = load_for_training(base_dir, self.cfg, self.device, adapter_dir=adapter_dir,
+                                                            world=self.world)
         else:
-            model, tokenizer, self.plan = prepare_model(model, tokenizer, self.cfg, self.device, adapter_dir=adapter_dir)
+            model, tokenizer, self.plan = prepare_model(model, tokenizer, self.cfg, self.device, adapter_dir=adapter_dir,
+                                                        world=self.world)
+        self.sharded = bool(self.plan.get("fsdp"))
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.train_examples, self.eval_examples = train_examples, eval_examples
         self.config_snapshot = config_snapshot or {}
 
         self.micro_batch_size = int(self.plan.get("micro_batch_size") or self.t.micro_batch_size)
+        # Micro-batches per optimizer step, over all ranks together: N processes train the job 1 process would.
         self.accum = self.t.gradient_accumulation * max(1, self.t.micro_batch_size // self.micro_batch_size)
+        if self.accum % self.world.size:
+            self.emit({"event": "log", "message": f"{self.accum} micro-batches per step do not divide over "
+                       f"{self.world.size} processes: some wait in every step (make gradient_accumulation a "
+                       "multiple of the number of GPUs)"})
+        self.token_counts = [len(ex.input_ids) for ex in train_examples]
+        self.trainable_counts = [packing.trainable_tokens(ex) for ex in train_examples]
         self.plans = [self._plan_epoch(e) for e in range(self.t.epochs)]
         steps = sum(math.ceil(len(p) / self.accum) for p in self.plans)
         if self.t.max_steps:
             steps = min(steps, self.t.max_steps)
         self.progress.total_steps = steps
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.t.learning_rate, weight_decay=self.t.weight_decay)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.trainable, lr=self.t.learning_rate, weight_decay=self.t.weight_decay)
         from transformers import get_scheduler
 
         scheduler = get_scheduler(self.t.lr_scheduler, optimizer, num_warmup_steps=int(self.t.warmup_ratio * steps),
                                   num_training_steps=max(steps, 1))
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.world.size > 1:  # no DDP wrapper: daemon/distributed.py sums the gradients (its docstring says why)
+            self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
         self._resume()
+        self.world.broadcast_(self.trainable)
 
     def _plan_epoch(self, epoch: int) -> list[list[int]]:
         lengths = [len(ex.input_ids) for ex in self.train_examples]
@@ -95,14 +113,21 @@ class LoRARecipe:
     def _resume(self) -> None:
         if self.resume_dir is None:
             return
-        found = checkpoint.load_latest(self.resume_dir, log=lambda m: self.emit({"event": "log", "message": m}))
-        if found is None:
+        # Rank 0 chooses (and verifies); every rank restores that same checkpoint.
+        path = checkpoint.latest_verified(self.resume_dir, log=lambda m: self.emit({"event": "log", "message": m})) \
+            if self.world.is_main else None
+        path = self.world.broadcast_object(path)
+        if path is None:
             return
-        path, state = found
+        state = checkpoint.load(path, rank=self.world.rank)
         checkpoint.restore_weights(self.accelerator.unwrap_model(self.model), state["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
+        sharding.reshard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+        if state["rng"] is not None:
+            checkpoint.set_rng_state(state["rng"])
+        else:  # saved by a run on fewer processes: this rank starts a fresh stream
+            self.emit({"event": "log", "message": f"{path.name} holds no RNG state for rank {self.world.rank}"})
         total = self.progress.total_steps
         self.progress = state["progress"]
         self.progress.total_steps = total
@@ -114,27 +139,40 @@ class LoRARecipe:
         model = self.model
         model.train()
         last_ckpt_time = time.monotonic()
+        last_ckpt_step = p.step
         window_start = time.perf_counter()
         window_tokens = 0
         first_step_emitted = p.step > 0
         while p.epoch < t.epochs and p.step < p.total_steps:
             plan = self.plans[p.epoch]
             while p.micro_batch < len(plan) and p.step < p.total_steps:
-                if self.stop_flag():
+                # Decided at a step boundary, by all ranks alike (a signal or a clock reaches them at different
+                # steps): a stop, or a checkpoint of the step just done (never after the last: it publishes).
+                due = p.step > last_ckpt_step and (p.step % t.checkpoint_every_steps == 0
+                                                   or time.monotonic() - last_ckpt_time >= t.checkpoint_every_seconds)
+                stop, due = self.world.agree(self.stop_flag(), due)
+                if stop:
                     raise StopRequested()
+                if due:
+                    self.save_checkpoint()
+                    last_ckpt_time, last_ckpt_step = time.monotonic(), p.step
                 window = plan[p.micro_batch:p.micro_batch + self.accum]
-                batches = [packing.collate([self.train_examples[i] for i in mb], packing=t.packing, pad_id=self.pad_id)
-                           for mb in window]
-                # Normalise by the trainable tokens of the whole window, so accumulation equals one large batch
-                # whatever the split into micro-batches (and an OOM retry with half the micro-batch is the same job).
-                n_window = sum(b["n_trainable"] for b in batches)
+                # Normalise by the trainable tokens of the whole window (every rank's share), so accumulation and
+                # N processes equal one large batch whatever the split into micro-batches (and an OOM retry with
+                # half the micro-batch is the same job).
+                n_window = sum(self.trainable_counts[i] for mb in window for i in mb)
+                mine = self.world.share(window, equal=self.sharded)
                 loss_sum = torch.zeros((), device=self.device)
-                for batch in batches:
+                for k, (mb, counts) in enumerate(mine):
                     faults.check("train_step", step=p.step)
-                    batch = self._to_device(batch)
-                    step_loss = token_loss_sum(model, batch)
-                    self.accelerator.backward(step_loss / max(n_window, 1))
-                    loss_sum += step_loss.detach()
+                    if self.sharded:  # reduce-scatter once per step, after the last micro-batch
+                        sharding.set_gradient_sync(model, k == len(mine) - 1)
+                    batch = packing.collate([self.train_examples[i] for i in mb], packing=t.packing, pad_id=self.pad_id)
+                    step_loss = token_loss_sum(model, self._to_device(batch))
+                    self.accelerator.backward(step_loss / max(n_window, 1) if counts else step_loss * 0.0)
+                    if counts:
+                        loss_sum += step_loss.detach()
+                loss_sum = self.world.sum_gradients(self.trainable, loss_sum)
                 # One host sync per optimizer step (both numbers in one copy), never one per micro-batch.
                 loss, grad_norm = torch.stack([loss_sum / max(n_window, 1), self._clip().float()]).tolist()
                 if faults.active("train_step", step=p.step):
@@ -153,7 +191,7 @@ class LoRARecipe:
                 self.optimizer.zero_grad(set_to_none=True)
                 p.step += 1
                 p.micro_batch += len(window)
-                n_tokens = sum(b["n_tokens"] for b in batches)
+                n_tokens = sum(self.token_counts[i] for mb in window for i in mb)
                 p.tokens_seen += n_tokens
                 p.trainable_tokens_seen += n_window
                 window_tokens += n_tokens
@@ -167,11 +205,6 @@ class LoRARecipe:
                     tps = window_tokens / elapsed if elapsed > 0 else 0.0
                     self._emit_progress(loss, grad_norm, tps)
                     window_start, window_tokens = time.perf_counter(), 0
-                due_steps = p.step % t.checkpoint_every_steps == 0
-                due_time = time.monotonic() - last_ckpt_time >= t.checkpoint_every_seconds
-                if (due_steps or due_time) and p.step < p.total_steps:
-                    self.save_checkpoint()
-                    last_ckpt_time = time.monotonic()
             if p.micro_batch >= len(plan):
                 p.epoch += 1
                 p.micro_batch = 0
@@ -185,7 +218,7 @@ class LoRARecipe:
     def _clip(self) -> torch.Tensor:
         params = [q for q in self.model.parameters() if q.requires_grad]
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return sharding.full(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def _to_device(self, batch: dict) -> dict:
         # Plain copies: pinning each micro-batch (pin_memory + non_blocking) measured 6-8% slower on the
@@ -214,12 +247,15 @@ class LoRARecipe:
         plan = packing.plan_micro_batches(lengths, token_budget=self.micro_batch_size * self.t.max_length,
                                           max_examples=self.micro_batch_size, packing=self.t.packing,
                                           seed=self.t.seed, epoch=0)
-        for mb in plan:
+        for mb, counts in self.world.share(plan, equal=self.sharded):
             batch = packing.collate([self.eval_examples[i] for i in mb], packing=self.t.packing, pad_id=self.pad_id)
             n = batch["n_trainable"]
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            total += float(token_loss_sum(self.model, batch))
-            count += n
+            loss = float(token_loss_sum(self.model, batch))
+            if counts:
+                total, count = total + loss, count + n
+        if self.world.size > 1:
+            total, count = self.world.sum(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
         self.model.train()
         return round(total / count, 6) if count else None
 
@@ -231,14 +267,23 @@ class LoRARecipe:
         faults.check("checkpoint_save", step=self.progress.step)
         path = checkpoint.save(self.resume_dir, self.accelerator.unwrap_model(self.model), self.optimizer,
                                self.scheduler, self.progress, self.config_snapshot,
-                               keep=self.t.keep_checkpoints, min_free_mb=self.cfg.limits.min_free_disk_mb)
+                               keep=self.t.keep_checkpoints, min_free_mb=self.cfg.limits.min_free_disk_mb,
+                               world=self.world)
         self.emit({"event": "checkpoint", "step": self.progress.step, "path": str(path)})
         return path
 
-    def save_adapter(self, out_dir: Path) -> None:
+    def save_adapter(self, out_dir: Path | None) -> None:
+        """The adapter as a PEFT folder, written by rank 0 (out_dir None elsewhere). Every rank calls it when the
+        LoRA weights are sharded: gathering them whole is a collective."""
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        self.tokenizer.save_pretrained(out_dir)
+        if self.sharded:
+            whole = {n: sharding.full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+            if out_dir is not None:
+                model.save_pretrained(out_dir, state_dict=whole, safe_serialization=True)
+        elif out_dir is not None:
+            model.save_pretrained(out_dir, safe_serialization=True)
+        if out_dir is not None:
+            self.tokenizer.save_pretrained(out_dir)
 
     def summary(self) -> dict:
         p = self.progress

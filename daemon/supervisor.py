@@ -14,13 +14,11 @@ import os
 import queue
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from . import __version__, control, durable, exitcodes, faults, gpu
+from . import __version__, control, durable, exitcodes, faults, gpu, launch
 from .config import adapter_config, effective_dict
 from .intake import Intake
 from .job import Job, JobStatus
@@ -39,7 +37,7 @@ class Supervisor:
         self.signals = 0
         self.state = "starting"
         self.current: dict | None = None
-        self.child: subprocess.Popen | None = None
+        self.child: launch.Ranks | None = None  # the current job's trainer processes
         self.results: list[bool] = []
         self.web = None
         self.notifier = None
@@ -159,20 +157,26 @@ class Supervisor:
         self.snapshot(force=True)
 
     def _run_child(self, job: Job, job_dir: Path) -> int:
+        try:
+            grant = launch.grant(self.cfg.gpus, self.cfg.cpu_processes, gpu.visible_devices())
+        except UserError as e:  # retrying cannot help until the config or the machine changes
+            durable.write_json(job_dir / "error.json", {"kind": "bad_config", "message": str(e), "at": now_iso()})
+            return exitcodes.BAD_INPUT
         lock_fd = self._trainer_lock()
         life_r, life_w = os.pipe()
-        cmd = [sys.executable, "-m", "daemon.trainer_main", str(job_dir), "--root", str(self.layout.root),
-               "--lifeline-fd", str(life_r), "--parent-pid", str(os.getpid())]
-        if job.micro_batch_size:
-            cmd += ["--micro-batch", str(job.micro_batch_size)]
+        cmd = launch.trainer_command(job_dir, self.layout.root, life_r, os.getpid(), job.micro_batch_size)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_DIR), os.environ.get("PYTHONPATH", "")]),
                    PYTHONUNBUFFERED="1")
-        with open(job_dir / "trainer.log", "ab") as log:
-            self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                                          pass_fds=(life_r, lock_fd), start_new_session=True, env=env,
-                                          cwd=str(self.layout.root))
-        os.close(life_r)
-        os.close(lock_fd)  # the child holds the trainer lock until it exits, even if we die first
+        # This attempt's first failing rank writes it; one left by an earlier attempt would speak for this one.
+        (job_dir / "error.json").unlink(missing_ok=True)
+        if grant.processes > 1 or grant.devices is not None:
+            self.status.event("launch", f"job {job.id}: training on {grant.describe()}", level="debug",
+                              job_id=job.id, processes=grant.processes, devices=grant.devices)
+        try:
+            self.child = launch.start(cmd, grant, env, job_dir, pass_fds=(life_r, lock_fd), cwd=self.layout.root)
+        finally:
+            os.close(life_r)
+            os.close(lock_fd)  # the ranks hold the trainer lock until the last exits, even if we die first
         events: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_read_events, args=(self.child.stdout, events), daemon=True)
         reader.start()
@@ -189,10 +193,18 @@ class Supervisor:
                     except Exception as e:  # a malformed event must never take the daemon down
                         self.status.event("bad_event", f"job {job.id}: could not handle trainer event {event!r}: {e!r}",
                                           level="warning")
-                    continue
-                if self.child.poll() is not None and not reader.is_alive():
+                # Below runs after every event too: a trainer reporting faster than every 0.2 s must not
+                # keep a stop request or a dead rank waiting.
+                if self.child.poll() is not None and not reader.is_alive() and events.empty():
                     break
                 self._tick(timeout=0)
+                failed = self.child.failed_rank()
+                if failed:
+                    rank, code = failed
+                    self.status.event("rank_failed", f"job {job.id}: rank {rank} exited with "
+                                      f"{launch.describe_status(code)}; stopping the other ranks", level="warning",
+                                      job_id=job.id, rank=rank, exit_code=code)
+                    self._kill_child()
                 if self.signals >= 2 or self.current.get("cancelled"):
                     self._kill_child()
                 elif (self.signals or control.is_paused(self.layout)) and stop_sent_at is None:
@@ -225,17 +237,12 @@ class Supervisor:
                 time.sleep(0.2)
 
     def _signal_child(self, sig: int) -> None:
-        try:
-            os.kill(self.child.pid, sig)
-        except (ProcessLookupError, AttributeError):
-            pass
+        if self.child:
+            self.child.send_signal(sig)
 
     def _kill_child(self) -> None:
-        if self.child and self.child.poll() is None:
-            try:
-                os.killpg(self.child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self.child:
+            self.child.kill()
 
     def _on_event(self, job: Job, ev: dict) -> None:
         kind = ev.get("event")

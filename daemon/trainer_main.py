@@ -61,9 +61,26 @@ def die_with_parent(parent_pid: int | None) -> None:
         os._exit(exitcodes.DAEMON_GONE)
 
 
+def rank() -> int:
+    """This process's rank among the job's processes (daemon/launch.py sets RANK; one process: 0)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def write_error(job_dir: Path, kind: str, message: str) -> None:
-    durable.write_json(job_dir / "error.json", {"kind": kind, "message": message,
-                                                "traceback": traceback.format_exc(), "at": now_iso()})
+    error = {"kind": kind, "message": message, "traceback": traceback.format_exc(), "at": now_iso()}
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        durable.write_json(job_dir / "error.json", error)
+        return
+    # Several ranks: the first to fail tells the cause (the daemon removed the last attempt's file). A peer that
+    # fails after it, in a collective with the rank that is gone, only has the consequence to tell.
+    tmp = job_dir / f".error.json.rank{rank()}"
+    durable.write_json(tmp, error)
+    try:
+        os.link(tmp, job_dir / "error.json")
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def library_versions() -> dict:
@@ -140,6 +157,8 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
     job_id, adapter = job["id"], job["adapter"]
     adapter_dir = layout.adapter_dir(adapter)
     done_version = publish.find_version_of_job(adapter_dir, job_id)
+    if done_version is not None and rank() > 0:
+        return exitcodes.DONE
     if done_version is not None:  # published before a crash: finish the job, do not train twice
         publish.repair_latest(adapter_dir)
         durable.write_json(job_dir / "result.json", {"version": done_version,
@@ -171,17 +190,18 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
                            max_line_bytes=cfg.intake.max_line_bytes, train_on_inputs=t.train_on_inputs,
                            too_long=t.too_long, min_examples=t.min_examples, keep_examples=True)
     report.file = job["original_name"]  # the user's name for it, not the job folder's copy
-    durable.write_json(job_dir / "report.json", report.to_dict())
+    if rank() == 0:  # every rank validates the same file alike
+        durable.write_json(job_dir / "report.json", report.to_dict())
     if not report.ok:
         durable.write_json(job_dir / "error.json", {"kind": "bad_input", "message": report.render(), "at": now_iso()})
         emit({"event": "invalid", "message": report.render()})
         return exitcodes.BAD_INPUT
     emit({"event": "validated", "examples": report.examples, "tokens": report.tokens, "skipped": report.skipped})
-    if _stop.is_set():
+    if _stop.is_set() and "WORLD_SIZE" not in os.environ:  # ranks agree on a stop only once they can talk (recipe)
         return exitcodes.STOPPED
 
     train_ex, eval_ex = split_eval(report.examples_list, t, t.seed)
-    from . import checkpoint
+    from . import checkpoint, distributed
     import torch
 
     from .recipe import Diverged, LoRARecipe, StopRequested
@@ -207,6 +227,7 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
     except StopRequested:
         emit({"event": "phase", "phase": "saving"})
         recipe.save_checkpoint()
+        distributed.shutdown()
         return exitcodes.STOPPED
     except Diverged as e:
         write_error(job_dir, "diverged", str(e))
@@ -218,6 +239,11 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
         write_error(job_dir, "disk_full", str(e))
         return exitcodes.DISK_FULL
 
+    if not recipe.world.is_main:  # rank 0 publishes; a sharded adapter needs every rank to gather it
+        recipe.save_adapter(None)
+        recipe.cleanup()
+        distributed.shutdown()
+        return exitcodes.DONE
     emit({"event": "phase", "phase": "saving"})
     faults.check("publish")
     try:
@@ -228,6 +254,7 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
     durable.write_json(job_dir / "result.json", {"version": version, "path": str(path), **recipe.summary()})
     emit({"event": "published", "version": version, "path": str(path)})
     recipe.cleanup()
+    distributed.shutdown()
     return exitcodes.DONE
 
 
