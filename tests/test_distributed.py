@@ -70,6 +70,25 @@ def test_job_exit_code_names_the_cause_not_the_consequence():
     assert code([75, -9], {1}) == exitcodes.STOPPED
 
 
+def test_memory_plan_shards_the_base_only_when_it_does_not_fit_one_gpu():
+    from daemon import memory_plan
+
+    llama_8b = memory_plan.Shape(n_params=8_030_000_000, n_layers=32, hidden=4096, intermediate=14336,
+                                 vocab=128256, n_kv_heads=8, head_dim=128)
+
+    def plan(free_gib, world_size, **kw):
+        return memory_plan.plan_memory(llama_8b, free_bytes=free_gib * 1024**3 if free_gib else None,
+                                       max_length=1024, micro_batch_size=8, world_size=world_size, **kw)
+
+    assert not plan(78, 4).fsdp  # fits one GPU: plain data parallel
+    small = plan(12, 4, can_quantize=True)  # 16 GB of bf16 weights cannot fit 12 GiB whole
+    assert small.fsdp and not small.quantize_4bit and "sharded over 4 GPUs" in small.reason
+    assert small.estimated_peak_gib <= small.budget_gib
+    assert plan(12, 1, can_quantize=True).quantize_4bit  # one GPU: 4-bit is what is left
+    assert plan(78, 4, sharding="true").fsdp and not plan(12, 4, sharding="false").fsdp
+    assert plan(None, 2, sharding="true").fsdp and not plan(None, 1, sharding="true").fsdp  # CPU: only if asked
+
+
 SLEEPER = [sys.executable, "-c", "import os, sys, time; print(os.getpgid(0), flush=True); time.sleep(120)"]
 
 
