@@ -170,8 +170,9 @@ class Supervisor:
         # This attempt's first failing rank writes it; one left by an earlier attempt would speak for this one.
         (job_dir / "error.json").unlink(missing_ok=True)
         if grant.processes > 1 or grant.devices is not None:
-            self.status.event("launch", f"job {job.id}: training on {grant.describe()}", level="debug",
-                              job_id=job.id, processes=grant.processes, devices=grant.devices)
+            self.status.event("launch", f"job {job.id}: training on {grant.describe()}",
+                              level="info" if grant.processes > 1 else "debug", job_id=job.id,
+                              processes=grant.processes, devices=grant.devices)
         try:
             self.child = launch.start(cmd, grant, env, job_dir, pass_fds=(life_r, lock_fd), cwd=self.layout.root)
         finally:
