@@ -20,6 +20,7 @@ PAGE = r"""<!doctype html>
  .bar { height: 14px; background: var(--line); border-radius: 7px; overflow: hidden; margin: 6px 0; }
  .bar > div { height: 100%; background: var(--train); width: 0; transition: width .4s; }
  dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 0; }
+ dl > .rows { display: contents; } dl > .rows[hidden] { display: none; }
  dt { color: var(--muted); } dd { margin: 0; font-variant-numeric: tabular-nums; }
  table { border-collapse: collapse; width: 100%; } td, th { text-align: left; padding: 3px 8px 3px 0; border-bottom: 1px solid var(--line); }
  tr.sel { background: #eef4fb; } tbody tr { cursor: pointer; }
@@ -42,8 +43,8 @@ PAGE = r"""<!doctype html>
    <dl><dt>progress</dt><dd id="progress-text"></dd><dt>loss</dt><dd id="loss"></dd><dt>eval loss</dt><dd id="eval-loss"></dd>
     <dt>speed</dt><dd id="tps"></dd><dt>ETA</dt><dd id="eta"></dd><dt>GPU (job)</dt><dd id="job-mem"></dd></dl>
   </div>
-  <h2 style="margin-top:14px">GPU</h2><dl><dt>device</dt><dd id="gpu-name">none visible</dd><dt>memory</dt><dd id="gpu-mem"></dd>
-   <dt>busy</dt><dd id="gpu-util"></dd></dl>
+  <h2 style="margin-top:14px">GPU</h2><dl><dt>device</dt><dd id="gpu-name">none visible</dd>
+   <div id="gpu-readings" class="rows" hidden><dt>memory</dt><dd id="gpu-mem"></dd><dt>busy</dt><dd id="gpu-util"></dd></div></dl>
   <h2 style="margin-top:14px">Queue</h2><div id="queue"></div>
  </section>
  <section class="wide"><h2>Jobs</h2><table><thead><tr><th>id</th><th>state</th><th>adapter</th><th>file</th><th>version</th><th>note</th></tr></thead><tbody id="jobs"></tbody></table></section>
@@ -76,20 +77,26 @@ function renderStatus(st) {
     const pct = c.total_steps ? Math.min(100, 100 * (c.step || 0) / c.total_steps) : 0;
     $("current-title").textContent = "job " + c.job_id + ": " + (c.file || "?") + " \u2192 " + (c.adapter || "?") + " (" + (c.phase || "training") + ")";
     $("bar").style.width = pct.toFixed(1) + "%";
-    $("progress-text").textContent = "step " + (c.step || 0) + "/" + (c.total_steps || "?") + " (" + pct.toFixed(0) + "%)" + (c.epoch != null ? ", epoch " + num(c.epoch, 2) : "");
+    $("progress-text").textContent = "step " + (c.step || 0) + "/" + (c.total_steps || "?") + " (" + pct.toFixed(0) + "%)" + (c.epoch != null ? ", epoch " + (Number.isInteger(c.epoch) ? c.epoch + 1 : num(c.epoch, 2)) : "");
     $("loss").textContent = num(c.loss, 4);
-    $("eval-loss").textContent = num(c.eval_loss, 4);
+    $("eval-loss").textContent = c.eval_loss == null ? "not yet" : num(c.eval_loss, 4);
     $("tps").textContent = c.tokens_per_s ? Math.round(c.tokens_per_s).toLocaleString("en-US") + " tok/s" : "?";
     $("eta").textContent = fmtDur(c.eta_s);
-    $("job-mem").textContent = c.gpu_mem_gib == null ? "?" : num(c.gpu_mem_gib, 2) + " GiB";
+    $("job-mem").textContent = c.gpu_mem_gib == null ? "none" : num(c.gpu_mem_gib, 2) + " GiB";
   }
   const g = st.gpu;
-  $("gpu-name").textContent = g ? g.name : "none visible";
+  $("gpu-name").textContent = g ? g.name : "none visible"; $("gpu-readings").hidden = !g;
   $("gpu-mem").textContent = g ? num(g.mem_used_gib, 1) + " / " + num(g.mem_total_gib, 1) + " GiB" : "";
   $("gpu-util").textContent = g && g.util_percent != null ? num(g.util_percent, 0) + "%" : "";
   const q = st.queue || {};
   $("queue").textContent = ["pending", "running", "done", "failed"].map(k => (q[k] || 0) + " " + k).join(" \u00b7 ");
   return c ? c.job_id : null;
+}
+
+// A round tick spacing (1, 2 or 5 times a power of ten) giving about n intervals over `range`.
+function niceStep(range, n) {
+  const raw = range / n, p = Math.pow(10, Math.floor(Math.log10(raw))), f = raw / p;
+  return (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * p;
 }
 
 function drawChart(data) {
@@ -106,13 +113,15 @@ function drawChart(data) {
   const xmax = Math.max(data.total_steps || 0, ...all.map(p => p[0]), 1), xmin = Math.min(0, ...all.map(p => p[0]));
   let ymin = Math.min(...all.map(p => p[1])), ymax = Math.max(...all.map(p => p[1]));
   if (ymax - ymin < 1e-6) { ymin -= 0.5; ymax += 0.5; }
-  const pad = (ymax - ymin) * 0.05; ymin -= pad; ymax += pad;
+  const pad = (ymax - ymin) * 0.05, ys = niceStep(ymax - ymin + 2 * pad, 5);
+  ymin = Math.max(0, Math.floor((ymin - pad) / ys) * ys); ymax = Math.ceil((ymax + pad) / ys) * ys;  // the axis ends on ticks
   const X = s => L + (s - xmin) / (xmax - xmin) * (w - L - R), Y = v => T + (ymax - v) / (ymax - ymin) * (h - T - B);
-  for (let i = 0; i <= 4; i++) {
-    const v = ymin + (ymax - ymin) * i / 4, y = Y(v);
-    ctx.beginPath(); ctx.moveTo(L, y); ctx.lineTo(w - R, y); ctx.stroke(); ctx.fillText(v.toFixed(3), 4, y + 4);
-    const s = xmin + (xmax - xmin) * i / 4; ctx.fillText(String(Math.round(s)), X(s) - 8, h - 10);
+  const yDigits = Math.max(0, -Math.floor(Math.log10(ys)));
+  for (let v = ymin; v <= ymax + ys / 2; v += ys) {
+    const y = Y(v); ctx.beginPath(); ctx.moveTo(L, y); ctx.lineTo(w - R, y); ctx.stroke(); ctx.fillText(v.toFixed(yDigits), 4, y + 4);
   }
+  const xs = Math.max(1, niceStep(xmax - xmin, 6));
+  for (let s = Math.ceil(xmin / xs) * xs; s <= xmax; s += xs) ctx.fillText(String(s), X(s) - 3 * String(s).length, h - 10);
   ctx.lineWidth = 1.8; ctx.strokeStyle = getComputedStyle(document.documentElement).getPropertyValue("--train");
   ctx.beginPath(); train.forEach((p, i) => i ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))); ctx.stroke();
   ctx.fillStyle = getComputedStyle(document.documentElement).getPropertyValue("--eval");
