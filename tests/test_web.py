@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from daemon.paths import PROJECT_DIR, Layout
 from daemon.plots import plot_loss
 from daemon.status import StatusWriter
 from daemon.web import start_web
+from helpers import chat_lines, drop, events, jobs, start_daemon, wait_for, write_config
 
 
 def get(url: str, host: str | None = None):
@@ -265,9 +267,20 @@ class Browser:
                     jobs: document.getElementById('jobs').rows.length,
                     versions: document.getElementById('versions').rows.length}; })()""")
 
+    def curve_pixels(self) -> int:
+        """Pixels of the train curve's colour on the canvas: proof the curve was drawn, not just counted."""
+        return self.eval("""(() => { const c = document.getElementById('chart');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+            for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - 31) < 30 && Math.abs(d[i + 1] - 119) < 30
+                && Math.abs(d[i + 2] - 180) < 30 && d[i + 3] > 200) n++;
+            return n; })()""")
+
     def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        # The page's content, not the empty window below it.
+        height = self.eval("Math.ceil(document.querySelector('main').getBoundingClientRect().bottom)") + 4
+        clip = {"x": 0, "y": 0, "width": self.eval("window.innerWidth"), "height": height, "scale": 1}
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png", clip=clip)["data"]))
         return path
 
     def close(self) -> None:
@@ -284,8 +297,12 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
-def test_page_in_headless_chromium_follows_training(root):
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+
+
+@needs_chromium
+def test_page_in_headless_chromium_shows_every_reading(root):
+    """Recorded events with known numbers (GPU readings included, which a CPU runner never has): every field."""
     pytest.importorskip("websocket", reason="pip install websocket-client")
     layout = Layout.at(root).ensure()
     writer = StatusWriter(layout, echo=False)
@@ -312,17 +329,56 @@ def test_page_in_headless_chromium_follows_training(root):
         assert shown["bar"] == "50%" and shown["loss"] == f"{3.0 * 0.8 ** 10:.4f}" and shown["eta"] == "10s"
         assert shown["gpu"] == "2.0 / 8.0 GiB" and shown["queue"].startswith("1 pending")
         assert shown["jobs"] == 3 and shown["lastStep"] == 10
-        # The curve was really drawn: count the train colour's pixels on the canvas.
-        blue = browser.eval("""(() => { const c = document.getElementById('chart');
-            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
-            for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - 31) < 30 && Math.abs(d[i + 1] - 119) < 30
-                && Math.abs(d[i + 2] - 180) < 30 && d[i + 3] > 200) n++;
-            return n; })()""")
-        assert blue > 100, blue
-        time.sleep(0.5)  # let the progress bar's CSS transition finish for the picture
-        shot = browser.screenshot(ARTIFACTS / "web-status.png")
-        print(f"\nscreenshot: {shot}")
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert browser.curve_pixels() > 100
     finally:
         browser.close()
         server.stop()
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_page_in_headless_chromium_follows_training(root, tiny_model_dir):
+    """The real daemon trains the tiny model while headless Chromium watches the page the daemon serves."""
+    pytest.importorskip("websocket", reason="pip install websocket-client")
+    # The largest learning rate allowed, so that even the tiny random model's loss visibly falls.
+    write_config(root, tiny_model_dir, training={"epochs": 3, "eval_fraction": 0.1, "checkpoint_every_steps": 1000,
+                                                 "learning_rate": 1e-2},
+                 status={"progress_every_steps": 1, "web": {"enabled": True, "port": 0}})
+    # Each step also sleeps a little (the fault hooks' `sleep` kind), so that the page is seen mid-job.
+    slow_steps = json.dumps([{"point": "train_step", "kind": "sleep", "seconds": 0.4}])
+    daemon = start_daemon(root, TRAINING_DAEMON_FAULTS=slow_steps)
+    browser = None
+    try:
+        url = wait_for(lambda: [e["url"] for e in events(root, "web")], timeout=60, what="the status page")[0]
+        browser = Browser(url)
+        browser.wait_for("document.getElementById('daemon-state').textContent.startsWith('idle')")
+        assert browser.shown()["points"] == 0
+        drop(root, "chats.jsonl", chat_lines(60, "plum"))
+
+        chart_points = "+document.getElementById('chart').dataset.points"
+        browser.wait_for(f"{chart_points} >= 3", timeout=120)
+        first = browser.shown()
+        total = int(re.match(r"step \d+/(\d+)", first["progress"]).group(1))
+        # It keeps up with training; at 60% the picture shows a curve with a future.
+        browser.wait_for(f"{chart_points} >= {max(first['points'] + 3, round(0.6 * total))}", timeout=60)
+        during = browser.shown()
+        step = int(re.match(r"step (\d+)/", during["progress"]).group(1))
+        assert during["state"].startswith("training") and step < total, during
+        assert 0 < float(during["bar"].rstrip("%")) < 100 and float(during["loss"]) > 0, during
+        assert during["lastStep"] >= first["lastStep"] + 3 and browser.curve_pixels() > 100
+        time.sleep(0.5)  # let the progress bar's CSS transition finish for the picture
+        shot = browser.screenshot(ARTIFACTS / "web-status-training.png")
+        print(f"\nscreenshot during training: {shot}")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        browser.wait_for("document.getElementById('versions').rows.length === 1", timeout=120)
+        browser.wait_for(f"{chart_points} === {total}")
+        done = browser.shown()
+        assert done["evalPoints"] >= 1 and done["jobs"] == 1 and not done["state"].startswith("training"), done
+        [job] = jobs(root)
+        assert job["state"] == "done", job
+    finally:
+        if browser:
+            browser.close()
+        daemon.terminate()
+        daemon.wait(60)
