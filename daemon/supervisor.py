@@ -87,6 +87,9 @@ class Supervisor:
                 break
             if control.is_paused(self.layout):
                 self.state = "paused"
+                if self.once:  # nobody will resume a --once run: end it, the jobs stay pending
+                    self._end_paused_once()
+                    return
                 continue
             pending = self.spool.list(JobStatus.PENDING)
             if pending:
@@ -418,6 +421,13 @@ class Supervisor:
         self.state = "waiting_for_disk"
         time.sleep(1)
         return False
+
+    def _end_paused_once(self) -> None:
+        waiting = self.spool.count(JobStatus.PENDING)
+        if waiting or self._inbox_has_files():
+            self.results.append(False)
+        self.status.event("paused", f"paused: run --once ends here; {waiting} pending job(s) wait for "
+                          "`training-daemon resume`", level="warning")
 
     def _inbox_has_files(self) -> bool:
         """For --once: files still to take. One that failed to be claimed does not count (it stays in the inbox,
