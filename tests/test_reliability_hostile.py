@@ -110,10 +110,8 @@ def test_the_same_name_dropped_twice_never_overwrites_the_claimed_file(root, tin
     assert len(jobs(root)) == 2
 
 
-@pytest.mark.parametrize("policy", ["skip", "train"])
-def test_the_same_content_twice_follows_the_duplicate_policy(root, tiny_model_dir, policy):
-    write_config(root, tiny_model_dir, intake={"settle_seconds": 0.2, "rescan_seconds": 1,
-                                               "duplicate_policy": policy})
+def test_the_same_content_twice_is_recognised_and_not_trained_again(root, tiny_model_dir):
+    write_config(root, tiny_model_dir)  # intake.duplicate_policy: skip, the default (test_intake.py tries "train")
     inbox = Inbox(root)
     inbox.drop("monday.jsonl", chat_lines(4))
     inbox.drop("tuesday.jsonl", chat_lines(4))  # byte for byte the same
@@ -121,14 +119,9 @@ def test_the_same_content_twice_follows_the_duplicate_policy(root, tiny_model_di
     r = cli(root, "run", "--once")
     assert r.returncode == 0, r.stdout + r.stderr
     again = account(root, inbox)["tuesday.jsonl"]
-    versions = sorted(p.name for p in (root / "checkpoints/default").glob("v*"))
-    if policy == "skip":
-        assert again["duplicate_of"] == 1 and again["version"] is None
-        assert again["note"] == "duplicate of job 1 (same sha256); not trained again"
-        assert versions == ["v1"]
-    else:
-        assert again["version"] == 2 and versions == ["v1", "v2"]
-        assert "same bytes as job 1, trained again (duplicate_policy=train)" in events(root, "job_queued")[1]["message"]
+    assert again["duplicate_of"] == 1 and again["version"] is None
+    assert again["note"] == "duplicate of job 1 (same sha256); not trained again"
+    assert sorted(p.name for p in (root / "checkpoints/default").glob("v*")) == ["v1"]
 
 
 def test_a_huge_line_is_capped_and_reported_and_the_rest_trains(root, tiny_model_dir):

@@ -40,13 +40,12 @@ def finish_and_compare(root, inbox, expected, resumed_from: int):
     resume_case.assert_same_adapter(root, expected)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_first_signal_is_a_warm_stop(root, tiny_model_dir, tmp_path_factory, sig):
+def test_first_signal_is_a_warm_stop(root, tiny_model_dir, tmp_path_factory):
     expected = resume_case.reference(tmp_path_factory, tiny_model_dir)
     inbox, daemon = start_training(root, tiny_model_dir)
 
     began = time.monotonic()
-    assert stop(daemon, sig) == 0
+    assert stop(daemon, signal.SIGTERM) == 0
     assert time.monotonic() - began < 10  # a checkpoint at the next step boundary, not the end of the job
 
     (job,) = jobs(root)
@@ -69,7 +68,7 @@ def test_second_signal_is_a_cold_stop_and_loses_nothing(root, tiny_model_dir, tm
     daemon.send_signal(signal.SIGTERM)
     wait_event(root, "stopping")
     time.sleep(0.5)  # the trainer is now stuck in its warm-stop checkpoint
-    assert stop(daemon, signal.SIGTERM) == 0
+    assert stop(daemon, signal.SIGINT) == 0  # Ctrl-C counts as the second signal too
     assert trainer not in trainer_pids(root)  # its process group was killed
 
     (job,) = jobs(root)
@@ -82,8 +81,9 @@ def test_a_trainer_that_does_not_stop_in_time_is_killed(root, tiny_model_dir, tm
     expected = resume_case.reference(tmp_path_factory, tiny_model_dir)
     inbox, daemon = start_training(root, tiny_model_dir, STUCK_SAVING, limits={"stop_timeout_seconds": 1})
     began = time.monotonic()
-    assert stop(daemon) == 0
+    assert stop(daemon, signal.SIGINT) == 0  # a first Ctrl-C is a warm stop, like SIGTERM
     assert time.monotonic() - began < 10
+    assert events(root, "stopping")  # it asked the trainer to checkpoint first, then killed it
     assert "did not stop in 1.0s" in events(root, "stop_timeout")[0]["message"]
     assert [j["folder"] for j in jobs(root)] == ["pending"]
     finish_and_compare(root, inbox, expected, resumed_from=2)
@@ -123,6 +123,22 @@ def test_pause_checkpoints_the_job_and_resume_finishes_it(root, tiny_model_dir, 
     resume_case.assert_same_adapter(root, expected)
 
 
+def test_run_once_on_a_paused_root_ends_instead_of_waiting_for_resume(root, tiny_model_dir):
+    write_config(root, tiny_model_dir)
+    inbox = Inbox(root)
+    inbox.drop("data.jsonl", chat_lines(4))
+    assert cli(root, "pause").returncode == 0  # no daemon running: it will start paused
+
+    r = cli(root, "run", "--once", timeout=30)
+    assert r.returncode == 1  # not everything was trained
+    assert "run --once ends here" in events(root, "paused")[-1]["message"]
+    assert not events(root, "job_started")
+
+    assert cli(root, "resume").returncode == 0
+    assert cli(root, "run", "--once").returncode == 0
+    account(root, inbox)
+
+
 def test_a_second_daemon_on_the_same_root_is_refused(root, tiny_model_dir):
     write_config(root, tiny_model_dir)
     inbox = Inbox(root)
@@ -133,7 +149,9 @@ def test_a_second_daemon_on_the_same_root_is_refused(root, tiny_model_dir):
     r = cli(root, "run", "--once", timeout=30)
     assert r.returncode == 1
     assert r.stderr.strip() == f"Error: another training-daemon (pid {daemon.pid}) is already running on {root}"
-    assert json.loads((root / "status.json").read_text())["daemon"]["pid"] == daemon.pid
+    status = json.loads((root / "status.json").read_text())
+    assert status["daemon"]["pid"] == daemon.pid and status["daemon"]["started_at"]
+    assert status["queue"] == {"pending": 0, "running": 0, "done": 1, "failed": 0}
 
     daemon.kill()  # the lock dies with its process: a new daemon starts at once, no stale lock to clean up
     daemon.wait()
