@@ -171,6 +171,17 @@ def wait_event(root: Path, kind: str, timeout: float = 120, **fields) -> dict:
                     what=f"event {kind} {fields}")
 
 
+def wait_ready(root: Path, daemon: subprocess.Popen) -> None:
+    """Until this daemon watches the inbox: its first status.json is written after the watcher starts."""
+    def ready():
+        try:
+            return json.loads((root / "status.json").read_text())["daemon"]["pid"] == daemon.pid
+        except (OSError, ValueError, KeyError):
+            return False
+
+    wait_for(ready, timeout=60, what=f"daemon {daemon.pid} to be ready")
+
+
 def resumes(root: Path) -> list[dict]:
     """The trainer's "resumed from a checkpoint" events (the daemon's un-pause is also called "resumed")."""
     return [e for e in events(root, "resumed") if "job_id" in e]

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from accounting import Inbox, account, faults, file_digests, stop, wait_event
+from accounting import Inbox, account, faults, file_digests, stop, wait_event, wait_ready
 from helpers import chat_lines, cli, events, start_daemon, write_config
 
 pytestmark = pytest.mark.slow
@@ -149,7 +149,7 @@ def test_a_broken_adapter_config_fails_its_job_not_the_daemon(root, tiny_model_d
     config = write_config(root, tiny_model_dir)
     inbox = Inbox(root)
     daemon = start_daemon(root)
-    wait_event(root, "daemon_started")
+    wait_ready(root, daemon)
     override = config.parent / "adapters" / "alpha.yaml"  # appears while the daemon runs
     override.parent.mkdir()
     override.write_text("training:\n  epochs: many\n")

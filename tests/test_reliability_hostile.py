@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from accounting import Inbox, account, stop, wait_event
+from accounting import Inbox, account, stop, wait_event, wait_ready
 from helpers import chat_lines, cli, events, jobs, start_daemon, write_config
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_a_symlink_is_rejected_unread_and_cannot_be_retried(root, tiny_model_dir
     r = cli(root, "retry", "1")  # no daemon running: the CLI applies it itself
     assert (r.returncode, r.stderr.strip()) == (1, refusal)
     daemon = start_daemon(root)
-    wait_event(root, "daemon_started")
+    wait_ready(root, daemon)
     r = cli(root, "retry", "1")  # a daemon running: refused before the request is even sent
     assert (r.returncode, r.stderr.strip()) == (1, refusal)
     assert stop(daemon) == 0

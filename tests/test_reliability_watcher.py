@@ -5,10 +5,11 @@ In each case the file is still found (restarted observer, periodic rescan, polli
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
-from accounting import Inbox, account, faults, stop, wait_event
+from accounting import Inbox, account, faults, stop, wait_event, wait_ready
 from helpers import chat_lines, cli, events, jobs, start_daemon, write_config
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ def test_a_dead_observer_is_restarted(root, tiny_model_dir):
     write_config(root, tiny_model_dir, intake=WATCH_ONLY)
     inbox = Inbox(root)
     daemon = start_daemon(root)
-    wait_event(root, "daemon_started")
+    wait_ready(root, daemon)
 
     os.rmdir(root / "inbox")  # the inotify watch goes with the folder: the observer's emitter stops
     assert "inbox watcher was not running; restarted it" in wait_event(root, "watcher_restarted", timeout=10)["message"]
@@ -36,7 +37,8 @@ def test_events_lost_are_made_up_for_by_the_periodic_rescan(root, tiny_model_dir
     inbox = Inbox(root)
     # Every inotify event is dropped, as after a queue overflow or on a network filesystem.
     daemon = start_daemon(root, TRAINING_DAEMON_FAULTS=faults({"point": "watch_event", "kind": "drop"}))
-    wait_event(root, "daemon_started")
+    wait_ready(root, daemon)
+    time.sleep(1.5)  # past the first scan: the file can only be found by a later one
 
     inbox.drop("data.jsonl", chat_lines(4))
     wait_event(root, "job_queued", timeout=10)
@@ -49,7 +51,8 @@ def test_polling_mode_finds_files_without_inotify(root, tiny_model_dir):
     write_config(root, tiny_model_dir, intake={**WATCH_ONLY, "polling": True})
     inbox = Inbox(root)
     daemon = start_daemon(root)
-    wait_event(root, "daemon_started")
+    wait_ready(root, daemon)
+    time.sleep(1.5)  # past the first scan: the file can only be found by the polling observer
 
     inbox.drop("data.jsonl", chat_lines(4))
     wait_event(root, "job_queued", timeout=10)
