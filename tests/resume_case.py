@@ -18,8 +18,9 @@ LINES = chat_lines(16, "resume")
 STEPS = 8
 SETTINGS = {"training": {"packing": False, "micro_batch_size": 2, "gradient_accumulation": 1,
                          "checkpoint_every_steps": 2, "keep_checkpoints": 2, "precision": "fp32", "seed": 7}}
-# Each micro-batch takes at least this long, so a test can act while a step is in flight (no effect on the math).
-SLOW_STEPS = {"point": "train_step", "kind": "sleep", "seconds": 0.25}
+# After the step-2 checkpoint each micro-batch takes at least this long, so a test can act while a step is in
+# flight and well before the last one (no effect on the math).
+SLOW_STEPS = {"point": "train_step", "kind": "sleep", "seconds": 0.4, "min_step": 2}
 
 _reference: dict[str, torch.Tensor] | None = None
 
