@@ -156,6 +156,25 @@ def run_reference(name: str, args, examples, *, gradient_checkpointing: bool = F
     return out
 
 
+def run_daemon_e2e() -> dict:
+    """The daemon's own overheads, from bench/daemon_e2e.py in a separate process (it starts the daemon,
+    which must not share this process's CUDA context or its memory readings)."""
+    import subprocess
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="td-bench-")) / "e2e.json"
+    here = Path(__file__).resolve().parent
+    subprocess.run([sys.executable, str(here / "daemon_e2e.py"), "--jobs", "2", "--out", str(out)],
+                   stdout=subprocess.DEVNULL, check=False)
+    if not out.exists():
+        return {"error": "bench/daemon_e2e.py wrote no result"}
+    result = json.loads(out.read_text())
+    for job in result["jobs"]:
+        print(f"daemon: {job['file']}: drop to first step {job['drop_to_first_step_s']} s, GPU memory back at "
+              f"baseline {job['gpu_back_to_baseline_s_after_done']} s after the job", flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-1.5b,llama-3.1-8b")
@@ -172,6 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--qlora-steps", type=int, default=12)
     ap.add_argument("--cap-plan", action="store_true", help="llama-3.1-8b, max length 2048, 24 GiB cap")
     ap.add_argument("--qlora", action="store_true", help="llama-3.1-8b 4-bit under a 10 GiB cap")
+    ap.add_argument("--daemon-e2e", action="store_true",
+                    help="also time the real daemon end to end (bench/daemon_e2e.py: drop to first step, GPU "
+                         "memory back at baseline) on the embedded model, in a fresh process")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -211,6 +233,10 @@ def main(argv=None) -> int:
         qargs = argparse.Namespace(**{**vars(args), "steps": args.qlora_steps, "warmup": min(args.warmup, 4)})
         record(run_ours("llama-3.1-8b", qargs, examples, cap_gib=10.0, quantized_dir=path))
     print(common.table(results), flush=True)
+    if args.daemon_e2e:
+        results["daemon_e2e"] = run_daemon_e2e()
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 
