@@ -14,6 +14,7 @@ daemon's own children. No torch in this module: the daemon imports it.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -65,10 +66,27 @@ def grant(gpus, cpu_processes: int, visible: list[str] | None) -> Grant:
 
 
 def free_port() -> int:
-    """A port nobody listens on now; rank 0 binds it a moment later (a lost race fails the attempt, retried)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now, for rank 0 to bind seconds later (once torch is imported).
+
+    Chosen below the kernel's range of ephemeral ports, which every outgoing connection on the host (gloo's
+    and NCCL's own among them) draws from: there only an explicit bind can take it first. A lost race fails
+    the attempt, which is retried.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    below = range(max(1024, ephemeral_low - 10000), ephemeral_low)
+    candidates = random.sample(below, min(20, len(below)))
+    for port in candidates + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port for the ranks' rendezvous")
 
 
 def rank_env(base: dict, g: Grant, rank: int, port: int) -> dict:
@@ -119,7 +137,8 @@ def job_exit_code(codes: list[int], collateral: set[int]) -> int:
 
 def describe_status(code: int) -> str:
     if code < 0:
-        return f"signal {-code} ({signal.Signals(-code).name})" if -code in signal.valid_signals() else f"signal {-code}"
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else None
+        return f"signal {-code} ({name})" if name else f"signal {-code}"
     return f"status {code} ({exitcodes.NAMES.get(code, 'failed')})"
 
 

@@ -62,8 +62,8 @@ class LoRARecipe:
             model, tokenizer, self.plan = load_for_training(base_dir, self.cfg, self.device, adapter_dir=adapter_dir,
                                                             world=self.world)
         else:
-            model, tokenizer, self.plan = prepare_model(model, tokenizer, self.cfg, self.device, adapter_dir=adapter_dir,
-                                                        world=self.world)
+            model, tokenizer, self.plan = prepare_model(model, tokenizer, self.cfg, self.device,
+                                                        adapter_dir=adapter_dir, world=self.world)
         self.sharded = bool(self.plan.get("fsdp"))
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -255,7 +255,8 @@ class LoRARecipe:
             if counts:
                 total, count = total + loss, count + n
         if self.world.size > 1:
-            total, count = self.world.sum(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
+            sums = self.world.sum(torch.tensor([total, count], dtype=torch.float64, device=self.device))
+            total, count = sums.tolist()
         self.model.train()
         return round(total / count, 6) if count else None
 

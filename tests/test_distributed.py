@@ -56,6 +56,8 @@ def test_rank_environment_is_torchruns():
     assert not set(launch.DIST_VARS) & set(single)  # a lone trainer must not believe it is one rank of several
     assert single["CUDA_VISIBLE_DEVICES"] == "1" and "OMP_NUM_THREADS" not in single
     assert launch.rank_env(base, launch.Grant(1, None), 0, 0)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:  # outgoing connections never take it first
+        assert 1024 <= launch.free_port() < int(f.read().split()[0])
 
 
 def test_job_exit_code_names_the_cause_not_the_consequence():
@@ -158,7 +160,7 @@ def metadata(root, version=1) -> dict:
 
 def train(root) -> None:
     r = cli(root, "run", "--once", **CPU_ONLY)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0, f"{r.stdout[-3000:]}{r.stderr[-3000:]}\njobs: {jobs(root)}"
 
 
 @pytest.fixture(scope="module")
@@ -199,21 +201,8 @@ def test_two_processes_train_the_adapter_one_process_trains(references):
 @pytest.mark.slow
 def test_two_processes_stopped_warm_resume_to_the_same_adapter(root, tiny_model_dir, references):
     configure(root, tiny_model_dir, 2)
-    daemon = start_daemon(root, **CPU_ONLY, **SLOW_STEPS)
-    try:
-        wait_for(lambda: [e for e in events(root, "progress") if e["step"] >= 3], timeout=120, what="step 3")
-        daemon.send_signal(signal.SIGTERM)  # warm stop: the daemon sends SIGUSR1 to every rank
-        assert daemon.wait(timeout=120) == 0
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-    (job,) = jobs(root)
-    assert job["folder"] == "pending" and job["attempts"][-1]["outcome"] == "stopped", job
-    resume = root / "queue" / "pending" / f"j{job['id']:06d}" / "resume"
-    ckpt = sorted(resume.glob("step-*"))[-1]
-    stopped_at = json.loads((ckpt / "progress.json").read_text())["step"]
+    stopped_at = stop_mid_training(root)
     assert 3 <= stopped_at < metadata(references[2])["steps"]  # mid-training, not at the end
-    assert {"rng.pt", "rng-rank1.pt"} <= {f.name for f in ckpt.iterdir()}  # each rank's RNG state
 
     train(root)
     assert [e["step"] for e in events(root, "resumed")] == [stopped_at]
@@ -245,19 +234,38 @@ def test_a_rank_killed_ends_the_job_and_the_other_rank(root, tiny_model_dir):
     assert "rank 1 exited with signal 9 (SIGKILL); stopping the other ranks" in (root / "status.log").read_text()
 
 
+def stop_mid_training(root) -> int:
+    """Start the daemon, warm-stop it after step 3; the step its checkpoint holds."""
+    daemon = start_daemon(root, **CPU_ONLY, **SLOW_STEPS)
+    try:
+        wait_for(lambda: [e for e in events(root, "progress") if e["step"] >= 3], timeout=120, what="step 3")
+        daemon.send_signal(signal.SIGTERM)  # warm stop: the daemon sends SIGUSR1 to every rank
+        assert daemon.wait(timeout=120) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    (job,) = jobs(root)
+    assert job["folder"] == "pending" and job["attempts"][-1]["outcome"] == "stopped", job
+    ckpt = sorted((root / "queue" / "pending" / f"j{job['id']:06d}" / "resume").glob("step-*"))[-1]
+    assert {"rng.pt", "rng-rank1.pt"} <= {f.name for f in ckpt.iterdir()}  # each rank's RNG state
+    return json.loads((ckpt / "progress.json").read_text())["step"]
+
+
 @pytest.mark.slow
-def test_fsdp_on_two_processes_trains_the_same_adapter(root, tiny_model_dir, references):
+def test_fsdp_on_two_processes_trains_and_resumes_to_the_same_adapter(root, tiny_model_dir, references):
     """FSDP2 (`fully_shard`) runs on CPU with gloo: forced on here, since on CPU nothing needs it."""
     configure(root, tiny_model_dir, 2, fsdp=True)
+    stopped_at = stop_mid_training(root)
+    job_dir = root / "queue" / "pending" / f"j{jobs(root)[0]['id']:06d}"
+    saved = load_file(str(sorted((job_dir / "resume").glob("step-*"))[-1] / "adapter.safetensors"))
+
     train(root)
+    assert [e["step"] for e in events(root, "resumed")] == [stopped_at]
     meta = metadata(root)
     assert meta["plan"]["fsdp"] is True and meta["plan"]["processes"] == 2
     assert meta["steps"] == metadata(references[1])["steps"]
     assert_close(adapter(references[1]), adapter(root))
-    job_dir = root / "queue" / "done" / f"j{jobs(root)[0]['id']:06d}"
-    ckpt = sorted((job_dir / "resume").glob("step-*"))[-1]
-    saved = load_file(str(ckpt / "adapter.safetensors"))  # whole tensors, gathered from the shards
-    published = adapter(root)
+    published = adapter(root)  # the checkpoint held whole tensors, gathered from the shards
     assert {n.replace(".default", "") for n in saved} == set(published)
     for name, tensor in saved.items():
         assert tensor.shape == published[name.replace(".default", "")].shape, name
