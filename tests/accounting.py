@@ -137,7 +137,17 @@ def trainer_pids(root: Path) -> list[int]:
             continue
         if any(b"trainer_main" in a for a in args) and want in args:
             pids.append(int(entry.name))
-    return pids
+    # A trainer's own short-lived children (fork, then exec: `uname -p` from platform.processor(), say) carry
+    # its command line until their exec; they are not a second trainer.
+    return [pid for pid in pids if _parent(pid) not in pids]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class TrainerWatch:
