@@ -155,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=Path, help="probe/control questions to ask before and after")
     ap.add_argument("--root", type=Path, help="daemon root (default: a new temporary folder)")
     ap.add_argument("--jobs", type=int, default=1, help="drop the file this many times, one after another")
+    ap.add_argument("--idle", type=float, default=0.0,
+                    help="seconds the daemon sits idle before each drop (files rarely arrive back to back; an "
+                         "idle daemon has its next trainer's imports done: trainer_prestart)")
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -187,6 +190,7 @@ def main(argv=None) -> int:
         wait_until(lambda: (root / "status.json").exists(), 120, "the daemon to start")
         result["daemon_start_to_ready_s"] = round(time.time() - t_start, 2)
         for n in range(1, args.jobs + 1):
+            time.sleep(args.idle)
             result["jobs"].append(run_one_job(root, args, tail, n, baseline))
     finally:
         daemon.send_signal(signal.SIGTERM)

@@ -178,12 +178,19 @@ class DaemonConfig(Section):
     # Without a visible GPU a job still trains on one process unless this asks for more (gloo on CPU): what
     # the multi-process tests run in CI, and a way to try the multi-GPU code paths without GPUs.
     cpu_processes: Int(1, 64) = 1
+    # Start the next job's trainer while waiting for a file (daemon/standby.py); auto: on a GPU host only.
+    trainer_prestart: Literal["auto", "true", "false"] = "auto"
 
     _source: Path | None = PrivateAttr(default=None)  # the file it came from: overrides live next to it
 
     @property
     def source_path(self) -> Path | None:
         return self._source
+
+    @field_validator("trainer_prestart", mode="before")
+    @classmethod
+    def _prestart_word(cls, v):
+        return str(v).lower() if isinstance(v, bool) else v
 
     @field_validator("gpus", mode="before")
     @classmethod

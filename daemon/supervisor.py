@@ -21,6 +21,7 @@ from pathlib import Path
 from . import __version__, control, durable, exitcodes, faults, gpu, launch
 from .config import adapter_config, effective_dict
 from .intake import Intake
+from .standby import Standby
 from .job import Job, JobStatus
 from .paths import PROJECT_DIR, Layout, UserError
 from .spool import Spool
@@ -40,6 +41,7 @@ class Supervisor:
         self.child: launch.Ranks | None = None  # the current job's trainer processes
         self.results: list[bool] = []
         self.web = None
+        self.standby = None  # the next job's trainer, started early (daemon/standby.py)
         self.notifier = None
         self._last_snapshot = 0.0
         self.started_at = now_iso()
@@ -61,6 +63,7 @@ class Supervisor:
         self._clean_publish_leftovers()
         self._start_web()
         self.intake.start()
+        self._prestart()
         self.state = "paused" if control.is_paused(self.layout) else "idle"
         self.snapshot(force=True)
         self.notifier.ready()
@@ -73,6 +76,7 @@ class Supervisor:
             self.intake.stop()
             if self.web:
                 self.web.stop()
+            self._discard_standby()
             self.snapshot(force=True)
             self.status.event("daemon_stopped", "training-daemon stopped")
             self.lock.release()
@@ -98,7 +102,7 @@ class Supervisor:
                         self.results.append(False)
                         return
                     continue
-                if not self._trainer_lock_free():
+                if self.standby is None and not self._trainer_lock_free():
                     continue
                 job, job_dir = pending[0]
                 self.run_job(job, job_dir)
@@ -158,6 +162,7 @@ class Supervisor:
         self.current = None
         self.state = "idle"
         self.snapshot(force=True)
+        self._prestart()  # after the GPU check: the next trainer must not blur the reading of this one's exit
 
     def _run_child(self, job: Job, job_dir: Path) -> int:
         try:
@@ -165,22 +170,23 @@ class Supervisor:
         except UserError as e:  # retrying cannot help until the config or the machine changes
             durable.write_json(job_dir / "error.json", {"kind": "bad_config", "message": str(e), "at": now_iso()})
             return exitcodes.BAD_INPUT
-        lock_fd = self._trainer_lock()
-        life_r, life_w = os.pipe()
-        cmd = launch.trainer_command(job_dir, self.layout.root, life_r, os.getpid(), job.micro_batch_size)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_DIR), os.environ.get("PYTHONPATH", "")]),
-                   PYTHONUNBUFFERED="1")
         # This attempt's first failing rank writes it; one left by an earlier attempt would speak for this one.
         (job_dir / "error.json").unlink(missing_ok=True)
         if grant.processes > 1 or grant.devices is not None:
             self.status.event("launch", f"job {job.id}: training on {grant.describe()}",
                               level="info" if grant.processes > 1 else "debug", job_id=job.id,
                               processes=grant.processes, devices=grant.devices)
-        try:
-            self.child = launch.start(cmd, grant, env, job_dir, pass_fds=(life_r, lock_fd), cwd=self.layout.root)
-        finally:
-            os.close(life_r)
-            os.close(lock_fd)  # the ranks hold the trainer lock until the last exits, even if we die first
+        life_w = self._take_standby(grant, job, job_dir)
+        if life_w is None:
+            lock_fd = self._trainer_lock()
+            life_r, life_w = os.pipe()
+            cmd = launch.trainer_command(job_dir, self.layout.root, life_r, os.getpid(), job.micro_batch_size)
+            try:
+                self.child = launch.start(cmd, grant, self._trainer_env(), job_dir, pass_fds=(life_r, lock_fd),
+                                          cwd=self.layout.root)
+            finally:
+                os.close(life_r)
+                os.close(lock_fd)  # the ranks hold the trainer lock until the last exits, even if we die first
         events: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_read_events, args=(self.child.stdout, events), daemon=True)
         reader.start()
@@ -224,6 +230,56 @@ class Supervisor:
         finally:
             os.close(life_w)
             self.child = None
+
+    def _trainer_env(self) -> dict:
+        return dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_DIR), os.environ.get("PYTHONPATH", "")]),
+                    PYTHONUNBUFFERED="1")
+
+    def _prestart_wanted(self) -> bool:
+        setting = self.cfg.trainer_prestart
+        return setting == "true" or (setting == "auto" and bool(gpu.visible_devices()))
+
+    def _prestart(self) -> None:
+        """Start the next job's trainer now, so that its imports are done before a file arrives."""
+        if self.standby is not None or self.signals or not self._prestart_wanted():
+            return
+        if self.once and not self.spool.count(JobStatus.PENDING) and not self._inbox_has_files():
+            return  # --once is about to end
+        try:
+            grant = launch.grant(self.cfg.gpus, self.cfg.cpu_processes, gpu.visible_devices())
+        except UserError:
+            return  # the job will fail with the reason; nothing to prepare
+        if grant.processes != 1 or not self._trainer_lock_free():
+            return
+        try:
+            self.standby = Standby.start(self.layout.root, self.layout.state / "standby.log", grant,
+                                         self._trainer_env(), self._trainer_lock())
+        except (OSError, RuntimeError) as e:
+            self.status.event("standby", f"could not start the next trainer early: {e}", level="warning")
+            return
+        self.status.event("standby", f"next trainer started early (pid {self.standby.pid})", level="debug",
+                          pid=self.standby.pid)
+
+    def _take_standby(self, grant, job: Job, job_dir: Path) -> int | None:
+        """Give the job to the pre-started trainer if it fits; its lifeline's write end, else None."""
+        standby, self.standby = self.standby, None
+        if standby is None:
+            return None
+        if standby.usable_for(grant):
+            try:
+                self.child, life_w = standby.take(job_dir, job.micro_batch_size)
+                self.status.event("launch", f"job {job.id}: trainer started early (pid {standby.pid})",
+                                  level="debug", job_id=job.id, pid=standby.pid)
+                return life_w
+            except OSError:
+                pass  # it died a moment ago
+        standby.discard()
+        return None
+
+    def _discard_standby(self) -> None:
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            standby.discard()
 
     def _trainer_lock(self) -> int:
         """Never two trainers: wait for a trainer left by a dead daemon (its lifeline makes it exit)."""

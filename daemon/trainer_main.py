@@ -83,6 +83,33 @@ def write_error(job_dir: Path, kind: str, message: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def wait_for_job() -> dict | None:
+    """Standby: pay for the imports (10-14 s on a GPU host) while the daemon waits for a file, then take the job
+    the daemon writes on stdin as one JSON line. No CUDA here: the GPU stays untouched until the job starts."""
+    import importlib.util
+
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    from . import data, recipe  # noqa: F401
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        import liger_kernel.transformers  # noqa: F401
+    emit({"event": "standby", "pid": os.getpid()})
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    order = json.loads(line)
+    # From here on this is an ordinary trainer for that job: its stderr goes to the job's trainer.log.
+    log = os.open(Path(order["job_dir"]) / "trainer.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stderr.flush()
+    os.dup2(log, 2)
+    os.close(log)
+    return order
+
+
 def library_versions() -> dict:
     import accelerate
     import peft
@@ -124,7 +151,9 @@ def choose_parent(cfg, adapter_dir: Path, base_dir: Path, resumed_parent: int | 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m daemon.trainer_main")
-    ap.add_argument("job_dir", type=Path)
+    ap.add_argument("job_dir", type=Path, nargs="?")
+    ap.add_argument("--standby", action="store_true",
+                    help="import the training stack, then wait for a job on stdin (daemon/standby.py)")
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--lifeline-fd", type=int)
     ap.add_argument("--parent-pid", type=int, help="the daemon's pid: exit if it is already gone")
@@ -136,6 +165,13 @@ def main(argv=None) -> int:
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda *_: _stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides what a Ctrl-C means
+    if args.standby:
+        order = wait_for_job()
+        if order is None:
+            return exitcodes.DONE  # the daemon closed our stdin: no job for us
+        args.job_dir, args.micro_batch = Path(order["job_dir"]), order.get("micro_batch")
+    elif args.job_dir is None:
+        ap.error("JOB_DIR is required without --standby")
     job_dir, layout = args.job_dir.resolve(), Layout.at(args.root)
     try:
         return run(job_dir, layout, args.micro_batch)

@@ -1,0 +1,77 @@
+"""The next job's trainer, started before the job exists.
+
+A trainer spends most of its start in imports: torch, transformers, peft took 10-14 s on the H100 host
+(docs/performance.md), more than the whole training of a small file. So on a GPU host the daemon starts the
+next trainer as soon as the last one has exited and its GPU memory is checked: `trainer_main --standby`
+imports the training stack, touches no GPU, and waits for one JSON line on stdin that names its job. In every
+other way it is the trainer the daemon would start for that job: a child of the daemon in a process group
+of its own, holding the lifeline, the trainer lock and PR_SET_PDEATHSIG. A standby that died while idle, or
+one started for other GPUs than the job's, is dropped and the job's trainer is started the ordinary way.
+No torch here: the daemon imports this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import launch
+
+
+class Standby:
+    def __init__(self, ranks: launch.Ranks, life_w: int, grant: launch.Grant):
+        self.ranks, self.life_w, self.grant = ranks, life_w, grant
+
+    @classmethod
+    def start(cls, root: Path, log_path: Path, grant: launch.Grant, env: dict, lock_fd: int) -> "Standby":
+        """Start it; the caller's `lock_fd` (trainer.lock, held) goes with it and is closed here."""
+        life_r, life_w = os.pipe()
+        cmd = [sys.executable, "-m", "daemon.trainer_main", "--standby", "--root", str(root),
+               "--lifeline-fd", str(life_r), "--parent-pid", str(os.getpid())]
+        try:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                        pass_fds=(life_r, lock_fd), env=launch.rank_env(env, grant, 0, 0),
+                                        cwd=str(root), process_group=0)
+        except BaseException:
+            os.close(life_w)
+            raise
+        finally:
+            os.close(life_r)
+            os.close(lock_fd)
+        return cls(launch.Ranks([proc]), life_w, grant)
+
+    @property
+    def pid(self) -> int:
+        return self.ranks.pid
+
+    def usable_for(self, grant: launch.Grant) -> bool:
+        return self.ranks.poll() is None and grant == self.grant
+
+    def take(self, job_dir: Path, micro_batch: int | None) -> tuple[launch.Ranks, int]:
+        """Hand it its job; it becomes the job's trainer. Returns it and the lifeline's write end, which the
+        caller now owns (closing it tells the trainer the daemon is gone)."""
+        proc = self.ranks.procs[0]
+        proc.stdin.write((json.dumps({"job_dir": str(job_dir), "micro_batch": micro_batch}) + "\n").encode())
+        proc.stdin.close()  # BrokenPipeError if it died a moment ago: the caller drops it and starts one
+        return self.ranks, self.life_w
+
+    def discard(self, wait: float = 1.0) -> None:
+        """End an idle standby: EOF on stdin makes it exit 0 once its imports are done; one still importing
+        is killed (it holds nothing but the trainer lock, which its exit releases). Then reap it."""
+        proc = self.ranks.procs[0]
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            self.ranks.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+        os.close(self.life_w)

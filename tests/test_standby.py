@@ -1,0 +1,82 @@
+"""The next job's trainer, started early (trainer_prestart): it trains the job, and never outlives the daemon."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from accounting import trainer_pids
+from helpers import chat_lines, drop, events, jobs, start_daemon, wait_for, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def standby_pids(root) -> list[int]:
+    out = []
+    for pid in trainer_pids(root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"--standby" in f.read().split(b"\0"):
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def launches(root) -> list[dict]:
+    return [e for e in events(root) if e["event"] == "launch"]
+
+
+@pytest.fixture
+def prestart_config(root, tiny_model_dir):
+    return write_config(root, tiny_model_dir, trainer_prestart=True,
+                        status={"log_level": "debug", "web": {"enabled": False}})
+
+
+def test_the_early_trainer_trains_the_next_file_and_another_waits_after_it(root, prestart_config):
+    daemon = start_daemon(root, "--config", str(prestart_config))
+    try:
+        (early,) = wait_for(lambda: standby_pids(root), timeout=60, what="a trainer started before any file")
+        drop(root, "chats.jsonl", chat_lines(6))
+        wait_for(lambda: [j for j in jobs(root) if j["folder"] == "done"], timeout=180, what="the job to finish")
+        (launch,) = launches(root)
+        assert launch["pid"] == early and "started early" in launch["message"]
+        job_dir = root / "queue" / "done" / "j000001"
+        assert (job_dir / "result.json").exists()
+        assert "Traceback" not in (job_dir / "trainer.log").read_text()
+        version = json.loads((job_dir / "job.json").read_text())["version"]
+        assert (root / "checkpoints" / "default" / f"v{version}" / "adapter_model.safetensors").exists()
+        # after the job (and its GPU check) the next one waits already, a new process
+        (second,) = wait_for(lambda: standby_pids(root), timeout=60, what="the next early trainer")
+        assert second != early
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    assert trainer_pids(root) == []  # the waiting trainer ends with the daemon
+
+
+def test_a_waiting_trainer_exits_when_its_daemon_is_killed(root, prestart_config):
+    daemon = start_daemon(root, "--config", str(prestart_config))
+    (early,) = wait_for(lambda: standby_pids(root), timeout=60, what="a trainer started before any file")
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait()
+    wait_for(lambda: early not in trainer_pids(root), timeout=30, what="the orphaned early trainer to exit")
+    # and the lock it held is free again: a new daemon trains a file at once
+    drop(root, "chats.jsonl", chat_lines(4))
+    daemon = start_daemon(root, "--config", str(prestart_config), "--once")
+    assert daemon.wait(180) == 0
+    assert [j["folder"] for j in jobs(root)] == ["done"]
+    assert trainer_pids(root) == []
+
+
+def test_off_by_default_without_a_gpu(root, tiny_model_dir):
+    config = write_config(root, tiny_model_dir)
+    daemon = start_daemon(root, "--config", str(config))
+    try:
+        wait_for(lambda: (root / "status.json").exists(), timeout=30, what="the daemon to start")
+        assert standby_pids(root) == []  # status.json is written after the place it would have started
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
