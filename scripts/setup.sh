@@ -24,8 +24,8 @@ installed() { "$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys
 
 # 1. The virtualenv.
 if [ ! -x "$PY" ]; then
-    command -v python3 >/dev/null || die "python3 not found (Python 3.10 or newer is needed)"
-    python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "Python 3.10 or newer is needed, found $(python3 -V)"
+    command -v python3 >/dev/null || die "python3 not found (Python 3.11 or newer is needed)"
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11 or newer is needed, found $(python3 -V)"
     say "creating $VENV ($(python3 -V))"
     python3 -m venv "$VENV"
 fi
