@@ -120,7 +120,7 @@ def render_status(status: dict, jobs: list[dict], now: float | None = None) -> s
                             f"  ({cur.get('phase') or 'training'}{started})"))
         rows.append(("progress", f"{progress_bar(cur.get('step'), cur.get('total_steps'))}  step {cur.get('step') or 0}"
                                  f"/{cur.get('total_steps') or '?'}"
-                                 + (f"  epoch {cur['epoch']:.2f}" if cur.get("epoch") is not None else "")))
+                                 + (f"  epoch {_epoch(cur['epoch'])}" if cur.get("epoch") is not None else "")))
         loss = f"{_num(cur.get('loss'), '.4f')}"
         if cur.get("eval_loss") is not None:
             loss += f"  (eval {cur['eval_loss']:.4f})"
@@ -334,3 +334,8 @@ def _pending_ahead(layout: Layout, job_id: int) -> int:
         except ValueError:
             continue
     return ahead
+
+
+def _epoch(epoch) -> str:
+    """Progress events count epochs from 0; people count them from 1."""
+    return str(epoch + 1) if isinstance(epoch, int) else f"{epoch:.2f}"

@@ -60,6 +60,8 @@ def test_render_status_while_training():
     assert "[#######.......................]  25%  step 50/200  epoch 0.25" in text
     assert "1.2346  (eval 1.5000)  lr 2.00e-04" in text
     assert "4,567 tok/s  ETA 1m 35s  GPU memory 3.20 GiB" in text
+    # the trainer counts whole epochs from 0, as it reports them; a person reads the first epoch as 1
+    assert "step 50/200  epoch 1\n" in render_status(training_status(epoch=0), JOBS, now=NOW) + "\n"
     assert "2 pending  1 running  10 done  1 failed" in text
     assert "NVIDIA H100: 12.3 / 80.0 GiB, 95% busy" in text
     assert "line 2: not valid JSON" in text and "Traceback" not in text
