@@ -7,18 +7,28 @@ so callers print "no GPU" rather than fail.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 GIB = 1024**3
 
 
+@contextmanager
 def _nvml():
+    """pynvml, initialised for the block and shut down after it; None without NVML or a driver."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return pynvml
     except Exception:
-        return None
+        yield None
+        return
+    try:
+        yield pynvml
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
 
 
 def visible_indices(nvml) -> list[int]:
@@ -37,77 +47,58 @@ def visible_indices(nvml) -> list[int]:
 def visible_devices() -> list[str] | None:
     """The GPUs a job may be granted, as CUDA_VISIBLE_DEVICES entries (indices, or UUIDs if that is how the
     variable names them); None without NVML, [] when CUDA_VISIBLE_DEVICES hides every GPU."""
-    nvml = _nvml()
-    if nvml is None:
-        return None
-    try:
-        count = nvml.nvmlDeviceGetCount()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is None:
-            return [str(i) for i in range(count)]
-        entries = [p.strip() for p in visible.split(",") if p.strip()]
-        return [e for e in entries if not e.isdigit() or int(e) < count]
-    except Exception:
-        return None
-    finally:
+    with _nvml() as nvml:
+        if nvml is None:
+            return None
         try:
-            nvml.nvmlShutdown()
+            count = nvml.nvmlDeviceGetCount()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible is None:
+                return [str(i) for i in range(count)]
+            entries = [p.strip() for p in visible.split(",") if p.strip()]
+            return [e for e in entries if not e.isdigit() or int(e) < count]
         except Exception:
-            pass
+            return None
 
 
 def snapshot() -> dict | None:
     """Memory and utilisation summed over the visible GPUs, or None without NVML."""
-    nvml = _nvml()
-    if nvml is None:
-        return None
-    try:
-        names, used, total, util = [], 0, 0, []
-        for i in visible_indices(nvml):
-            handle = nvml.nvmlDeviceGetHandleByIndex(i)
-            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-            name = nvml.nvmlDeviceGetName(handle)
-            names.append(name.decode() if isinstance(name, bytes) else name)
-            used += mem.used
-            total += mem.total
-            try:
-                util.append(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-            except Exception:
-                pass
-        if not names:
+    with _nvml() as nvml:
+        if nvml is None:
             return None
-        return {
-            "name": names[0] if len(set(names)) == 1 else ", ".join(names),
-            "count": len(names),
-            "mem_used_gib": round(used / GIB, 3),
-            "mem_total_gib": round(total / GIB, 3),
-            "util_percent": round(sum(util) / len(util), 1) if util else None,
-        }
-    except Exception:
-        return None
-    finally:
         try:
-            nvml.nvmlShutdown()
+            names, used, total, util = [], 0, 0, []
+            for i in visible_indices(nvml):
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+                name = nvml.nvmlDeviceGetName(handle)
+                names.append(name.decode() if isinstance(name, bytes) else name)
+                used += mem.used
+                total += mem.total
+                try:
+                    util.append(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+                except Exception:
+                    pass
+            if not names:
+                return None
+            return {
+                "name": names[0] if len(set(names)) == 1 else ", ".join(names),
+                "count": len(names),
+                "mem_used_gib": round(used / GIB, 3),
+                "mem_total_gib": round(total / GIB, 3),
+                "util_percent": round(sum(util) / len(util), 1) if util else None,
+            }
         except Exception:
-            pass
+            return None
 
 
 def processes_using_gpu() -> list[int] | None:
     """PIDs holding GPU memory (compute processes), or None without NVML."""
-    nvml = _nvml()
-    if nvml is None:
-        return None
-    try:
-        pids = []
-        for i in visible_indices(nvml):
-            handle = nvml.nvmlDeviceGetHandleByIndex(i)
-            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                pids.append(proc.pid)
-        return pids
-    except Exception:
-        return None
-    finally:
+    with _nvml() as nvml:
+        if nvml is None:
+            return None
         try:
-            nvml.nvmlShutdown()
+            return [proc.pid for i in visible_indices(nvml)
+                    for proc in nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(i))]
         except Exception:
-            pass
+            return None
