@@ -43,7 +43,7 @@ def describe_exit(rc: int, job_dir: Path, *, stop_requested: bool, cancelled: bo
     if rc == exitcodes.STOPPED:
         return Outcome("stopped", "stopped on request after a checkpoint; it resumes from there")
     if rc < 0 and stop_requested:
-        return Outcome("interrupted", "the trainer was killed by a cold stop; it resumes from its last checkpoint")
+        return Outcome("cold_stopped", "the trainer was killed by a cold stop; it resumes from its last checkpoint")
     if rc == exitcodes.BAD_INPUT:
         return Outcome("bad_input", message or "invalid input")
     if rc == exitcodes.OUT_OF_MEMORY:

@@ -356,7 +356,7 @@ class Supervisor:
             self.status.event("job_done", f"job {job.id} done: {job.adapter} v{outcome.version} at {outcome.path}",
                               job_id=job.id, version=outcome.version, path=outcome.path)
             return
-        if outcome.kind in ("stopped", "interrupted"):
+        if outcome.kind in ("stopped", "cold_stopped"):  # the user's doing: not an attempt that failed
             point = _resume_point(job_dir)
             job.note = f"{outcome.error} ({f'resume point: {point}' if point else 'no checkpoint yet: it starts over'})"
             self.spool.move(job, JobStatus.PENDING)

@@ -31,9 +31,10 @@ def start_training(root, model_dir, *extra_faults, **sections):
     return inbox, daemon
 
 
-def finish_and_compare(root, inbox, expected, resumed_from: int):
-    """Restart without faults: the job resumes where it stopped and ends as if it never had."""
-    r = cli(root, "run", "--once")
+def finish_and_compare(root, inbox, expected, resumed_from: int, **env):
+    """Restart (without faults, unless `env` sets some): the job resumes where it stopped and ends as if it
+    never had."""
+    r = cli(root, "run", "--once", **env)
     assert r.returncode == 0, r.stdout + r.stderr
     account(root, inbox)
     assert [e["step"] for e in resumes(root)] == [resumed_from]
@@ -62,7 +63,7 @@ def test_first_signal_is_a_warm_stop(root, tiny_model_dir, tmp_path_factory):
 
 def test_second_signal_is_a_cold_stop_and_loses_nothing(root, tiny_model_dir, tmp_path_factory):
     expected = resume_case.reference(tmp_path_factory, tiny_model_dir)
-    inbox, daemon = start_training(root, tiny_model_dir, STUCK_SAVING)
+    inbox, daemon = start_training(root, tiny_model_dir, STUCK_SAVING, limits={"max_attempts": 2})
     (trainer,) = trainer_pids(root)
 
     daemon.send_signal(signal.SIGTERM)
@@ -72,9 +73,13 @@ def test_second_signal_is_a_cold_stop_and_loses_nothing(root, tiny_model_dir, tm
     assert trainer not in trainer_pids(root)  # its process group was killed
 
     (job,) = jobs(root)
-    assert job["folder"] == "pending" and job["attempts"][-1]["outcome"] == "interrupted"
+    assert job["folder"] == "pending" and job["attempts"][-1]["outcome"] == "cold_stopped"
     assert job["note"].endswith("it resumes from its last checkpoint (resume point: step-000002)")
-    finish_and_compare(root, inbox, expected, resumed_from=2)
+    # A stop is the user's doing, not the job's failure: with max_attempts 2, one real failure after it
+    # (before any step, so the resume point stays) is retried, not the end of the job.
+    fail_once = {"point": "load", "kind": "error", "once_file": str(root / "failed-once")}
+    finish_and_compare(root, inbox, expected, resumed_from=2, TRAINING_DAEMON_FAULTS=faults(fail_once))
+    assert [a["outcome"] for a in jobs(root)[0]["attempts"]] == ["cold_stopped", "failed", "done"]
 
 
 def test_a_trainer_that_does_not_stop_in_time_is_killed(root, tiny_model_dir, tmp_path_factory):
