@@ -49,6 +49,9 @@ def grant(gpus, cpu_processes: int, visible: list[str] | None) -> Grant:
     """The config's `gpus` (all | a count | indices) against the GPUs the daemon sees; UserError if it asks
     for GPUs that are not there. `visible`: CUDA_VISIBLE_DEVICES-style entries, None or [] when none."""
     if not visible:
+        if gpus != "all":  # asked for GPUs by number: training on the CPU (or on whatever CUDA picks) is not that
+            raise UserError(f"gpus: {gpus} asked for, but the daemon sees no GPU"
+                            + (" (NVML is not available: pip install nvidia-ml-py)" if visible is None else ""))
         return Grant(cpu_processes, None)
     if gpus == "all":
         chosen = list(visible)
@@ -129,6 +132,10 @@ def job_exit_code(codes: list[int], collateral: set[int]) -> int:
     if not own:
         return codes[0]
     failures = [c for c in own if c not in (exitcodes.DONE, exitcodes.STOPPED)]
+    if 0 in collateral and not failures:
+        # Rank 0 (the one that checkpoints and publishes) killed by the daemon while the others had finished:
+        # the job did not finish, whatever they say.
+        return codes[0]
     if failures:
         order = [exitcodes.OUT_OF_MEMORY, exitcodes.DISK_FULL, exitcodes.BAD_INPUT]
         return min(failures, key=lambda c: order.index(c) if c in order else 3 if c < 0 else 4)
@@ -137,7 +144,10 @@ def job_exit_code(codes: list[int], collateral: set[int]) -> int:
 
 def describe_status(code: int) -> str:
     if code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else None
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a realtime signal has a number but no name
+            name = None
         return f"signal {-code} ({name})" if name else f"signal {-code}"
     return f"status {code} ({exitcodes.NAMES.get(code, 'failed')})"
 

@@ -28,7 +28,11 @@ class Standby:
     @classmethod
     def start(cls, root: Path, log_path: Path, grant: launch.Grant, env: dict, lock_fd: int) -> "Standby":
         """Start it; the caller's `lock_fd` (trainer.lock, held) goes with it and is closed here."""
-        life_r, life_w = os.pipe()
+        try:
+            life_r, life_w = os.pipe()
+        except BaseException:
+            os.close(lock_fd)  # a lost lock fd would keep every later trainer waiting
+            raise
         cmd = [sys.executable, "-m", "daemon.trainer_main", "--standby", "--root", str(root),
                "--lifeline-fd", str(life_r), "--parent-pid", str(os.getpid())]
         try:

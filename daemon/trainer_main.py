@@ -83,31 +83,35 @@ def write_error(job_dir: Path, kind: str, message: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def wait_for_job() -> dict | None:
+def wait_for_job() -> tuple[dict | None, Exception | None]:
     """Standby: pay for the imports (10-14 s on a GPU host) while the daemon waits for a file, then take the job
-    the daemon writes on stdin as one JSON line. No CUDA here: the GPU stays untouched until the job starts."""
-    import importlib.util
+    the daemon writes on stdin as one JSON line. No CUDA here: the GPU stays untouched until the job starts.
+    An import that fails is kept and returned with the job, so that the job's error.json tells it."""
+    import_error = None
+    try:
+        import accelerate  # noqa: F401
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import accelerate  # noqa: F401
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-    from . import data, recipe  # noqa: F401
-
-    if importlib.util.find_spec("liger_kernel") is not None:
-        import liger_kernel.transformers  # noqa: F401
+        from . import data, recipe  # noqa: F401
+    except Exception as e:
+        import_error = e
+    try:
+        import liger_kernel.transformers  # noqa: F401  (optional: the training path copes without it)
+    except Exception:
+        pass
     emit({"event": "standby", "pid": os.getpid()})
     line = sys.stdin.readline()
     if not line.strip():
-        return None
+        return None, None
     order = json.loads(line)
     # From here on this is an ordinary trainer for that job: its stderr goes to the job's trainer.log.
     log = os.open(Path(order["job_dir"]) / "trainer.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stderr.flush()
     os.dup2(log, 2)
     os.close(log)
-    return order
+    return order, import_error
 
 
 def library_versions() -> dict:
@@ -165,8 +169,9 @@ def main(argv=None) -> int:
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda *_: _stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides what a Ctrl-C means
+    import_error = None
     if args.standby:
-        order = wait_for_job()
+        order, import_error = wait_for_job()
         if order is None:
             return exitcodes.DONE  # the daemon closed our stdin: no job for us
         args.job_dir, args.micro_batch = Path(order["job_dir"]), order.get("micro_batch")
@@ -174,6 +179,8 @@ def main(argv=None) -> int:
         ap.error("JOB_DIR is required without --standby")
     job_dir, layout = args.job_dir.resolve(), Layout.at(args.root)
     try:
+        if import_error is not None:
+            raise import_error  # the job learns why its trainer cannot train, in its own error.json
         return run(job_dir, layout, args.micro_batch)
     except Exception as e:  # the last line of defence: the daemon gets the full traceback, never a truncated one
         # ENOSPC can come from anywhere (a library's save, report.json): it is a full disk, not a bug.

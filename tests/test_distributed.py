@@ -38,6 +38,11 @@ def test_grant_follows_the_config_and_the_visible_gpus():
         launch.grant(4, 1, ["0", "1"])
     with pytest.raises(UserError, match=r"gpus: GPU 5 not visible to the daemon \(visible: 2, 3\)"):
         launch.grant([2, 5], 1, ["2", "3"])
+    # GPUs asked for by number where none is seen: an error, not a silent fall back to the CPU or to GPU 0
+    with pytest.raises(UserError, match=r"gpus: 2 asked for, but the daemon sees no GPU \(NVML is not available"):
+        launch.grant(2, 1, None)
+    with pytest.raises(UserError, match=r"gpus: \[1\] asked for, but the daemon sees no GPU$"):
+        launch.grant([1], 1, [])
 
 
 def test_rank_environment_is_torchruns():
@@ -70,6 +75,8 @@ def test_job_exit_code_names_the_cause_not_the_consequence():
     assert code([-9, 1], {0}) == 1  # rank 0 killed by the daemon after rank 1 failed
     assert code([-9, -9], {0, 1}) == -9  # a cold stop
     assert code([75, -9], {1}) == exitcodes.STOPPED
+    assert code([-9, 0], {0}) == -9  # rank 0 killed while still publishing: not done, though rank 1 finished
+    assert launch.describe_status(-40) == "signal 40"  # a realtime signal has no name
 
 
 def test_memory_plan_shards_the_base_only_when_it_does_not_fit_one_gpu():

@@ -80,3 +80,28 @@ def test_off_by_default_without_a_gpu(root, tiny_model_dir):
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0
+
+
+def test_a_trainer_that_cannot_import_its_stack_fails_the_job_with_the_reason(root, tiny_model_dir, tmp_path):
+    # A broken library (here: a peft that raises on import) in the early trainer: the job it is handed must
+    # fail with that reason in its own error.json and trainer.log, not as "exited with status 1" and nothing.
+    broken = tmp_path / "broken"
+    (broken / "peft").mkdir(parents=True)
+    (broken / "peft" / "__init__.py").write_text('raise ImportError("this peft is broken (test)")\n')
+    config = write_config(root, tiny_model_dir, trainer_prestart=True, limits={"max_attempts": 1},
+                          status={"log_level": "debug", "web": {"enabled": False}})
+    daemon = start_daemon(root, "--config", str(config), PYTHONPATH=str(broken))
+    try:
+        wait_for(lambda: standby_pids(root), timeout=60, what="a trainer started before any file")
+        drop(root, "chats.jsonl", chat_lines(4))
+        (job,) = wait_for(lambda: [j for j in jobs(root) if j["folder"] == "failed"], timeout=120,
+                          what="the job to fail")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    assert "started early" in launches(root)[0]["message"]  # the early trainer had it, not a fresh one
+    assert "this peft is broken (test)" in job["error"]
+    job_dir = root / "queue" / "failed" / "j000001"
+    assert "this peft is broken (test)" in json.loads((job_dir / "error.json").read_text())["message"]
+    assert "ImportError" in (job_dir / "trainer.log").read_text()
+    assert (job_dir / "input.jsonl").exists()
