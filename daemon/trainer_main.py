@@ -183,8 +183,9 @@ def main(argv=None) -> int:
             raise import_error  # the job learns why its trainer cannot train, in its own error.json
         return run(job_dir, layout, args.micro_batch)
     except Exception as e:  # the last line of defence: the daemon gets the full traceback, never a truncated one
-        # ENOSPC can come from anywhere (a library's save, report.json): it is a full disk, not a bug.
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        # ENOSPC can come from anywhere (a library's save, report.json, the warm stop's checkpoint): it is a
+        # full disk, not a bug. DiskFull is the free-space floor's own exception (checkpoint.py).
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or type(e).__name__ == "DiskFull"
         try:
             write_error(job_dir, "disk_full" if full else "error", f"{type(e).__name__}: {e}")
         except OSError:
