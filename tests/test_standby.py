@@ -26,7 +26,8 @@ def standby_pids(root) -> list[int]:
 
 
 def launches(root) -> list[dict]:
-    return [e for e in events(root) if e["event"] == "launch"]
+    """How each job's trainer was started (with a GPU there is also a "training on GPU 0" launch line)."""
+    return [e for e in events(root) if e["event"] == "launch" and "pid" in e]
 
 
 @pytest.fixture
