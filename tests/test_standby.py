@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
@@ -74,7 +75,7 @@ def test_a_waiting_trainer_exits_when_its_daemon_is_killed(root, prestart_config
 
 def test_off_by_default_without_a_gpu(root, tiny_model_dir):
     config = write_config(root, tiny_model_dir)
-    daemon = start_daemon(root, "--config", str(config))
+    daemon = start_daemon(root, "--config", str(config), CUDA_VISIBLE_DEVICES="")  # no GPU, also on a GPU host
     try:
         wait_for(lambda: (root / "status.json").exists(), timeout=30, what="the daemon to start")
         assert standby_pids(root) == []  # status.json is written after the place it would have started
@@ -91,7 +92,8 @@ def test_a_trainer_that_cannot_import_its_stack_fails_the_job_with_the_reason(ro
     (broken / "peft" / "__init__.py").write_text('raise ImportError("this peft is broken (test)")\n')
     config = write_config(root, tiny_model_dir, trainer_prestart=True, limits={"max_attempts": 1},
                           status={"log_level": "debug", "web": {"enabled": False}})
-    daemon = start_daemon(root, "--config", str(config), PYTHONPATH=str(broken))
+    pythonpath = os.pathsep.join(filter(None, [str(broken), os.environ.get("PYTHONPATH")]))
+    daemon = start_daemon(root, "--config", str(config), PYTHONPATH=pythonpath)
     try:
         wait_for(lambda: standby_pids(root), timeout=60, what="a trainer started before any file")
         drop(root, "chats.jsonl", chat_lines(4))
