@@ -81,7 +81,9 @@ class Supervisor:
             self.status.event("daemon_stopped", "training-daemon stopped")
             self.lock.release()
         if self.once:
-            return 0 if all(self.results) and not self.intake.claim_failures else 1
+            # A --once run stopped by a signal before the queue was drained did not do what it was asked.
+            left = self.spool.count(JobStatus.PENDING) if self.signals else 0
+            return 0 if all(self.results) and not self.intake.claim_failures and not left else 1
         return 0
 
     def _loop(self) -> None:

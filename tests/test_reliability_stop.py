@@ -82,6 +82,15 @@ def test_second_signal_is_a_cold_stop_and_loses_nothing(root, tiny_model_dir, tm
     assert [a["outcome"] for a in jobs(root)[0]["attempts"]] == ["cold_stopped", "failed", "done"]
 
 
+def test_a_once_run_stopped_before_the_queue_is_drained_exits_non_zero(root, tiny_model_dir):
+    resume_case.configure(root, tiny_model_dir)
+    Inbox(root).drop(resume_case.NAME, resume_case.LINES)
+    daemon = start_daemon(root, "--once", TRAINING_DAEMON_FAULTS=faults(resume_case.SLOW_STEPS))
+    wait_event(root, "checkpoint", step=2)
+    assert stop(daemon, signal.SIGTERM) == 1  # a script running `run --once` must not take this for success
+    assert [j["folder"] for j in jobs(root)] == ["pending"]
+
+
 def test_a_trainer_that_does_not_stop_in_time_is_killed(root, tiny_model_dir, tmp_path_factory):
     expected = resume_case.reference(tmp_path_factory, tiny_model_dir)
     inbox, daemon = start_training(root, tiny_model_dir, STUCK_SAVING, limits={"stop_timeout_seconds": 1})
