@@ -9,7 +9,6 @@ starts them) every rank runs this same code on its share of each step; daemon/di
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import asdict
