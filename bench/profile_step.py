@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
-from daemon import loss, model as dm, packing  # noqa: E402
+from daemon.trainer import loss
+from daemon.trainer import model as dm
+from daemon.trainer import packing  # noqa: E402
 
 
 def main(argv=None) -> int:

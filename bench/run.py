@@ -32,7 +32,7 @@ from bench import common  # noqa: E402
 def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: bool = False,
              max_length: int | None = None, precision: str = "auto", quantized_dir: Path | None = None,
              env: dict | None = None) -> dict:
-    from daemon.recipe import LoRARecipe
+    from daemon.trainer.recipe import LoRARecipe
 
     env = env or {}
     saved_env = {k: os.environ.get(k) for k in env}

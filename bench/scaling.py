@@ -37,7 +37,7 @@ def worker(args) -> None:
     """One rank: train, time it, and (rank 0) print one JSON line."""
     import torch
 
-    from daemon.recipe import LoRARecipe
+    from daemon.trainer.recipe import LoRARecipe
 
     cuda = args.device == "cuda"
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,7 +78,8 @@ def worker(args) -> None:
 
 def run(args, model: str, n: int) -> dict:
     """Start n ranks of `worker` through the daemon's launcher; rank 0's JSON line, or what went wrong."""
-    from daemon import gpu, launch
+    from daemon.supervisor import gpu
+    from daemon.supervisor import launch
 
     if args.device == "cuda":
         visible = gpu.visible_devices()

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
+from daemon import __version__
+from daemon.paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
 
 
 def _load(root: str | None, config: str | None, need_config: bool = True):
     """The config and the root folder: --root, then $TRAINING_DAEMON_ROOT, then `root:` in the config, then '.'."""
-    from .config import default_config_path, load_config
+    from daemon.config import default_config_path, load_config
 
     root = root or os.environ.get("TRAINING_DAEMON_ROOT")
     config = config or os.environ.get("TRAINING_DAEMON_CONFIG")
@@ -51,7 +51,7 @@ def cli():
 @click.option("--quiet", is_flag=True, help="Do not echo status lines to stdout.")
 def run(root, config, once, quiet):
     """Run the daemon in the foreground (systemd runs this)."""
-    from .supervisor import Supervisor
+    from daemon.supervisor.loop import Supervisor
 
     cfg, path, layout = _load(root, config)
     sys.exit(Supervisor(layout, cfg, path, once=once, echo=not quiet).run())
@@ -64,9 +64,9 @@ def run(root, config, once, quiet):
 @click.option("--follow", is_flag=True, help="Show a live progress bar until the job ends; exit with its result.")
 def submit(root, config, file, adapter, follow):
     """Copy FILE into the inbox atomically (the daemon takes it once it is complete)."""
-    from . import durable
-    from .console import follow_job
-    from .spool import Spool
+    from daemon import durable
+    from daemon.supervisor.console import follow_job
+    from daemon.supervisor.spool import Spool
 
     _, _, layout = _load(root, config, need_config=False)
     check_adapter_name(adapter)
@@ -109,11 +109,11 @@ def _wait_for_job(spool, name: str, sha: str, timeout: float = 3600) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print status.json.")
 def status(root, config, as_json):
     """Show the daemon's state, the current job and the queue."""
-    from .console import render_status
+    from daemon.supervisor.console import render_status
 
     _, _, layout = _load(root, config, need_config=False)
     snap = _read_json(layout.status_json) or {}
-    from .control import daemon_pid
+    from daemon.supervisor.control import daemon_pid
 
     snap.setdefault("daemon", {})["running"] = daemon_pid(layout) is not None
     if as_json:
@@ -128,7 +128,7 @@ def status(root, config, as_json):
 @click.option("--state", type=click.Choice(["pending", "running", "done", "failed"]), help="Only jobs in this state.")
 def jobs(root, config, as_json, state):
     """List jobs: id, file, adapter, state, version, error."""
-    from .console import render_jobs
+    from daemon.supervisor.console import render_jobs
 
     _, _, layout = _load(root, config, need_config=False)
     rows = [j for j in _jobs(layout) if state is None or j["state"] == state]
@@ -136,7 +136,7 @@ def jobs(root, config, as_json, state):
 
 
 def _jobs(layout: Layout) -> list[dict]:
-    from .spool import Spool
+    from daemon.supervisor.spool import Spool
 
     return [job.to_dict() for job, _ in Spool(layout).list()]
 
@@ -155,8 +155,8 @@ def _read_json(path: Path):
 @click.option("--adapter", default=DEFAULT_ADAPTER, help="Validate with this adapter's config overrides.")
 def validate(root, config, file, as_json, adapter):
     """Check FILE as the daemon would (formats, per-line errors, token counts) without training."""
-    from .config import adapter_config
-    from .data import validate_command
+    from daemon.config import adapter_config
+    from daemon.trainer.data import validate_command
 
     cfg, path, _ = _load(root, config)
     sys.exit(validate_command(Path(file), adapter_config(cfg, check_adapter_name(adapter), path), as_json))
@@ -171,7 +171,7 @@ def config_group():
 @common
 def config_check(root, config):
     """Print the effective config, or every error in it (exit 2)."""
-    from .config import config_check_command
+    from daemon.config import config_check_command
 
     sys.exit(config_check_command(Path(config) if config else None, Path(root) if root else None))
 
@@ -182,7 +182,7 @@ def config_check(root, config):
 @click.option("-n", "--lines", default=20, show_default=True, help="How many earlier lines to show.")
 def logs(root, config, follow, lines):
     """Show status.log."""
-    from .console import follow_log
+    from daemon.supervisor.console import follow_log
 
     _, _, layout = _load(root, config, need_config=False)
     if follow:
@@ -197,8 +197,8 @@ def logs(root, config, follow, lines):
 
 
 def _control(root, config, action, job_id=None):
-    from . import control
-    from .spool import Spool
+    from daemon.supervisor import control
+    from daemon.supervisor.spool import Spool
 
     _, _, layout = _load(root, config, need_config=False)
     layout.ensure()
@@ -261,7 +261,7 @@ def retry(root, config, job_id):
 @click.option("--merge", "out", required=True, type=click.Path(), help="Write a merged full model to this folder.")
 def export(root, config, spec, out):
     """Merge an adapter version into its base model and save the full model."""
-    from .export import export_merged
+    from daemon.trainer.export import export_merged
 
     _, _, layout = _load(root, config, need_config=False)
     click.echo(f"merged model written to {export_merged(layout, spec, Path(out))}")
@@ -274,7 +274,7 @@ def export(root, config, spec, out):
 @click.option("--dry-run", is_flag=True, help="Print the unit instead of writing it.")
 def install_service(root, config, scope, dry_run):
     """Write a systemd unit for this daemon."""
-    from .service import install_service as install
+    from daemon.supervisor.service import install_service as install
 
     if not scope:
         raise UserError("choose --user or --system")
@@ -288,8 +288,8 @@ def install_service(root, config, scope, dry_run):
 @click.option("--max-new-tokens", default=48, show_default=True)
 def ask(root, config, question, spec, max_new_tokens):
     """Ask the base model, or an adapter version, one question (greedy decoding)."""
-    from .config import resolve_base_model
-    from .generate import answer, load, resolve_version
+    from daemon.config import resolve_base_model
+    from daemon.trainer.generate import answer, load, resolve_version
 
     cfg, _, layout = _load(root, config)
     if spec:
@@ -301,7 +301,7 @@ def ask(root, config, question, spec, max_new_tokens):
 
 
 def main(argv=None) -> None:
-    from .durable import forbid_world_writable
+    from daemon.durable import forbid_world_writable
 
     forbid_world_writable()  # the control commands write into the root too
     try:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .paths import PROJECT_DIR, UserError, check_adapter_name
+from daemon.paths import PROJECT_DIR, UserError, check_adapter_name
 
 SHIPPED_CONFIG = PROJECT_DIR / "config" / "daemon.yaml"
 OVERRIDABLE = ("base_model", "training", "lora")
@@ -481,7 +481,7 @@ def resolve_base_model(value: str) -> Path:
         if not EMBEDDED_NAME.match(name):
             fail("an embedded model's name is letters, digits, '.', '-' or '_'")
         try:
-            from .embedded import embedded_model_dir
+            from daemon.embedded import embedded_model_dir
         except ImportError:
             fail("embedded models need daemon/embedded.py, which this install lacks")
         folder = embedded_model_dir() / name

@@ -4,7 +4,7 @@
 promise of docs/reliability.md for each of them: it ended exactly once in queue/done or queue/failed (with a
 reason), its stored input is byte-identical, no job sits in two states, no job published two versions, and
 no trainer process of the root is left alive. Trainer processes are found by their command line
-(`daemon.trainer_main ... --root ROOT`), the same way `ps` would show them.
+(`daemon.trainer.main ... --root ROOT`), the same way `ps` would show them.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def trainer_pids(root: Path) -> list[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if any(b"trainer_main" in a for a in args) and want in args:
+        if any(b"daemon.trainer.main" in a for a in args) and want in args:
             pids.append(int(entry.name))
     # A trainer's own short-lived children (fork, then exec: `uname -p` from platform.processor(), say) carry
     # its command line until their exec; they are not a second trainer.

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from daemon import durable
-from daemon.console import fmt_duration, follow_job, follow_log, progress_bar, render_jobs, render_status
+from daemon.supervisor.console import fmt_duration, follow_job, follow_log, progress_bar, render_jobs, render_status
 from daemon.paths import Layout
-from daemon.status import StatusWriter
+from daemon.supervisor.status import StatusWriter
 
 NOW = 1_700_000_000.0
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.data import IGNORE, TokenizedExample, tokenize_example, validate_file
-from daemon.data_formats import Rejection
+from daemon.trainer.data import IGNORE, TokenizedExample, tokenize_example, validate_file
+from daemon.trainer.formats import Rejection
 
 
 def chat(user="What is 2+2?", answer="4.", **extra) -> dict:
@@ -401,7 +401,7 @@ def test_without_chat_template_only_plain_formats_work(fresh_tok, tmp_path):
 
 
 def test_one_render_method_agrees_with_the_prefix_method(tok, monkeypatch):
-    import daemon.data as data
+    import daemon.trainer.data as data
 
     records = [CONVERSATION, chat("q", "a"), {"prompt": "p", "completion": "c"},
                {"messages": [{"role": "user", "content": "Paris."}, {"role": "assistant", "content": "Paris."},
@@ -417,7 +417,7 @@ def test_validate_command_prints_the_report_and_exits_by_ok(root, tiny_model_dir
     from helpers import write_config
 
     from daemon.config import load_config
-    from daemon.data import validate_command
+    from daemon.trainer.data import validate_command
 
     cfg = load_config(write_config(root, tiny_model_dir, training={"max_length": 128, "min_examples": 2}))
     good = write(root / "good.jsonl", [chat(), "oops", chat("another question", "another answer")])

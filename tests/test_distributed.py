@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from daemon import exitcodes, launch
+from daemon import protocol
+from daemon.supervisor import launch
 from daemon.paths import UserError
 from helpers import chat_lines, cli, drop, events, jobs, start_daemon, wait_for, write_config
 
@@ -67,20 +68,20 @@ def test_rank_environment_is_torchruns():
 
 def test_job_exit_code_names_the_cause_not_the_consequence():
     code = launch.job_exit_code
-    assert code([0, 0], set()) == exitcodes.DONE
-    assert code([75, 75], set()) == exitcodes.STOPPED
-    assert code([1, exitcodes.OUT_OF_MEMORY], set()) == exitcodes.OUT_OF_MEMORY  # rank 0 failed in a collective
-    assert code([exitcodes.DISK_FULL, 0], set()) == exitcodes.DISK_FULL  # rank 0 could not publish
+    assert code([0, 0], set()) == protocol.DONE
+    assert code([75, 75], set()) == protocol.STOPPED
+    assert code([1, protocol.OUT_OF_MEMORY], set()) == protocol.OUT_OF_MEMORY  # rank 0 failed in a collective
+    assert code([protocol.DISK_FULL, 0], set()) == protocol.DISK_FULL  # rank 0 could not publish
     assert code([1, -9], set()) == -9  # rank 1 killed (the OOM killer, kill -9): the gloo error is its consequence
     assert code([-9, 1], {0}) == 1  # rank 0 killed by the daemon after rank 1 failed
     assert code([-9, -9], {0, 1}) == -9  # a cold stop
-    assert code([75, -9], {1}) == exitcodes.STOPPED
+    assert code([75, -9], {1}) == protocol.STOPPED
     assert code([-9, 0], {0}) == -9  # rank 0 killed while still publishing: not done, though rank 1 finished
     assert launch.describe_status(-40) == "signal 40"  # a realtime signal has no name
 
 
 def test_memory_plan_shards_the_base_only_when_it_does_not_fit_one_gpu():
-    from daemon import memory_plan
+    from daemon.trainer import memory_plan
 
     llama_8b = memory_plan.Shape(n_params=8_030_000_000, n_layers=32, hidden=4096, intermediate=14336,
                                  vocab=128256, n_kv_heads=8, head_dim=128)
@@ -133,7 +134,7 @@ def test_a_warm_stop_signal_reaches_every_rank(tmp_path):
         assert ranks.stdout.readline().strip() == b"ready"
         time.sleep(0.5)  # rank 1 installs its handler too (it reports to no one)
         ranks.send_signal(signal.SIGUSR1)
-        assert ranks.wait() == exitcodes.STOPPED
+        assert ranks.wait() == protocol.STOPPED
         assert [p.returncode for p in ranks.procs] == [75, 75]
     finally:
         ranks.kill()
@@ -226,7 +227,7 @@ def test_a_rank_killed_ends_the_job_and_the_other_rank(root, tiny_model_dir):
     try:
         wait_for(lambda: [e for e in events(root, "progress") if e["step"] >= 2], timeout=120, what="step 2")
         trainers = [p for p in psutil.Process(daemon.pid).children()
-                    if "daemon.trainer_main" in " ".join(p.cmdline())]
+                    if "daemon.trainer.main" in " ".join(p.cmdline())]
         by_rank = {int(p.environ()["RANK"]): p for p in trainers}
         assert sorted(by_rank) == [0, 1]
         by_rank[1].send_signal(signal.SIGKILL)

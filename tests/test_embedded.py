@@ -63,7 +63,7 @@ def test_converted_model_answers_a_chat_question(monkeypatch):
     path = embedded.embedded_model_path()
     if not embedded.is_converted(path):
         pytest.skip(f"{path} is not converted: run `bash scripts/setup.sh`")
-    from daemon.generate import answer, load
+    from daemon.trainer.generate import answer, load
 
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config and config["eos_token_id"] == 2

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from daemon import publish
-from daemon.export import export_merged
+from daemon import versions as publish
+from daemon.trainer.export import export_merged
 from daemon.paths import Layout, UserError
 
 

@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from daemon import gpu
+from daemon.supervisor import gpu
 
 
 class FakeNVML(types.ModuleType):

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from daemon.intake import Intake, scan_inbox
-from daemon.job import JobStatus
+from daemon.supervisor.intake import Intake, scan_inbox
+from daemon.supervisor.job import JobStatus
 from daemon.paths import Layout
-from daemon.spool import Spool
-from daemon.status import StatusWriter
+from daemon.supervisor.spool import Spool
+from daemon.supervisor.status import StatusWriter
 
 
 @pytest.fixture
@@ -294,7 +294,7 @@ def test_scan_inbox_alone_sees_every_complete_file_with_no_settle(layout):
 
 
 def test_a_claim_error_is_logged_once_and_the_file_stays(layout, intake, monkeypatch):
-    from daemon import spool as spool_module
+    from daemon.supervisor import spool as spool_module
 
     real = spool_module._hash_and_sync
     calls = []

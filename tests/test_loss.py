@@ -8,8 +8,9 @@ from types import SimpleNamespace as NS
 import torch
 import torch.nn.functional as F
 
-from daemon import loss, packing
-from daemon.model import load_for_training
+from daemon.trainer import loss
+from daemon.trainer import packing
+from daemon.trainer.model import load_for_training
 
 
 def cfg():

@@ -8,8 +8,10 @@ from types import SimpleNamespace as NS
 
 import torch
 
-from daemon import loss, memory_plan, packing
-from daemon.model import load_for_training
+from daemon.trainer import loss
+from daemon.trainer import memory_plan
+from daemon.trainer import packing
+from daemon.trainer.model import load_for_training
 
 GIB = 1024**3
 

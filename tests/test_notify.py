@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from daemon.notify import Notifier
+from daemon.supervisor.notify import Notifier
 
 
 class FakeSystemd:

@@ -8,8 +8,9 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
-from daemon import loss, packing
-from daemon.model import load_for_training
+from daemon.trainer import loss
+from daemon.trainer import packing
+from daemon.trainer.model import load_for_training
 
 
 def make_examples(n=6, seed=0, vocab=1000, lo=3, hi=40):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import struct
 
-from daemon.plots import plot_loss
+from daemon.trainer.plots import plot_loss
 
 
 def png_size(data: bytes) -> tuple[int, int]:

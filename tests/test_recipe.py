@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from daemon import checkpoint
-from daemon.data import TokenizedExample
-from daemon.recipe import Diverged, LoRARecipe, StopRequested
+from daemon.trainer import checkpoint
+from daemon.trainer.data import TokenizedExample
+from daemon.trainer.recipe import Diverged, LoRARecipe, StopRequested
 
 
 class Tok:

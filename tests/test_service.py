@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import service
+from daemon.supervisor import service
 from daemon.paths import PROJECT_DIR, UserError
 
 
@@ -141,7 +141,7 @@ def test_paths_systemd_would_split_are_refused(root):
 def test_logrotate_config_rotates_the_logs_and_the_writer_follows(root):
     """Real logrotate over a real StatusWriter: the next event lands in a fresh status.log."""
     from daemon.paths import Layout
-    from daemon.status import StatusWriter
+    from daemon.supervisor.status import StatusWriter
 
     text = service.render_logrotate("system", root)
     assert f"{root}/status.log {root}/events.jsonl {{" in text and "kill --kill-whom=main --signal=HUP" in text

@@ -9,10 +9,10 @@ import os
 
 import pytest
 
-from daemon import spool as spool_module
-from daemon.job import Job, JobStatus
+from daemon.supervisor import spool as spool_module
+from daemon.supervisor.job import Job, JobStatus
 from daemon.paths import Layout
-from daemon.spool import RESTART_REASON, Spool
+from daemon.supervisor.spool import RESTART_REASON, Spool
 
 
 @pytest.fixture
@@ -247,5 +247,5 @@ def test_spool_and_job_never_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, daemon.spool, daemon.job, daemon.intake; assert 'torch' not in sys.modules"
+    code = "import sys, daemon.supervisor.spool, daemon.supervisor.job, daemon.supervisor.intake; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

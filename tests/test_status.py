@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from daemon.paths import Layout
-from daemon.status import StatusWriter
+from daemon.supervisor.status import StatusWriter
 
 
 def lines(path):

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon import durable, publish
+from daemon import durable
+from daemon import versions as publish
 from daemon.paths import PROJECT_DIR, Layout
-from daemon.plots import plot_loss
-from daemon.status import StatusWriter
-from daemon.web import start_web
+from daemon.trainer.plots import plot_loss
+from daemon.supervisor.status import StatusWriter
+from daemon.supervisor.web import start_web
 from helpers import chat_lines, drop, events, jobs, start_daemon, wait_for, write_config
 
 

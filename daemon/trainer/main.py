@@ -1,7 +1,7 @@
-"""The trainer child: `python -m daemon.trainer_main JOB_DIR --root ROOT`.
+"""The trainer child: `python -m daemon.trainer.main JOB_DIR --root ROOT`.
 
 It validates the job's file, trains, and publishes a version, reporting on stdout as JSON lines; the exit
-status (daemon/exitcodes.py) says how it ended. The daemon starts it in its own process group; it dies with
+status (daemon/protocol.py) says how it ended. The daemon starts it in its own process group; it dies with
 the daemon (PR_SET_PDEATHSIG, set by the daemon, and a lifeline pipe whose EOF means the daemon is gone).
 """
 
@@ -20,8 +20,10 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import durable, exitcodes, faults, publish
-from .paths import Layout
+from daemon import durable, faults
+from daemon import protocol
+from daemon import versions as publish
+from daemon.paths import Layout
 
 _stop = threading.Event()
 
@@ -44,7 +46,7 @@ def watch_lifeline(fd: int) -> None:
                 pass
         except OSError:
             pass
-        os._exit(exitcodes.DAEMON_GONE)
+        os._exit(protocol.DAEMON_GONE)
 
     threading.Thread(target=run, daemon=True, name="lifeline").start()
 
@@ -58,7 +60,7 @@ def die_with_parent(parent_pid: int | None) -> None:
     except OSError:
         pass
     if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(exitcodes.DAEMON_GONE)
+        os._exit(protocol.DAEMON_GONE)
 
 
 def rank() -> int:
@@ -94,7 +96,8 @@ def wait_for_job() -> tuple[dict | None, Exception | None]:
         import torch  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-        from . import data, recipe  # noqa: F401
+        from daemon.trainer import data
+        from daemon.trainer import recipe  # noqa: F401
     except Exception as e:
         import_error = e
     try:
@@ -154,7 +157,7 @@ def choose_parent(cfg, adapter_dir: Path, base_dir: Path, resumed_parent: int | 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m daemon.trainer_main")
+    ap = argparse.ArgumentParser(prog="python -m daemon.trainer.main")
     ap.add_argument("job_dir", type=Path, nargs="?")
     ap.add_argument("--standby", action="store_true",
                     help="import the training stack, then wait for a job on stdin (daemon/standby.py)")
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
     if args.standby:
         order, import_error = wait_for_job()
         if order is None:
-            return exitcodes.DONE  # the daemon closed our stdin: no job for us
+            return protocol.DONE  # the daemon closed our stdin: no job for us
         args.job_dir, args.micro_batch = Path(order["job_dir"]), order.get("micro_batch")
     elif args.job_dir is None:
         ap.error("JOB_DIR is required without --standby")
@@ -191,24 +194,24 @@ def main(argv=None) -> int:
         except OSError:
             pass  # the disk itself may be the problem: the exit status still tells the daemon
         traceback.print_exc()
-        return exitcodes.DISK_FULL if full else exitcodes.FAILED
+        return protocol.DISK_FULL if full else protocol.FAILED
 
 
 def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
-    from .config import from_dict
+    from daemon.config import from_dict
 
     job = json.loads((job_dir / "job.json").read_text())
     job_id, adapter = job["id"], job["adapter"]
     adapter_dir = layout.adapter_dir(adapter)
     done_version = publish.find_version_of_job(adapter_dir, job_id)
     if done_version is not None and rank() > 0:
-        return exitcodes.DONE
+        return protocol.DONE
     if done_version is not None:  # published before a crash: finish the job, do not train twice
         publish.repair_latest(adapter_dir)
         durable.write_json(job_dir / "result.json", {"version": done_version,
                                                      "path": str(adapter_dir / f"v{done_version}"), "recovered": True})
         emit({"event": "published", "version": done_version, "path": str(adapter_dir / f"v{done_version}")})
-        return exitcodes.DONE
+        return protocol.DONE
 
     snapshot = json.loads((job_dir / "config.json").read_text())
     cfg = from_dict(snapshot)
@@ -219,14 +222,14 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
     faults.set_context(micro_batch=cfg.training.micro_batch_size, job_id=job_id)
     started_at = now_iso()
 
-    from .config import resolve_base_model
+    from daemon.config import resolve_base_model
 
     base_dir = resolve_base_model(cfg.base_model)
     emit({"event": "phase", "phase": "validating"})
     faults.check("validate")
     from transformers import AutoTokenizer
 
-    from .data import validate_file
+    from daemon.trainer.data import validate_file
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=cfg.trust_remote_code)
     t = cfg.training
@@ -239,16 +242,17 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
     if not report.ok:
         durable.write_json(job_dir / "error.json", {"kind": "bad_input", "message": report.render(), "at": now_iso()})
         emit({"event": "invalid", "message": report.render()})
-        return exitcodes.BAD_INPUT
+        return protocol.BAD_INPUT
     emit({"event": "validated", "examples": report.examples, "tokens": report.tokens, "skipped": report.skipped})
     if _stop.is_set() and "WORLD_SIZE" not in os.environ:  # ranks agree on a stop only once they can talk (recipe)
-        return exitcodes.STOPPED
+        return protocol.STOPPED
 
     train_ex, eval_ex = split_eval(report.examples_list, t, t.seed)
-    from . import checkpoint, distributed
+    from daemon.trainer import checkpoint
+    from daemon.trainer import distributed
     import torch
 
-    from .recipe import Diverged, LoRARecipe, StopRequested
+    from daemon.trainer.recipe import Diverged, LoRARecipe, StopRequested
 
     resumed_parent = None
     found = checkpoint.complete_checkpoints(job_dir / "resume")
@@ -272,34 +276,34 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
         emit({"event": "phase", "phase": "saving"})
         recipe.save_checkpoint()
         distributed.shutdown()
-        return exitcodes.STOPPED
+        return protocol.STOPPED
     except Diverged as e:
         write_error(job_dir, "diverged", str(e))
-        return exitcodes.BAD_INPUT
+        return protocol.BAD_INPUT
     except torch.OutOfMemoryError as e:
         write_error(job_dir, "out_of_memory", f"out of memory at micro-batch {cfg.training.micro_batch_size}: {e}")
-        return exitcodes.OUT_OF_MEMORY
+        return protocol.OUT_OF_MEMORY
     except checkpoint.DiskFull as e:
         write_error(job_dir, "disk_full", str(e))
-        return exitcodes.DISK_FULL
+        return protocol.DISK_FULL
 
     if not recipe.world.is_main:  # rank 0 publishes; a sharded adapter needs every rank to gather it
         recipe.save_adapter(None)
         recipe.cleanup()
         distributed.shutdown()
-        return exitcodes.DONE
+        return protocol.DONE
     emit({"event": "phase", "phase": "saving"})
     faults.check("publish")
     try:
         version, path = publish_version(recipe, cfg, job, adapter_dir, base_dir, parent, report, started_at, len(eval_ex))
     except checkpoint.DiskFull as e:
         write_error(job_dir, "disk_full", str(e))
-        return exitcodes.DISK_FULL
+        return protocol.DISK_FULL
     durable.write_json(job_dir / "result.json", {"version": version, "path": str(path), **recipe.summary()})
     emit({"event": "published", "version": version, "path": str(path)})
     recipe.cleanup()
     distributed.shutdown()
-    return exitcodes.DONE
+    return protocol.DONE
 
 
 def publish_version(recipe, cfg, job, adapter_dir, base_dir, parent, report, started_at, n_eval):
@@ -307,7 +311,7 @@ def publish_version(recipe, cfg, job, adapter_dir, base_dir, parent, report, sta
 
     import torch
 
-    from . import checkpoint
+    from daemon.trainer import checkpoint
 
     checkpoint.check_free_space(adapter_dir.parent, cfg.limits.min_free_disk_mb)
     staged = publish.staging_dir(adapter_dir, job["id"])
@@ -317,7 +321,7 @@ def publish_version(recipe, cfg, job, adapter_dir, base_dir, parent, report, sta
         p = recipe.progress
         loss_plot = None
         try:
-            from .plots import plot_loss
+            from daemon.trainer.plots import plot_loss
 
             plot_loss(p.losses, p.evals, staged / "loss.png", f"{job['adapter']} job {job['id']}")
             loss_plot = "loss.png"

@@ -1,6 +1,6 @@
 """The daemon: watch the inbox, run one trainer child at a time, record every outcome.
 
-It never imports torch. Each job runs in `python -m daemon.trainer_main` in its own process group; the
+It never imports torch. Each job runs in `python -m daemon.trainer.main` in its own process group; the
 daemon reads the child's JSON events, forwards stop requests (SIGUSR1 = checkpoint and exit), kills the
 group on a cold stop, and checks with NVML that GPU memory came back after the child exited.
 Signals: the first SIGTERM/SIGINT is a warm stop, the second a cold one (rq's worker does the same).
@@ -18,15 +18,19 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__, control, durable, exitcodes, faults, gpu, launch
-from .config import adapter_config, effective_dict
-from .intake import Intake
-from .standby import Standby
-from .job import Job, JobStatus
-from .paths import PROJECT_DIR, Layout, UserError
-from .spool import Spool
-from .status import LEVEL_ENV, StatusWriter, now_iso
-from .outcome import Outcome, describe_exit, fmt_eta
+from daemon import __version__, durable, faults
+from daemon.supervisor import control
+from daemon import protocol
+from daemon.supervisor import gpu
+from daemon.supervisor import launch
+from daemon.config import adapter_config, effective_dict
+from daemon.supervisor.intake import Intake
+from daemon.supervisor.standby import Standby
+from daemon.supervisor.job import Job, JobStatus
+from daemon.paths import PROJECT_DIR, Layout, UserError
+from daemon.supervisor.spool import Spool
+from daemon.supervisor.status import LEVEL_ENV, StatusWriter, now_iso
+from daemon.supervisor.outcome import Outcome, describe_exit, fmt_eta
 
 
 class Supervisor:
@@ -48,7 +52,7 @@ class Supervisor:
 
     # ---------------------------------------------------------------- life
     def run(self) -> int:
-        from .notify import Notifier
+        from daemon.supervisor.notify import Notifier
 
         self.notifier = Notifier()
         durable.forbid_world_writable()
@@ -171,7 +175,7 @@ class Supervisor:
             grant = launch.grant(self.cfg.gpus, self.cfg.cpu_processes, gpu.visible_devices())
         except UserError as e:  # retrying cannot help until the config or the machine changes
             durable.write_json(job_dir / "error.json", {"kind": "bad_config", "message": str(e), "at": now_iso()})
-            return exitcodes.BAD_INPUT
+            return protocol.BAD_INPUT
         # This attempt's first failing rank writes it; one left by an earlier attempt would speak for this one.
         (job_dir / "error.json").unlink(missing_ok=True)
         if grant.processes > 1 or grant.devices is not None:
@@ -462,7 +466,7 @@ class Supervisor:
         if not web.enabled:
             return
         try:
-            from .web import start_web
+            from daemon.supervisor.web import start_web
 
             self.web = start_web(self.layout, web.host, web.port)
             self.status.event("web", f"status page at {self.web.url}", url=self.web.url)
@@ -490,7 +494,7 @@ class Supervisor:
     def _inbox_has_files(self) -> bool:
         """For --once: files still to take. One that failed to be claimed does not count (it stays in the inbox,
         reported), or a file that can never be taken would keep `run --once` waiting forever."""
-        from .intake import scan_inbox
+        from daemon.supervisor.intake import scan_inbox
 
         return any(c.path not in self.intake.claim_failures
                    for c in scan_inbox(self.layout, 0, self.cfg.intake.ignore_suffixes))
@@ -512,7 +516,7 @@ class Supervisor:
             os.close(fd)  # closing drops the probe's lock
 
     def _clean_publish_leftovers(self) -> None:
-        from .publish import clean_staging, repair_latest
+        from daemon.versions import clean_staging, repair_latest
 
         if self.layout.checkpoints.is_dir():
             for adapter_dir in self.layout.checkpoints.iterdir():

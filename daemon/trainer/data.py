@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .data_formats import Example, RecordReader, Rejection, check_record, detect_format
+from daemon.trainer.formats import Example, RecordReader, Rejection, check_record, detect_format
 
 IGNORE = -100
 MAX_LISTED_ERRORS = 100
@@ -406,8 +406,8 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
 
 def validate_command(path: Path, cfg, as_json: bool) -> int:
     """`training-daemon validate FILE`: check a file exactly as the trainer would; 0 when it is usable."""
-    from .config import resolve_base_model
-    from .paths import UserError
+    from daemon.config import resolve_base_model
+    from daemon.paths import UserError
 
     base_dir = resolve_base_model(cfg.base_model)
     try:

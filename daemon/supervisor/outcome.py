@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import exitcodes
+from daemon import protocol
 
 
 @dataclass
@@ -31,7 +31,7 @@ def _read(path: Path) -> dict:
 def describe_exit(rc: int, job_dir: Path, *, stop_requested: bool, cancelled: bool) -> Outcome:
     if cancelled:
         return Outcome("cancelled", "cancelled by user")
-    if rc == exitcodes.DONE:
+    if rc == protocol.DONE:
         result = _read(job_dir / "result.json")
         if "version" in result:
             return Outcome("done", version=result["version"], path=result.get("path"))
@@ -40,15 +40,15 @@ def describe_exit(rc: int, job_dir: Path, *, stop_requested: bool, cancelled: bo
     message = err.get("message") or ""
     if err.get("traceback") and err["traceback"].strip() != "NoneType: None":
         message = f"{message}\n{err['traceback']}".strip()
-    if rc == exitcodes.STOPPED:
+    if rc == protocol.STOPPED:
         return Outcome("stopped", "stopped on request after a checkpoint; it resumes from there")
     if rc < 0 and stop_requested:
         return Outcome("cold_stopped", "the trainer was killed by a cold stop; it resumes from its last checkpoint")
-    if rc == exitcodes.BAD_INPUT:
+    if rc == protocol.BAD_INPUT:
         return Outcome("bad_input", message or "invalid input")
-    if rc == exitcodes.OUT_OF_MEMORY:
+    if rc == protocol.OUT_OF_MEMORY:
         return Outcome("out_of_memory", message or "out of memory")
-    if rc == exitcodes.DISK_FULL:
+    if rc == protocol.DISK_FULL:
         return Outcome("disk_full", message or "disk full")
     if rc < 0:
         return Outcome("failed", f"the trainer was killed by signal {-rc}" + (f"\n{message}" if message else "")

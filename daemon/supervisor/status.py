@@ -17,8 +17,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from . import durable
-from .paths import Layout
+from daemon import durable
+from daemon.paths import Layout
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _ALIASES = {"warn": "warning", "critical": "error", "fatal": "error"}

@@ -21,9 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from .paths import ADAPTER_NAME, STATES, Layout
-from .publish import latest_version, read_metadata, versions
-from .web_page import PAGE
+from daemon.paths import ADAPTER_NAME, STATES, Layout
+from daemon.versions import latest_version, read_metadata, versions
+from daemon.supervisor.web_page import PAGE
 
 MAX_POINTS = 2000  # per series in one /api/loss answer; longer runs are thinned evenly
 VERSION_FIELDS = ("adapter", "version", "job_id", "source_file", "base_model", "steps", "epochs", "first_train_loss",

@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .paths import STATES, Layout
+from daemon.paths import STATES, Layout
 
 STALE_SECONDS = 30  # status.json is rewritten every second while the daemon lives
 

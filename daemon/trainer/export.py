@@ -11,13 +11,13 @@ import os
 import shutil
 from pathlib import Path
 
-from . import durable
-from .paths import Layout, UserError
-from .status import now_iso
+from daemon import durable
+from daemon.paths import Layout, UserError
+from daemon.supervisor.status import now_iso
 
 
 def export_merged(layout: Layout, spec: str, out: Path) -> Path:
-    from .generate import resolve_version
+    from daemon.trainer.generate import resolve_version
 
     version_dir, meta = resolve_version(layout.checkpoints, spec)
     out = Path(out).expanduser().absolute()

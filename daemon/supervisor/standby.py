@@ -2,7 +2,7 @@
 
 A trainer spends most of its start in imports: torch, transformers, peft took 10-14 s on the H100 host
 (docs/performance.md), more than the whole training of a small file. So on a GPU host the daemon starts the
-next trainer as soon as the last one has exited and its GPU memory is checked: `trainer_main --standby`
+next trainer as soon as the last one has exited and its GPU memory is checked: `daemon.trainer.main --standby`
 imports the training stack, touches no GPU, and waits for one JSON line on stdin that names its job. In every
 other way it is the trainer the daemon would start for that job: a child of the daemon in a process group
 of its own, holding the lifeline, the trainer lock and PR_SET_PDEATHSIG. A standby that died while idle, or
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import launch
+from daemon.supervisor import launch
 
 
 class Standby:
@@ -33,7 +33,7 @@ class Standby:
         except BaseException:
             os.close(lock_fd)  # a lost lock fd would keep every later trainer waiting
             raise
-        cmd = [sys.executable, "-m", "daemon.trainer_main", "--standby", "--root", str(root),
+        cmd = [sys.executable, "-m", "daemon.trainer.main", "--standby", "--root", str(root),
                "--lifeline-fd", str(life_r), "--parent-pid", str(os.getpid())]
         try:
             with open(log_path, "ab") as log:

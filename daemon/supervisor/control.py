@@ -13,8 +13,8 @@ import os
 import time
 from pathlib import Path
 
-from . import durable
-from .paths import Layout, UserError
+from daemon import durable
+from daemon.paths import Layout, UserError
 
 ACTIONS = ("pause", "resume", "cancel", "retry")
 
@@ -102,7 +102,7 @@ def daemon_pid(layout: Layout) -> int | None:
 
 def cancel_job(spool, job_id: int) -> str:
     """Cancel a pending job (a running one is cancelled by the daemon, which kills its trainer)."""
-    from .job import JobStatus
+    from daemon.supervisor.job import JobStatus
 
     job = _job_in(spool, job_id, JobStatus.PENDING, "cancel")
     job.error = "cancelled by user"
@@ -112,8 +112,8 @@ def cancel_job(spool, job_id: int) -> str:
 
 def check_retry(spool, job_id: int):
     """The failed job `job_id`, if it can be queued again; else UserError saying why not."""
-    from .job import JobStatus
-    from .spool import INPUT, SYMLINK_INPUT
+    from daemon.supervisor.job import JobStatus
+    from daemon.supervisor.spool import INPUT, SYMLINK_INPUT
 
     job = _job_in(spool, job_id, JobStatus.FAILED, "retry")
     folder = spool.job_dir(job)
@@ -126,8 +126,8 @@ def check_retry(spool, job_id: int):
 
 def retry_job(spool, job_id: int) -> str:
     """Send a failed job back to the queue; its earlier attempts stay in its history."""
-    from .job import JobStatus
-    from .status import now_iso
+    from daemon.supervisor.job import JobStatus
+    from daemon.supervisor.status import now_iso
 
     job = check_retry(spool, job_id)
     job.attempts.append({"n": len(job.attempts) + 1, "outcome": "retried_by_user", "started_at": now_iso()})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import memory_plan
+from daemon.trainer import memory_plan
 
 GIB = 1024**3
 
@@ -96,7 +96,7 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
     if _mplan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if _mplan.fsdp:
-        from .sharding import shard
+        from daemon.trainer.sharding import shard
 
         shard(model, device)
     compiled = compile_layers and _compile_layers(model)
@@ -183,7 +183,7 @@ def _lean_forward(module, base, lora_a, lora_b, scale, general):
 
 def _compile_layers(model) -> bool:
     """torch.compile each decoder layer (one graph for all of them; dynamic in the packed length)."""
-    from .loss import _causal_lm
+    from daemon.trainer.loss import _causal_lm
 
     layers = getattr(_causal_lm(model).get_decoder(), "layers", None)
     if layers is None:

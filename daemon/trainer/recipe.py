@@ -19,11 +19,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from . import checkpoint, faults, packing, sharding
-from .checkpoint import Progress
-from .distributed import World, accelerator_kwargs
-from .loss import token_loss_sum
-from .model import load_for_training, prepare_model
+from daemon import faults
+from daemon.trainer import checkpoint
+from daemon.trainer import packing
+from daemon.trainer import sharding
+from daemon.trainer.checkpoint import Progress
+from daemon.trainer.distributed import World, accelerator_kwargs
+from daemon.trainer.loss import token_loss_sum
+from daemon.trainer.model import load_for_training, prepare_model
 
 GIB = 1024**3
 

@@ -15,10 +15,10 @@ import shutil
 import stat
 from pathlib import Path
 
-from . import durable, faults
-from .job import Job, JobStatus, dir_name, parse_dir_name
-from .paths import Layout
-from .status import now_iso
+from daemon import durable, faults
+from daemon.supervisor.job import Job, JobStatus, dir_name, parse_dir_name
+from daemon.paths import Layout
+from daemon.supervisor.status import now_iso
 
 CLAIM_PREFIX = ".claim-"
 INPUT = "input.jsonl"

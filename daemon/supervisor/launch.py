@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import exitcodes
-from .paths import UserError
+from daemon import protocol
+from daemon.paths import UserError
 
 # Set for a multi-process job only; a single-process trainer must not inherit any from the daemon's own
 # environment and believe it is one rank of many.
@@ -109,7 +109,7 @@ def rank_env(base: dict, g: Grant, rank: int, port: int) -> dict:
 
 
 def trainer_command(job_dir: Path, root: Path, lifeline_fd: int, parent_pid: int, micro_batch: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "daemon.trainer_main", str(job_dir), "--root", str(root),
+    cmd = [sys.executable, "-m", "daemon.trainer.main", str(job_dir), "--root", str(root),
            "--lifeline-fd", str(lifeline_fd), "--parent-pid", str(parent_pid)]
     if micro_batch:
         cmd += ["--micro-batch", str(micro_batch)]
@@ -131,15 +131,15 @@ def job_exit_code(codes: list[int], collateral: set[int]) -> int:
     own = [c for r, c in enumerate(codes) if r not in collateral]
     if not own:
         return codes[0]
-    failures = [c for c in own if c not in (exitcodes.DONE, exitcodes.STOPPED)]
+    failures = [c for c in own if c not in (protocol.DONE, protocol.STOPPED)]
     if 0 in collateral and not failures:
         # Rank 0 (the one that checkpoints and publishes) killed by the daemon while the others had finished:
         # the job did not finish, whatever they say.
         return codes[0]
     if failures:
-        order = [exitcodes.OUT_OF_MEMORY, exitcodes.DISK_FULL, exitcodes.BAD_INPUT]
+        order = [protocol.OUT_OF_MEMORY, protocol.DISK_FULL, protocol.BAD_INPUT]
         return min(failures, key=lambda c: order.index(c) if c in order else 3 if c < 0 else 4)
-    return exitcodes.STOPPED if exitcodes.STOPPED in own else exitcodes.DONE
+    return protocol.STOPPED if protocol.STOPPED in own else protocol.DONE
 
 
 def describe_status(code: int) -> str:
@@ -149,7 +149,7 @@ def describe_status(code: int) -> str:
         except ValueError:  # a realtime signal has a number but no name
             name = None
         return f"signal {-code} ({name})" if name else f"signal {-code}"
-    return f"status {code} ({exitcodes.NAMES.get(code, 'failed')})"
+    return f"status {code} ({protocol.NAMES.get(code, 'failed')})"
 
 
 class Ranks:
@@ -208,7 +208,7 @@ class Ranks:
         if None not in codes:
             return None
         for rank, code in enumerate(codes):
-            if code is not None and code not in (exitcodes.DONE, exitcodes.STOPPED):
+            if code is not None and code not in (protocol.DONE, protocol.STOPPED):
                 self._failure_seen = True
                 return rank, code
         return None

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import durable, faults, sharding
-from .distributed import World
+from daemon import durable, faults
+from daemon.trainer import sharding
+from daemon.trainer.distributed import World
 
 MANIFEST = "COMPLETE"
 PREFIX = "step-"

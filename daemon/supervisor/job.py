@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
-from . import durable
+from daemon import durable
 
 MANIFEST = "job.json"
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import faults
-from .job import JobStatus
-from .paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
+from daemon import faults
+from daemon.supervisor.job import JobStatus
+from daemon.paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
 
 HINT_QUIET_SECONDS = 0.2  # after a "closed"/"moved in" event: no change for this long, then take the file
 CLAIM_BUDGET_SECONDS = 1.0  # claim (hash) for at most this long per poll; the rest waits for the next one

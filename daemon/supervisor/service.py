@@ -15,8 +15,8 @@ import re
 import sys
 from pathlib import Path
 
-from . import durable
-from .paths import PROJECT_DIR, UserError
+from daemon import durable
+from daemon.paths import PROJECT_DIR, UserError
 
 UNIT_NAME = "training-daemon.service"
 UNIT_TEMPLATE = PROJECT_DIR / "config" / "training-daemon.service"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from . import durable
+from daemon import durable
 
 
 def _xy(points) -> tuple[list[float], list[float]]:

@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from . import durable, faults
+from daemon import durable, faults
 
 VERSION = re.compile(r"^v(\d+)$")
 

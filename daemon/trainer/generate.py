@@ -35,8 +35,8 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:
 
 def resolve_version(adapter_root: Path, spec: str) -> tuple[Path, dict]:
     """ADAPTER or ADAPTER@VERSION (e.g. default@3) -> (version folder, its metadata)."""
-    from .paths import UserError, check_adapter_name
-    from .publish import latest_version
+    from daemon.paths import UserError, check_adapter_name
+    from daemon.versions import latest_version
 
     name, _, version = spec.partition("@")
     adapter_dir = adapter_root / check_adapter_name(name)

@@ -19,7 +19,7 @@ import torch
 def shard(model, device: torch.device) -> None:
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from .loss import _causal_lm
+    from daemon.trainer.loss import _causal_lm
 
     causal_lm = _causal_lm(model)
     head, embed = causal_lm.get_output_embeddings(), causal_lm.get_input_embeddings()

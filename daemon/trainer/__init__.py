@@ -1,0 +1,1 @@
+"""The trainer process (one per rank): validates, trains, checkpoints and publishes one job. Imports torch."""
