@@ -21,6 +21,15 @@ def forbid_world_writable() -> None:
     os.umask(os.umask(0o022) | 0o002)
 
 
+def read_json(path: str | os.PathLike, default=None):
+    """A JSON file's content, or `default` when it is missing, unreadable or not JSON (a reader of state that a
+    writer may not have made yet; durable writes mean it is never half-written)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
