@@ -12,6 +12,7 @@ import click
 
 from daemon import __version__
 from daemon.paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
+from daemon.supervisor.job import JobStatus
 
 
 def _load(root: str | None, config: str | None, need_config: bool = True):
@@ -109,12 +110,12 @@ def _wait_for_job(spool, name: str, sha: str, timeout: float = 3600) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print status.json.")
 def status(root, config, as_json):
     """Show the daemon's state, the current job and the queue."""
+    from daemon.durable import read_json
     from daemon.supervisor.console import render_status
-
-    _, _, layout = _load(root, config, need_config=False)
-    snap = _read_json(layout.status_json) or {}
     from daemon.supervisor.control import daemon_pid
 
+    _, _, layout = _load(root, config, need_config=False)
+    snap = read_json(layout.status_json) or {}
     snap.setdefault("daemon", {})["running"] = daemon_pid(layout) is not None
     if as_json:
         click.echo(json.dumps(snap, indent=2))
@@ -125,27 +126,20 @@ def status(root, config, as_json):
 @cli.command()
 @common
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--state", type=click.Choice(["pending", "running", "done", "failed"]), help="Only jobs in this state.")
+@click.option("--state", type=click.Choice([s.value for s in JobStatus]), help="Only jobs in this state.")
 def jobs(root, config, as_json, state):
     """List jobs: id, file, adapter, state, version, error."""
     from daemon.supervisor.console import render_jobs
 
     _, _, layout = _load(root, config, need_config=False)
-    rows = [j for j in _jobs(layout) if state is None or j["state"] == state]
+    rows = _jobs(layout, state)
     click.echo(json.dumps(rows, indent=2) if as_json else render_jobs(rows))
 
 
-def _jobs(layout: Layout) -> list[dict]:
+def _jobs(layout: Layout, state: str | None = None) -> list[dict]:
     from daemon.supervisor.spool import Spool
 
-    return [job.to_dict() for job, _ in Spool(layout).list()]
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return [job.to_dict() for job, _ in Spool(layout).list(state)]
 
 
 @cli.command()
@@ -205,16 +199,7 @@ def _control(root, config, action, job_id=None):
     lock = control.DaemonLock(layout)
     if lock.try_acquire():  # no daemon: apply it here, under the daemon's lock
         try:
-            if action == "pause":
-                control.paused_flag(layout).touch()
-                msg = "paused (no daemon is running; it starts paused)"
-            elif action == "resume":
-                control.paused_flag(layout).unlink(missing_ok=True)
-                msg = "resumed"
-            elif action == "cancel":
-                msg = control.cancel_job(Spool(layout), job_id)
-            else:
-                msg = control.retry_job(Spool(layout), job_id)
+            msg = control.apply(Spool(layout), action, job_id)
         finally:
             lock.release()
     else:
@@ -288,7 +273,7 @@ def install_service(root, config, scope, dry_run):
 @click.option("--max-new-tokens", default=48, show_default=True)
 def ask(root, config, question, spec, max_new_tokens):
     """Ask the base model, or an adapter version, one question (greedy decoding)."""
-    from daemon.config import resolve_base_model
+    from daemon.base_model import resolve_base_model
     from daemon.trainer.generate import answer, load, resolve_version
 
     cfg, _, layout = _load(root, config)

@@ -2,6 +2,7 @@
 
 The root holds the runtime folders (inbox/, queue/<state>/, checkpoints/) and the status files.
 `queue/` is a data folder, never a Python package: a queue/__init__.py would shadow the stdlib.
+The job states, and so the folders inside queue/, are the spool's (daemon.supervisor.job.JobStatus).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_ADAPTER = "default"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-STATES = ("pending", "running", "done", "failed")
 
 
 class UserError(Exception):
@@ -49,6 +49,7 @@ class Layout:
         return self.root / "queue"
 
     def state_dir(self, state: str) -> Path:
+        """queue/<state>/ for one of the spool's states (JobStatus): the spool makes these folders."""
         return self.queue / str(state)
 
     @property
@@ -84,7 +85,7 @@ class Layout:
         return self.root / "events.jsonl"
 
     def ensure(self) -> "Layout":
-        for d in [self.inbox, self.checkpoints, self.state, *(self.state_dir(s) for s in STATES)]:
+        for d in [self.inbox, self.queue, self.checkpoints, self.state]:
             d.mkdir(parents=True, exist_ok=True, mode=0o755)
         return self
 

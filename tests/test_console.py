@@ -11,9 +11,12 @@ import time
 import pytest
 
 from daemon import durable
-from daemon.supervisor.console import fmt_duration, follow_job, follow_log, progress_bar, render_jobs, render_status
 from daemon.paths import Layout
+from daemon.supervisor.console import follow_job, follow_log, progress_bar, render_jobs, render_status
+from daemon.supervisor.job import dir_name
+from daemon.supervisor.spool import Spool
 from daemon.supervisor.status import StatusWriter
+from daemon.timefmt import fmt_duration
 
 NOW = 1_700_000_000.0
 
@@ -59,7 +62,7 @@ def test_render_status_while_training():
     assert "#42  tickets.jsonl -> adapter support-bot  (training, started 10m 00s ago)" in text
     assert "[#######.......................]  25%  step 50/200  epoch 0.25" in text
     assert "1.2346  (eval 1.5000)  lr 2.00e-04" in text
-    assert "4,567 tok/s  ETA 1m 35s  GPU memory 3.20 GiB" in text
+    assert "4,567 tok/s  ETA 1:35  GPU memory 3.20 GiB" in text
     # the trainer counts whole epochs from 0, as it reports them; a person reads the first epoch as 1
     assert "step 50/200  epoch 1\n" in render_status(training_status(epoch=0), JOBS, now=NOW) + "\n"
     assert "2 pending  1 running  10 done  1 failed" in text
@@ -148,15 +151,22 @@ def test_follow_log_waits_for_a_file_that_does_not_exist_yet(root):
     assert take(gen, 2) == ["first", "second"]
 
 
+def daemon_root(root) -> Layout:
+    """A root as a running daemon keeps it: its folders and the spool's queue/<state>/ folders."""
+    layout = Layout.at(root).ensure()
+    Spool(layout).make_folders()
+    return layout
+
+
 def make_job(layout: Layout, job_id: int, state: str, **fields) -> None:
-    d = layout.state_dir(state) / f"j{job_id:06d}"
+    d = layout.state_dir(state) / dir_name(job_id)
     d.mkdir(parents=True)
     durable.write_json(d / "job.json", {"id": job_id, "adapter": "default", "original_name": "f.jsonl",
                                         "state": state, **fields})
 
 
 def move_job(layout: Layout, job_id: int, src: str, dst: str, **fields) -> None:
-    d = layout.state_dir(src) / f"j{job_id:06d}"
+    d = layout.state_dir(src) / dir_name(job_id)
     job = json.loads((d / "job.json").read_text())
     durable.write_json(d / "job.json", {**job, "state": dst, **fields})
     durable.rename(d, layout.state_dir(dst) / d.name)
@@ -176,7 +186,7 @@ class TTY(io.StringIO):
 
 
 def test_follow_job_shows_queue_progress_and_ends_done(root):
-    layout = Layout.at(root).ensure()
+    layout = daemon_root(root)
     w = StatusWriter(layout, echo=False)
     make_job(layout, 1, "running")
     make_job(layout, 2, "pending")
@@ -188,8 +198,9 @@ def test_follow_job_shows_queue_progress_and_ends_done(root):
     move_job(layout, 1, "running", "done", version=1)
     move_job(layout, 2, "pending", "running")
     for step in (1, 2, 4):
-        w.snapshot({"daemon": {"state": "training"}, "current": {"job_id": 2, "phase": "training", "step": step,
-                                                                  "total_steps": 4, "loss": 2.0 / step, "eta_s": 4 - step}})
+        w.snapshot({"daemon": {"state": "training"},
+                    "current": {"job_id": 2, "phase": "training", "step": step, "total_steps": 4, "loss": 2.0 / step,
+                                "eta_s": 4 - step}})
         time.sleep(0.15)
     move_job(layout, 2, "running", "done", version=2)
     t.join(5)
@@ -203,7 +214,7 @@ def test_follow_job_shows_queue_progress_and_ends_done(root):
 
 
 def test_follow_job_failed_returns_1_with_plain_lines_in_a_pipe(root):
-    layout = Layout.at(root).ensure()
+    layout = daemon_root(root)
     make_job(layout, 5, "running")
     StatusWriter(layout, echo=False).snapshot({"daemon": {"state": "training"},
                                                "current": {"job_id": 5, "phase": "loading"}})
@@ -218,7 +229,7 @@ def test_follow_job_failed_returns_1_with_plain_lines_in_a_pipe(root):
 
 @pytest.mark.parametrize("missing_timeout", [0.2])
 def test_follow_job_gives_up_on_a_job_that_never_appears(root, missing_timeout):
-    layout = Layout.at(root).ensure()
+    layout = daemon_root(root)
     out = io.StringIO()
     assert follow_job(layout, 99, out, poll=0.02, missing_timeout=missing_timeout) == 1
     assert "job 99: not found" in out.getvalue()

@@ -80,3 +80,23 @@ def test_a_failing_driver_reads_as_no_gpu(nvml):
 def test_without_nvml_everything_is_none(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
     assert gpu.visible_devices() is None and gpu.snapshot() is None and gpu.processes_using_gpu() is None
+
+
+def test_memory_back_to_the_reading_before_the_trainer(nvml):
+    before = gpu.snapshot()
+    nvml.cards[0]["used"] += gpu.GIB // 8  # within the slack: the driver's own bookkeeping
+    message, level, fields = gpu.release_report(before)
+    assert fields["released"] and level == "info" and fields["seconds"] < 1
+    assert message.startswith("GPU memory before 3.00 GiB, after 3.12 GiB (back in ")
+
+
+def test_memory_a_dead_trainer_left_behind_is_reported(nvml):
+    before = gpu.snapshot()
+    nvml.cards[1]["used"] += 2 * gpu.GIB
+    fields = gpu.wait_for_release(before, timeout=0.3)
+    assert fields == {"before_gib": 3.0, "after_gib": 5.0, "released": False, "seconds": fields["seconds"]}
+    assert fields["seconds"] >= 0.3
+
+
+def test_no_gpu_no_memory_check():
+    assert gpu.release_report(None) == ("GPU memory not checked: no GPU visible to NVML", "info", {"released": None})

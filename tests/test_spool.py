@@ -17,7 +17,10 @@ from daemon.supervisor.spool import RESTART_REASON, Spool
 
 @pytest.fixture
 def layout(root):
-    return Layout.at(root).ensure()
+    """A root as the daemon leaves it at start: its folders and the spool's queue/<state>/ folders."""
+    layout = Layout.at(root).ensure()
+    Spool(layout).make_folders()
+    return layout
 
 
 def drop(layout, name, data: bytes = b'{"text": "hi"}\n', folder=None):
@@ -147,6 +150,28 @@ def test_list_ignores_strays(layout):
     assert [j.id for j, _ in spool.list()] == [1] and spool.count("pending") == 2
 
 
+def test_a_job_seen_in_two_folders_mid_move_is_listed_once_in_the_later_state(layout):
+    import shutil
+
+    spool = Spool(layout)
+    job = claim(spool, layout, "a.jsonl")
+    # What a reader in another process can see while the daemon renames pending/j000001 to done/.
+    shutil.copytree(layout.state_dir("pending") / job.dir_name, layout.state_dir("done") / job.dir_name)
+    assert [(j.id, j.state) for j, _ in spool.list()] == [(1, JobStatus.DONE)]
+    assert spool.ids("pending") == [1] and spool.ids("done") == [1] and spool.ids("failed") == []
+
+
+def test_the_spool_makes_its_state_folders_on_a_bare_root(root):
+    layout = Layout.at(root).ensure()
+    assert sorted(p.name for p in layout.queue.iterdir()) == []  # the states are the spool's, not the layout's
+    spool = Spool(layout)
+    assert spool.list() == [] and spool.get(1) is None and spool.count("pending") == 0  # reading makes nothing
+    assert sorted(p.name for p in layout.queue.iterdir()) == []
+    job = claim(spool, layout, "a.jsonl")
+    assert sorted(p.name for p in layout.queue.iterdir()) == ["done", "failed", "pending", "running"]
+    assert spool.get(job.id)[1] == layout.state_dir("pending") / "j000001"
+
+
 def test_sweep_finishes_half_made_claims(layout):
     spool = Spool(layout)
     pending = layout.state_dir("pending")
@@ -227,7 +252,7 @@ def test_a_crash_loop_ends_in_failed_after_max_attempts(layout):
     start(spool, job)
     job.attempts[-1].update(outcome="failed", error="first: Traceback ...", ended_at="x")
     spool.move(job, JobStatus.PENDING)
-    for crash in range(2):
+    for _crash in range(2):
         job = spool.get(1)[0]
         start(spool, job)
         lines = spool.sweep(max_attempts=3)
@@ -247,5 +272,6 @@ def test_spool_and_job_never_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, daemon.supervisor.spool, daemon.supervisor.job, daemon.supervisor.intake; assert 'torch' not in sys.modules"
+    code = ("import sys, daemon.supervisor.spool, daemon.supervisor.job, daemon.supervisor.intake; "
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -21,6 +21,7 @@ import pytest
 from daemon import durable
 from daemon import versions as publish
 from daemon.paths import PROJECT_DIR, Layout
+from daemon.supervisor.job import dir_name
 from daemon.trainer.plots import plot_loss
 from daemon.supervisor.status import StatusWriter
 from daemon.supervisor.web import start_web
@@ -43,7 +44,7 @@ def get_json(server, path: str):
 
 
 def make_job(layout: Layout, job_id: int, state: str, **fields) -> None:
-    d = layout.state_dir(state) / f"j{job_id:06d}"
+    d = layout.state_dir(state) / dir_name(job_id)
     d.mkdir(parents=True)
     durable.write_json(d / "job.json", {"id": job_id, "adapter": "default", "original_name": f"file{job_id}.jsonl",
                                         "state": state, **fields})
@@ -327,7 +328,7 @@ def test_page_in_headless_chromium_shows_every_reading(root):
             return +c.dataset.points === 10 && +c.dataset.evalPoints === 1
                 && document.getElementById('progress-text').textContent.startsWith('step 10/20'); })()""")
         shown = browser.shown()
-        assert shown["bar"] == "50%" and shown["loss"] == f"{3.0 * 0.8 ** 10:.4f}" and shown["eta"] == "10s"
+        assert shown["bar"] == "50%" and shown["loss"] == f"{3.0 * 0.8 ** 10:.4f}" and shown["eta"] == "0:10"
         assert shown["gpu"] == "2.0 / 8.0 GiB" and shown["queue"].startswith("1 pending")
         assert shown["jobs"] == 3 and shown["lastStep"] == 10
         assert browser.curve_pixels() > 100

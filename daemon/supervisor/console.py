@@ -6,36 +6,21 @@ the daemon, so these work the same whether it is running, stopped or on its way 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from daemon.paths import STATES, Layout
+from daemon.durable import read_json
+from daemon.paths import Layout
+from daemon.supervisor.job import JobStatus
+from daemon.supervisor.spool import Spool
+from daemon.timefmt import fmt_duration, fmt_eta
 
 STALE_SECONDS = 30  # status.json is rewritten every second while the daemon lives
 
 
 # ------------------------------------------------------------------ formatting
-def fmt_duration(seconds) -> str:
-    """42s, 3m 05s, 2h 03m, 1d 04h; "?" when unknown."""
-    if seconds is None:
-        return "?"
-    s = max(0, int(round(float(seconds))))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
-
-
-def fmt_eta(seconds) -> str:
-    return "?" if seconds is None else fmt_duration(seconds)
-
-
 def _unix(when) -> float | None:
     if when is None:
         return None
@@ -133,8 +118,8 @@ def render_status(status: dict, jobs: list[dict], now: float | None = None) -> s
         rows.append(("job", "none" + (" (paused)" if d.get("state") == "paused" else "")))
     q = status.get("queue")
     if q is None:  # no snapshot yet: count the folders
-        q = {s: sum(1 for j in jobs if j.get("state") == s) for s in STATES}
-    rows.append(("queue", "  ".join(f"{q.get(s, 0)} {s}" for s in STATES)))
+        q = {s.value: sum(1 for j in jobs if j.get("state") == s) for s in JobStatus}
+    rows.append(("queue", "  ".join(f"{q.get(s.value, 0)} {s}" for s in JobStatus)))
     g = status.get("gpu")
     if g:
         mem = f"{_num(g.get('mem_used_gib'), '.1f')} / {_num(g.get('mem_total_gib'), '.1f')} GiB"
@@ -238,29 +223,10 @@ def follow_log(path, lines: int = 20, poll: float = 0.25):
         time.sleep(poll)
 
 
-def find_job(layout: Layout, job_id: int) -> tuple[dict | None, str | None]:
-    """A job's manifest and the state folder it is in (folders are the truth; job.json may lag a move)."""
-    for _ in range(3):  # a job can be mid-rename between two state folders: look again
-        for state in STATES:
-            d = layout.state_dir(state) / f"j{int(job_id):06d}"
-            try:
-                return json.loads((d / "job.json").read_text()), state
-            except (OSError, ValueError):
-                continue
-        time.sleep(0.05)
-    return None, None
-
-
-def _read_status(layout: Layout) -> dict:
-    try:
-        return json.loads(layout.status_json.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def follow_job(layout: Layout, job_id: int, out, poll: float = 0.5, missing_timeout: float = 10.0) -> int:
     """A live progress line until the job ends: 0 if it ends done, 1 if failed (or never appears)."""
     tty = bool(getattr(out, "isatty", lambda: False)())
+    spool = Spool(layout)
     shown, shown_len, last_print, missing_since, shown_kind = None, 0, 0.0, None, None
 
     def show(text: str, final: bool = False):
@@ -275,8 +241,8 @@ def follow_job(layout: Layout, job_id: int, out, poll: float = 0.5, missing_time
 
     try:
         while True:
-            job, state = find_job(layout, job_id)
-            if job is None:
+            found = spool.get(job_id)
+            if found is None:
                 missing_since = missing_since or time.monotonic()
                 if time.monotonic() - missing_since > missing_timeout:
                     show(f"job {job_id}: not found under {layout.queue}", final=True)
@@ -284,31 +250,30 @@ def follow_job(layout: Layout, job_id: int, out, poll: float = 0.5, missing_time
                 time.sleep(poll)
                 continue
             missing_since = None
-            if state == "done":
-                version = job.get("version")
-                where = layout.checkpoints / job.get("adapter", "default") / f"v{version}"
-                show(f"job {job_id} done: adapter {job.get('adapter')} v{version} ({where})", final=True)
+            job, state = found[0], found[0].state
+            if state == JobStatus.DONE:
+                where = layout.checkpoints / job.adapter / f"v{job.version}"
+                show(f"job {job_id} done: adapter {job.adapter} v{job.version} ({where})", final=True)
                 return 0
-            if state == "failed":
-                show(f"job {job_id} failed: {_first_line(job.get('error'), 200) or 'see training-daemon jobs'}",
-                     final=True)
+            if state == JobStatus.FAILED:
+                show(f"job {job_id} failed: {_first_line(job.error, 200) or 'see training-daemon jobs'}", final=True)
                 return 1
-            status = _read_status(layout)
+            status = read_json(layout.status_json) or {}
             cur = status.get("current") or {}
             kind = state
-            if state == "running" and cur.get("job_id") == job_id:
+            if state == JobStatus.RUNNING and cur.get("job_id") == job_id:
                 phase = cur.get("phase") or "training"
                 kind = phase
                 text = f"job {job_id} " + (progress_line(cur) if phase == "training" else f"{phase}...")
-            elif state == "pending":
-                ahead = _pending_ahead(layout, job_id)
+            elif state == JobStatus.PENDING:
+                ahead = sum(1 for other in spool.ids(JobStatus.PENDING) if other < job_id)
                 text = f"job {job_id} queued" + (f", {ahead} ahead of it" if ahead else ", next")
                 if cur.get("job_id") is not None:
                     text += f" (job {cur['job_id']} is {cur.get('phase') or 'training'})"
                 if (status.get("daemon") or {}).get("state") == "paused":
                     text += " (daemon paused)"
-                if job.get("note"):
-                    text += f" - {_first_line(job['note'], 80)}"
+                if job.note:
+                    text += f" - {_first_line(job.note, 80)}"
             else:
                 text = f"job {job_id} starting..."
             updated = status.get("updated_unix")
@@ -323,17 +288,6 @@ def follow_job(layout: Layout, job_id: int, out, poll: float = 0.5, missing_time
         out.write(f"\nstopped following job {job_id}; it carries on (training-daemon status)\n")
         out.flush()
         return 130
-
-
-def _pending_ahead(layout: Layout, job_id: int) -> int:
-    ahead = 0
-    for d in layout.state_dir("pending").glob("j*"):
-        try:
-            if int(d.name[1:]) < job_id:
-                ahead += 1
-        except ValueError:
-            continue
-    return ahead
 
 
 def _epoch(epoch) -> str:

@@ -7,6 +7,7 @@ so callers print "no GPU" rather than fail.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 GIB = 1024**3
@@ -102,3 +103,29 @@ def processes_using_gpu() -> list[int] | None:
                     for proc in nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(i))]
         except Exception:
             return None
+
+
+def wait_for_release(before: dict, slack_gib: float = 0.25, timeout: float = 15.0) -> dict:
+    """After a trainer exited: wait until the GPUs' memory is back to the `before` reading (give or take
+    `slack_gib`; the driver frees a dead process's memory a moment after it is reaped). Returns the
+    verdict: {"before_gib", "after_gib" (None if NVML stopped answering), "released", "seconds"}."""
+    start = time.monotonic()
+    after = snapshot()
+    while after and after["mem_used_gib"] > before["mem_used_gib"] + slack_gib and time.monotonic() - start < timeout:
+        time.sleep(0.25)
+        after = snapshot()
+    released = after is not None and after["mem_used_gib"] <= before["mem_used_gib"] + slack_gib
+    return {"before_gib": before["mem_used_gib"], "after_gib": after["mem_used_gib"] if after else None,
+            "released": released, "seconds": round(time.monotonic() - start, 2)}
+
+
+def release_report(before: dict | None) -> tuple[str, str, dict]:
+    """The daemon's GPU check after a trainer exited, as (message, level, fields) for its status line;
+    `before`: the snapshot taken before the trainer started (None: no GPU to check)."""
+    if before is None:
+        return "GPU memory not checked: no GPU visible to NVML", "info", {"released": None}
+    check = wait_for_release(before)
+    after = f"{check['after_gib']:.2f}" if check["after_gib"] is not None else "nan"
+    message = (f"GPU memory before {check['before_gib']:.2f} GiB, after {after} GiB"
+               + (f" (back in {check['seconds']:.1f}s)" if check["released"] else " - NOT released"))
+    return message, "info" if check["released"] else "warning", check

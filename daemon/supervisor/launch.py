@@ -13,17 +13,21 @@ daemon's own children. No torch in this module: the daemon imports it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import protocol
-from daemon.paths import UserError
+from daemon.paths import PROJECT_DIR, UserError
+
+TRAINER_LOCK = "trainer.lock"  # in state/: held by every trainer process until it exits
 
 # Set for a multi-process job only; a single-process trainer must not inherit any from the daemon's own
 # environment and believe it is one rank of many.
@@ -108,6 +112,40 @@ def rank_env(base: dict, g: Grant, rank: int, port: int) -> dict:
     return env
 
 
+def trainer_env() -> dict:
+    """The daemon's environment, with this project importable and the trainer's stdout unbuffered (events)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_DIR), os.environ.get("PYTHONPATH", "")]),
+                PYTHONUNBUFFERED="1")
+
+
+def acquire_trainer_lock(state_dir: Path, wait: float = 60) -> int:
+    """Never two trainers: the fd of state/trainer.lock, locked, for the next trainer to inherit. Waits for a
+    trainer left by a dead daemon (its lifeline makes it exit); RuntimeError if it has not after `wait` s."""
+    fd = os.open(state_dir / TRAINER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise RuntimeError("a trainer from an earlier daemon still holds state/trainer.lock") from None
+            time.sleep(0.2)
+
+
+def trainer_lock_free(state_dir: Path) -> bool:
+    """Whether no trainer holds state/trainer.lock now (a probe: it takes the lock and lets go at once)."""
+    fd = os.open(state_dir / TRAINER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+
+
 def trainer_command(job_dir: Path, root: Path, lifeline_fd: int, parent_pid: int, micro_batch: int | None) -> list[str]:
     cmd = [sys.executable, "-m", "daemon.trainer.main", str(job_dir), "--root", str(root),
            "--lifeline-fd", str(lifeline_fd), "--parent-pid", str(parent_pid)]
@@ -125,7 +163,7 @@ def job_exit_code(codes: list[int], collateral: set[int]) -> int:
 
     `collateral`: ranks the daemon itself killed (a cold stop, or the rest of the group after one rank
     failed); they say nothing about the cause. Of the others, the most telling failure wins: out of
-    memory, disk full and bad input first (they decide what happens next), then a rank killed by a signal,
+    memory, disk full and bad input first (each names its cause), then a rank killed by a signal,
     then any other failure; else stopped, else done. All collateral: rank 0's status (killed).
     """
     own = [c for r, c in enumerate(codes) if r not in collateral]

@@ -1,36 +1,46 @@
-"""The daemon: watch the inbox, run one trainer child at a time, record every outcome.
+"""The daemon: watch the inbox, run one trainer at a time, record every outcome.
 
-It never imports torch. Each job runs in `python -m daemon.trainer.main` in its own process group; the
-daemon reads the child's JSON events, forwards stop requests (SIGUSR1 = checkpoint and exit), kills the
-group on a cold stop, and checks with NVML that GPU memory came back after the child exited.
-Signals: the first SIGTERM/SIGINT is a warm stop, the second a cold one (rq's worker does the same).
+It never imports torch. One loop does everything, a turn at a time: new files, control requests, and while a
+job trains, its trainer's events and stop requests (trainer_process.py holds the trainer; the loop polls it).
+What each outcome means for the job is policy.py's to say. After a trainer exits, NVML must show its GPU
+memory back. Signals: the first SIGTERM/SIGINT is a warm stop, the second a cold one (rq's worker does the same).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import queue
 import shutil
 import signal
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import __version__, durable, faults
-from daemon.supervisor import control
-from daemon import protocol
-from daemon.supervisor import gpu
-from daemon.supervisor import launch
-from daemon.config import adapter_config, effective_dict
+from daemon import __version__, durable, faults, protocol
+from daemon.config import DaemonConfig, adapter_config, effective_dict
+from daemon.paths import Layout, UserError
+from daemon.protocol import ErrorKind, Event
+from daemon.supervisor import control, gpu, launch, policy, trainer_events
 from daemon.supervisor.intake import Intake
-from daemon.supervisor.standby import Standby
 from daemon.supervisor.job import Job, JobStatus
-from daemon.paths import PROJECT_DIR, Layout, UserError
+from daemon.supervisor.outcome import Outcome, OutcomeKind, describe_exit, resume_point, write_error
+from daemon.supervisor.policy import Verdict
 from daemon.supervisor.spool import Spool
-from daemon.supervisor.status import LEVEL_ENV, StatusWriter, now_iso
-from daemon.supervisor.outcome import Outcome, describe_exit, fmt_eta
+from daemon.supervisor.standby import Standby, early_grant
+from daemon.supervisor.status import LEVEL_ENV, StatusWriter
+from daemon.supervisor.trainer_process import TrainerProcess
+from daemon.timefmt import now_iso
+
+
+@dataclass
+class Attempt:
+    """The job in training, from its start to its trainer's exit."""
+
+    job: Job
+    job_dir: Path
+    cfg: DaemonConfig  # with the adapter's overrides
+    record: dict  # its entry in job.attempts
+    gpu_before: dict | None
+    trainer: TrainerProcess | None = None
 
 
 class Supervisor:
@@ -41,11 +51,11 @@ class Supervisor:
         self.intake = Intake(layout, cfg.intake, self.spool, self.status)
         self.signals = 0
         self.state = "starting"
-        self.current: dict | None = None
-        self.child: launch.Ranks | None = None  # the current job's trainer processes
+        self.current: dict | None = None  # the job in training, as status.json shows it
+        self.attempt: Attempt | None = None
         self.results: list[bool] = []
         self.web = None
-        self.standby = None  # the next job's trainer, started early (daemon/standby.py)
+        self.standby: Standby | None = None  # the next job's trainer, started early
         self.notifier = None
         self._last_snapshot = 0.0
         self.started_at = now_iso()
@@ -60,7 +70,8 @@ class Supervisor:
         self.layout.check_same_filesystem()
         self.lock = control.DaemonLock(self.layout).acquire()
         self._install_signals()
-        self.status.event("daemon_started", f"training-daemon {__version__} started on {self.layout.root} (pid {os.getpid()})",
+        self.status.event("daemon_started",
+                          f"training-daemon {__version__} started on {self.layout.root} (pid {os.getpid()})",
                           pid=os.getpid(), root=str(self.layout.root))
         for line in self.spool.sweep(self.cfg.limits.max_attempts):
             self.status.event("sweep", line, level="warning")
@@ -80,7 +91,8 @@ class Supervisor:
             self.intake.stop()
             if self.web:
                 self.web.stop()
-            self._discard_standby()
+            if self.standby is not None:
+                self.standby.discard()
             self.snapshot(force=True)
             self.status.event("daemon_stopped", "training-daemon stopped")
             self.lock.release()
@@ -91,10 +103,18 @@ class Supervisor:
         return 0
 
     def _loop(self) -> None:
-        while not self.signals:
+        """The one loop: each turn does the housekeeping, then watches the job in training or starts the next.
+        A stop (signal) ends it once no trainer runs."""
+        while True:
+            if self.attempt is not None:
+                self._tick(timeout=0)  # the trainer's events are what this turn waits for
+                self._watch_attempt()
+                continue
+            if self.signals:
+                return
             self._tick(timeout=0.5)
             if self.signals:
-                break
+                return
             if control.is_paused(self.layout):
                 self.state = "paused"
                 if self.once:  # nobody will resume a --once run: end it, the jobs stay pending
@@ -111,7 +131,7 @@ class Supervisor:
                 if self.standby is None and not self._trainer_lock_free():
                     continue
                 job, job_dir = pending[0]
-                self.run_job(job, job_dir)
+                self._start_attempt(job, job_dir)
             elif self.once and not self._inbox_has_files():
                 return
             else:
@@ -131,323 +151,151 @@ class Supervisor:
         self.snapshot()
 
     # ------------------------------------------------------------------ jobs
-    def run_job(self, job: Job, job_dir: Path) -> None:
+    def _start_attempt(self, job: Job, job_dir: Path) -> None:
         # The attempt is written down in running/ before anything can fail: if the daemon dies from here on,
         # sweep() counts it, so no job can crash the daemon more than max_attempts times.
         job_dir = self.spool.move(job, JobStatus.RUNNING)
-        attempt = {"n": len(job.attempts) + 1, "started_at": now_iso(), "micro_batch_size": job.micro_batch_size}
-        job.started_at = job.started_at or attempt["started_at"]
-        job.attempts.append(attempt)
+        record = {"n": len(job.attempts) + 1, "started_at": now_iso(), "micro_batch_size": job.micro_batch_size}
+        job.started_at = job.started_at or record["started_at"]
+        job.attempts.append(record)
         job.save(job_dir)
         try:  # an adapter override may have been added or broken since the daemon started
             cfg = adapter_config(self.cfg, job.adapter, self.config_path)
         except UserError as e:
-            durable.write_json(job_dir / "error.json", {"kind": "bad_config", "message": str(e), "at": now_iso()})
-            attempt.update(ended_at=now_iso(), outcome="bad_config", error=str(e))
-            self._finish(job, job_dir, self.cfg, Outcome("bad_config", str(e)))
+            write_error(job_dir, ErrorKind.BAD_CONFIG, str(e))
+            record.update(ended_at=now_iso(), outcome=OutcomeKind.BAD_CONFIG, error=str(e))
+            self._finish(job, job_dir, self.cfg, Outcome(OutcomeKind.BAD_CONFIG, str(e)))
             return
-        attempt["micro_batch_size"] = job.micro_batch_size or cfg.training.micro_batch_size
+        record["micro_batch_size"] = job.micro_batch_size or cfg.training.micro_batch_size
         snapshot_path = job_dir / "config.json"
         if not snapshot_path.exists():
             durable.write_json(snapshot_path, effective_dict(cfg))
         job.save(job_dir)
         self.current = {"job_id": job.id, "adapter": job.adapter, "file": job.original_name, "phase": "starting",
-                        "started_at": attempt["started_at"], "step": 0, "total_steps": None, "arrived_unix": None}
+                        "started_at": record["started_at"], "step": 0, "total_steps": None, "arrived_unix": None}
         self.state = "training"
         self.status.event("job_started", f"job {job.id} started: {job.original_name} -> adapter {job.adapter} "
-                          f"(attempt {attempt['n']})", job_id=job.id, adapter=job.adapter, attempt=attempt["n"])
-        gpu_before = gpu.snapshot()
+                          f"(attempt {record['n']})", job_id=job.id, adapter=job.adapter, attempt=record["n"])
+        self.attempt = Attempt(job, job_dir, cfg, record, gpu_before=gpu.snapshot())
         faults.check("job_start", job_id=job.id)
-        rc = self._run_child(job, job_dir)
-        faults.check("job_end", job_id=job.id)
-        outcome = describe_exit(rc, job_dir, stop_requested=self.signals > 0 or control.is_paused(self.layout),
-                                cancelled=self.current.get("cancelled", False))
-        attempt.update(ended_at=now_iso(), exit_code=rc, outcome=outcome.kind, error=outcome.error)
-        self._finish(job, job_dir, cfg, outcome)
-        self._check_gpu_memory(job, gpu_before)
-        self.current = None
-        self.state = "idle"
-        self.snapshot(force=True)
-        self._prestart()  # after the GPU check: the next trainer must not blur the reading of this one's exit
-
-    def _run_child(self, job: Job, job_dir: Path) -> int:
         try:
             grant = launch.grant(self.cfg.gpus, self.cfg.cpu_processes, gpu.visible_devices())
         except UserError as e:  # retrying cannot help until the config or the machine changes
-            durable.write_json(job_dir / "error.json", {"kind": "bad_config", "message": str(e), "at": now_iso()})
-            return protocol.BAD_INPUT
+            write_error(job_dir, ErrorKind.BAD_CONFIG, str(e))
+            self._end_attempt(protocol.BAD_INPUT)
+            return
         # This attempt's first failing rank writes it; one left by an earlier attempt would speak for this one.
         (job_dir / "error.json").unlink(missing_ok=True)
         if grant.processes > 1 or grant.devices is not None:
             self.status.event("launch", f"job {job.id}: training on {grant.describe()}",
                               level="info" if grant.processes > 1 else "debug", job_id=job.id,
                               processes=grant.processes, devices=grant.devices)
-        life_w = self._take_standby(grant, job, job_dir)
-        if life_w is None:
-            lock_fd = self._trainer_lock()
-            life_r, life_w = os.pipe()
-            cmd = launch.trainer_command(job_dir, self.layout.root, life_r, os.getpid(), job.micro_batch_size)
+        standby, self.standby = self.standby, None
+        trainer = TrainerProcess.start(job_dir, job.micro_batch_size, grant, root=self.layout.root,
+                                       state_dir=self.layout.state, standby=standby)
+        self.attempt.trainer = trainer
+        if trainer.early_pid is not None:
+            self.status.event("launch", f"job {job.id}: trainer started early (pid {trainer.early_pid})",
+                              level="debug", job_id=job.id, pid=trainer.early_pid)
+
+    def _watch_attempt(self) -> None:
+        """One turn of the job in training: its trainer's new events, then failed ranks and stops, then its end."""
+        job, trainer = self.attempt.job, self.attempt.trainer
+        for event in trainer.poll_events(timeout=0.2):
+            if event.get("event") == Event.PHASE and event.get("phase") == "saving" and self.notifier:
+                # Saving may take as long as a warm stop may: systemd's watchdog must wait that long too.
+                self.notifier.extend_timeout(int(self.cfg.limits.stop_timeout_seconds * 1e6))
             try:
-                self.child = launch.start(cmd, grant, self._trainer_env(), job_dir, pass_fds=(life_r, lock_fd),
-                                          cwd=self.layout.root)
-            finally:
-                os.close(life_r)
-                os.close(lock_fd)  # the ranks hold the trainer lock until the last exits, even if we die first
-        events: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=_read_events, args=(self.child.stdout, events), daemon=True)
-        reader.start()
-        stop_sent_at = None
-        try:
-            while True:
-                try:
-                    event = events.get(timeout=0.2)
-                except queue.Empty:
-                    event = None
-                if event is not None:
-                    try:
-                        self._on_event(job, event)
-                    except Exception as e:  # a malformed event must never take the daemon down
-                        self.status.event("bad_event", f"job {job.id}: could not handle trainer event {event!r}: {e!r}",
-                                          level="warning")
-                # Below runs after every event too: a trainer reporting faster than every 0.2 s must not
-                # keep a stop request or a dead rank waiting.
-                if self.child.poll() is not None and not reader.is_alive() and events.empty():
-                    break
-                self._tick(timeout=0)
-                failed = self.child.failed_rank()
-                if failed:
-                    rank, code = failed
-                    self.status.event("rank_failed", f"job {job.id}: rank {rank} exited with "
-                                      f"{launch.describe_status(code)}; stopping the other ranks", level="warning",
-                                      job_id=job.id, rank=rank, exit_code=code)
-                    self._kill_child()
-                if self.signals >= 2 or self.current.get("cancelled"):
-                    self._kill_child()
-                elif (self.signals or control.is_paused(self.layout)) and stop_sent_at is None:
-                    self.status.event("stopping", f"job {job.id}: asking the trainer to checkpoint and stop",
-                                      job_id=job.id)
-                    self._signal_child(signal.SIGUSR1)
-                    stop_sent_at = time.monotonic()
-                elif stop_sent_at and time.monotonic() - stop_sent_at > self.cfg.limits.stop_timeout_seconds:
-                    self.status.event("stop_timeout", f"job {job.id}: trainer did not stop in "
-                                      f"{self.cfg.limits.stop_timeout_seconds}s; killing it", level="warning")
-                    self._kill_child()
-            return self.child.wait()
-        finally:
-            os.close(life_w)
-            self.child = None
+                trainer_events.report(event, job, self.current, self.status, self.notifier)
+            except Exception as e:  # a malformed event must never take the daemon down
+                self.status.event("bad_event", f"job {job.id}: could not handle trainer event {event!r}: {e!r}",
+                                  level="warning")
+            self.snapshot()
+        if trainer.done:
+            self._end_attempt(trainer.exit_status())
+            return
+        failed = trainer.stop_if_a_rank_failed()
+        if failed:
+            rank, code = failed
+            self.status.event("rank_failed", f"job {job.id}: rank {rank} exited with "
+                              f"{launch.describe_status(code)}; stopping the other ranks", level="warning",
+                              job_id=job.id, rank=rank, exit_code=code)
+        if self.signals >= 2 or self.current.get("cancelled"):
+            trainer.cold_stop()
+        elif (self.signals or control.is_paused(self.layout)) and trainer.warm_stop():
+            self.status.event("stopping", f"job {job.id}: asking the trainer to checkpoint and stop", job_id=job.id)
+        elif trainer.stop_overdue(self.cfg.limits.stop_timeout_seconds):
+            self.status.event("stop_timeout", f"job {job.id}: trainer did not stop in "
+                              f"{self.cfg.limits.stop_timeout_seconds}s; killing it", level="warning")
+            trainer.cold_stop()
 
-    def _trainer_env(self) -> dict:
-        return dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_DIR), os.environ.get("PYTHONPATH", "")]),
-                    PYTHONUNBUFFERED="1")
-
-    def _prestart_wanted(self) -> bool:
-        setting = self.cfg.trainer_prestart
-        return setting == "true" or (setting == "auto" and bool(gpu.visible_devices()))
+    def _end_attempt(self, rc: int) -> None:
+        attempt, self.attempt = self.attempt, None
+        if attempt.trainer:
+            attempt.trainer.close()
+        job = attempt.job
+        faults.check("job_end", job_id=job.id)
+        outcome = describe_exit(rc, attempt.job_dir, stop_requested=self.signals > 0 or control.is_paused(self.layout),
+                                cancelled=self.current.get("cancelled", False))
+        attempt.record.update(ended_at=now_iso(), exit_code=rc, outcome=outcome.kind, error=outcome.error)
+        self._finish(job, attempt.job_dir, attempt.cfg, outcome)
+        message, level, fields = gpu.release_report(attempt.gpu_before)
+        self.status.event("gpu_memory", f"job {job.id}: {message}", level=level, job_id=job.id, **fields)
+        self.current = None
+        self.state = "idle"
+        self.snapshot(force=True)
+        self._prestart()  # after the GPU check: the next trainer must not blur the reading of this one's exit
 
     def _prestart(self) -> None:
         """Start the next job's trainer now, so that its imports are done before a file arrives."""
-        if self.standby is not None or self.signals or not self._prestart_wanted():
+        if self.standby is not None or self.signals or (grant := early_grant(self.cfg)) is None:
             return
         if self.once and not self.spool.count(JobStatus.PENDING) and not self._inbox_has_files():
             return  # --once is about to end
-        try:
-            grant = launch.grant(self.cfg.gpus, self.cfg.cpu_processes, gpu.visible_devices())
-        except UserError:
-            return  # the job will fail with the reason; nothing to prepare
-        if grant.processes != 1 or not self._trainer_lock_free():
+        if not self._trainer_lock_free():
             return
         try:
-            self.standby = Standby.start(self.layout.root, self.layout.state / "standby.log", grant,
-                                         self._trainer_env(), self._trainer_lock())
+            self.standby = Standby.start(self.layout.root, self.layout.state, grant)
         except (OSError, RuntimeError) as e:
             self.status.event("standby", f"could not start the next trainer early: {e}", level="warning")
             return
         self.status.event("standby", f"next trainer started early (pid {self.standby.pid})", level="debug",
                           pid=self.standby.pid)
 
-    def _take_standby(self, grant, job: Job, job_dir: Path) -> int | None:
-        """Give the job to the pre-started trainer if it fits; its lifeline's write end, else None."""
-        standby, self.standby = self.standby, None
-        if standby is None:
-            return None
-        if standby.usable_for(grant):
-            try:
-                self.child, life_w = standby.take(job_dir, job.micro_batch_size)
-                self.status.event("launch", f"job {job.id}: trainer started early (pid {standby.pid})",
-                                  level="debug", job_id=job.id, pid=standby.pid)
-                return life_w
-            except OSError:
-                pass  # it died a moment ago
-        standby.discard()
-        return None
-
-    def _discard_standby(self) -> None:
-        standby, self.standby = self.standby, None
-        if standby is not None:
-            standby.discard()
-
-    def _trainer_lock(self) -> int:
-        """Never two trainers: wait for a trainer left by a dead daemon (its lifeline makes it exit)."""
-        path = self.layout.state / "trainer.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise RuntimeError("a trainer from an earlier daemon still holds state/trainer.lock")
-                time.sleep(0.2)
-
-    def _signal_child(self, sig: int) -> None:
-        if self.child:
-            self.child.send_signal(sig)
-
-    def _kill_child(self) -> None:
-        if self.child:
-            self.child.kill()
-
-    def _on_event(self, job: Job, ev: dict) -> None:
-        kind = ev.get("event")
-        cur = self.current
-        if kind == "phase":
-            cur["phase"] = ev["phase"]
-            if ev.get("total_steps") is not None:
-                cur["total_steps"] = ev["total_steps"]
-            if ev["phase"] == "saving" and self.notifier:
-                self.notifier.extend_timeout(int(self.cfg.limits.stop_timeout_seconds * 1e6))
-            self.status.event("phase", f"job {job.id}: {ev['phase']}", level="debug", job_id=job.id, **ev)
-        elif kind == "progress":
-            cur.update({k: ev.get(k) for k in ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s",
-                                               "eta_s", "gpu_mem_gib")})
-            gpu_txt = f" GPU {ev['gpu_mem_gib']:.2f} GiB" if ev.get("gpu_mem_gib") is not None else ""
-            self.status.event("progress", f"job {job.id} step {ev['step']}/{ev['total_steps']} loss {ev['loss']:.4f} "
-                              f"{ev['tokens_per_s']:.0f} tok/s ETA {fmt_eta(ev.get('eta_s'))}{gpu_txt}",
-                              job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts")})
-            if self.notifier:
-                self.notifier.status(f"training job {job.id} ({job.adapter}): step {ev['step']}/{ev['total_steps']}, "
-                                     f"loss {ev['loss']:.4f}, ETA {fmt_eta(ev.get('eta_s'))}")
-        elif kind == "first_step":
-            self.status.event("first_step", f"job {job.id}: first optimizer step done (loss {ev['loss']:.4f})",
-                              job_id=job.id, loss=ev["loss"])
-        elif kind == "eval":
-            cur["eval_loss"] = ev["eval_loss"]
-            self.status.event("eval", f"job {job.id}: eval loss {ev['eval_loss']:.4f}", job_id=job.id,
-                              step=ev.get("step"), eval_loss=ev["eval_loss"])
-        elif kind == "validated":
-            self.status.event("validated", f"job {job.id}: {ev['examples']} examples, {ev['tokens']} tokens, "
-                              f"{ev['skipped']} skipped", job_id=job.id, examples=ev["examples"],
-                              tokens=ev["tokens"], skipped=ev["skipped"])
-        elif kind in ("checkpoint", "resumed", "log", "published", "invalid", "saving"):
-            msg = {"checkpoint": f"checkpoint at step {ev.get('step')}",
-                   "resumed": f"resumed from {ev.get('checkpoint')} (step {ev.get('step')})",
-                   "published": f"published version {ev.get('version')}",
-                   "invalid": "input rejected by validation", "saving": f"saving at step {ev.get('step')}"
-                   }.get(kind, ev.get("message", ""))
-            self.status.event(kind, f"job {job.id}: {msg}", level="debug" if kind == "saving" else "info",
-                              job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts", "message")})
-        self.snapshot()
-
     def _finish(self, job: Job, job_dir: Path, cfg, outcome: Outcome) -> None:
-        limits = cfg.limits
-        if outcome.kind == "done":
-            job.version = outcome.version
-            job.finished_at = now_iso()
-            job.error = None
-            self.spool.move(job, JobStatus.DONE)
-            self.results.append(True)
+        """Move the job where the policy says, and say so."""
+        micro_batch = job.micro_batch_size or cfg.training.micro_batch_size
+        point = resume_point(job_dir)
+        decision = policy.decide(outcome, job.attempts, cfg.limits, micro_batch, resume_point=point)
+        decision.apply_to(job, now_iso())
+        self.spool.move(job, decision.state)
+        if decision.state != JobStatus.PENDING:
+            self.results.append(decision.state == JobStatus.DONE)
+        verdict, n, limit = decision.verdict, decision.counted, decision.limit
+        if verdict == Verdict.DONE:
             self.status.event("job_done", f"job {job.id} done: {job.adapter} v{outcome.version} at {outcome.path}",
                               job_id=job.id, version=outcome.version, path=outcome.path)
-            return
-        if outcome.kind in ("stopped", "cold_stopped"):  # the user's doing: not an attempt that failed
-            point = _resume_point(job_dir)
-            job.note = f"{outcome.error} ({f'resume point: {point}' if point else 'no checkpoint yet: it starts over'})"
-            self.spool.move(job, JobStatus.PENDING)
+        elif verdict == Verdict.PAUSED:
             self.status.event("job_paused", f"job {job.id} back to pending: {job.note}", job_id=job.id,
                               resume_point=point)
-            return
-        if outcome.kind == "disk_full":
-            full = [a for a in _since_retry(job.attempts) if a.get("outcome") == "disk_full"]
-            if len(full) < limits.max_attempts:  # counted: a disk that fills at every try must not loop forever
-                job.note = outcome.error
-                self.spool.move(job, JobStatus.PENDING)
-                self.status.event("disk_full", f"job {job.id} paused, disk full (attempt {len(full)} of "
-                                  f"{limits.max_attempts}): {outcome.error}; input and earlier versions are intact",
-                                  level="error", job_id=job.id)
-                return
-            outcome.error = "disk full; input and earlier versions are intact\n\n" + "\n\n".join(
-                f"attempt {a['n']}: {a.get('error')}" for a in full)
-        if outcome.kind == "out_of_memory":
-            sizes = [a.get("micro_batch_size") for a in job.attempts if a.get("outcome") == "out_of_memory"]
-            current = job.micro_batch_size or cfg.training.micro_batch_size
-            if len(sizes) <= limits.oom_retries and current > 1:
-                job.micro_batch_size = max(1, current // 2)
-                self.spool.move(job, JobStatus.PENDING)
-                self.status.event("oom_retry", f"job {job.id}: out of memory at micro-batch {current}; retrying with "
-                                  f"{job.micro_batch_size} and {current // job.micro_batch_size}x the accumulation "
-                                  "(same effective batch)", level="warning", job_id=job.id)
-                return
-            outcome.error = (f"out of memory with micro-batch sizes {', '.join(map(str, sizes))} "
-                             f"(oom_retries={limits.oom_retries}): {outcome.error}")
-        elif outcome.kind == "failed":
-            failures = [a for a in _since_retry(job.attempts) if a.get("outcome") in ("failed", "interrupted")]
-            if len(failures) < limits.max_attempts:
-                job.error = outcome.error
-                self.spool.move(job, JobStatus.PENDING)
-                self.status.event("job_retry", f"job {job.id} failed (attempt {len(failures)} of "
-                                  f"{limits.max_attempts}), will retry: {outcome.first_line}", level="warning",
-                                  job_id=job.id)
-                return
-            outcome.error = "\n\n".join(f"attempt {a['n']}: {a.get('error')}" for a in failures)
-        job.error = outcome.error
-        job.finished_at = now_iso()
-        self.spool.move(job, JobStatus.FAILED)
-        self.results.append(False)
-        self.status.event("job_failed", f"job {job.id} failed: {outcome.first_line} (details: {job_dir.name}/error.json)",
-                          level="error", job_id=job.id, error=outcome.error)
-
-    def _check_gpu_memory(self, job: Job, before: dict | None) -> None:
-        if before is None:
-            self.status.event("gpu_memory", f"job {job.id}: GPU memory not checked: no GPU visible to NVML", released=None)
-            return
-        start = time.monotonic()
-        after = gpu.snapshot()
-        while after and after["mem_used_gib"] > before["mem_used_gib"] + 0.25 and time.monotonic() - start < 15:
-            time.sleep(0.25)
-            after = gpu.snapshot()
-        took = time.monotonic() - start
-        back = after is not None and after["mem_used_gib"] <= before["mem_used_gib"] + 0.25
-        self.status.event("gpu_memory", f"job {job.id}: GPU memory before {before['mem_used_gib']:.2f} GiB, after "
-                          f"{after['mem_used_gib'] if after else float('nan'):.2f} GiB"
-                          + (f" (back in {took:.1f}s)" if back else " - NOT released"),
-                          level="info" if back else "warning", job_id=job.id, before_gib=before["mem_used_gib"],
-                          after_gib=after["mem_used_gib"] if after else None, released=back, seconds=round(took, 2))
+        elif verdict == Verdict.WAIT_FOR_DISK:
+            self.status.event("disk_full", f"job {job.id} paused, disk full (attempt {n} of {limit}): "
+                              f"{outcome.error}; input and earlier versions are intact", level="error", job_id=job.id)
+        elif verdict == Verdict.SMALLER_BATCH:
+            self.status.event("oom_retry", f"job {job.id}: out of memory at micro-batch {micro_batch}; retrying with "
+                              f"{job.micro_batch_size} and {micro_batch // job.micro_batch_size}x the accumulation "
+                              "(same effective batch)", level="warning", job_id=job.id)
+        elif verdict == Verdict.RETRY:
+            self.status.event("job_retry", f"job {job.id} failed (attempt {n} of {limit}), will retry: "
+                              f"{outcome.first_line}", level="warning", job_id=job.id)
+        else:
+            first_line = Outcome(outcome.kind, job.error).first_line
+            self.status.event("job_failed", f"job {job.id} failed: {first_line} (details: {job_dir.name}/error.json)",
+                              level="error", job_id=job.id, error=job.error)
 
     # ------------------------------------------------------------- control
     def _apply(self, req: dict) -> None:
-        action, job_id = req.get("action"), req.get("job_id")
-        if action == "pause":
-            control.paused_flag(self.layout).touch()
-            self.status.event("paused", "paused: no new job starts; a running job checkpoints and waits")
-        elif action == "resume":
-            control.paused_flag(self.layout).unlink(missing_ok=True)
-            self.status.event("resumed", "resumed")
-        elif action == "cancel":
-            if self.current and self.current["job_id"] == job_id:
-                self.current["cancelled"] = True
-                return
-            self._control_reply("cancel", control.cancel_job, job_id)
-        elif action == "retry":
-            self._control_reply("retry", control.retry_job, job_id)
-
-    def _control_reply(self, kind: str, action, job_id) -> None:
-        try:
-            self.status.event(kind, action(self.spool, job_id))
-        except UserError as e:  # refused: said once, and the daemon goes on
-            self.status.event(kind, str(e), level="warning", job_id=job_id)
+        control.apply(self.spool, req.get("action"), req.get("job_id"), status=self.status, current=self.current)
 
     # ------------------------------------------------------------- helpers
     def _install_signals(self) -> None:
@@ -478,7 +326,8 @@ class Supervisor:
         if free_mb >= self.cfg.limits.min_free_disk_mb:
             return True
         if self.state != "waiting_for_disk":
-            self.status.event("disk_low", f"only {free_mb:.0f} MiB free (floor {self.cfg.limits.min_free_disk_mb} MiB): "
+            floor = self.cfg.limits.min_free_disk_mb
+            self.status.event("disk_low", f"only {free_mb:.0f} MiB free (floor {floor} MiB): "
                               "waiting before the next job", level="error")
         self.state = "waiting_for_disk"
         time.sleep(1)
@@ -502,18 +351,13 @@ class Supervisor:
     def _trainer_lock_free(self) -> bool:
         """Never two trainers: a trainer left by a dead daemon holds state/trainer.lock until its lifeline makes
         it exit. Until then, wait here, still watching the inbox and the signals."""
-        fd = os.open(self.layout.state / "trainer.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if launch.trainer_lock_free(self.layout.state):
             return True
-        except BlockingIOError:
-            if self.state != "waiting_for_trainer":
-                self.status.event("waiting_for_trainer", "a trainer from an earlier daemon still holds "
-                                  "state/trainer.lock; waiting for it to exit", level="warning")
-            self.state = "waiting_for_trainer"
-            return False
-        finally:
-            os.close(fd)  # closing drops the probe's lock
+        if self.state != "waiting_for_trainer":
+            self.status.event("waiting_for_trainer", "a trainer from an earlier daemon still holds "
+                              "state/trainer.lock; waiting for it to exit", level="warning")
+        self.state = "waiting_for_trainer"
+        return False
 
     def _clean_publish_leftovers(self) -> None:
         from daemon.versions import clean_staging, repair_latest
@@ -529,33 +373,10 @@ class Supervisor:
         if not force and now - self._last_snapshot < 1.0:
             return
         self._last_snapshot = now
-        counts = {s: self.spool.count(s) for s in ("pending", "running", "done", "failed")}
+        counts = {s.value: self.spool.count(s) for s in JobStatus}
         self.status.snapshot({
             "daemon": {"pid": os.getpid(), "state": self.state, "root": str(self.layout.root), "version": __version__,
                        "started_at": self.started_at, "paused": control.is_paused(self.layout)},
             "current": self.current, "queue": counts, "gpu": gpu.snapshot(),
         })
 
-
-def _read_events(stream, events: queue.Queue) -> None:
-    for raw in stream:
-        try:
-            ev = json.loads(raw)
-            if isinstance(ev, dict):
-                events.put(ev)
-        except ValueError:
-            events.put({"event": "log", "message": raw.decode(errors="replace").rstrip()})
-
-
-def _resume_point(job_dir: Path) -> str | None:
-    """The newest complete checkpoint of a job (checkpoint.py's rule, read without importing torch)."""
-    resume = job_dir / "resume"
-    names = [p.name for p in resume.glob("step-*") if (p / "COMPLETE").exists()] if resume.is_dir() else []
-    return max(names, default=None)
-
-
-def _since_retry(attempts: list[dict]) -> list[dict]:
-    for i in range(len(attempts) - 1, -1, -1):
-        if attempts[i].get("outcome") == "retried_by_user":
-            return attempts[i + 1:]
-    return attempts

@@ -1,65 +1,86 @@
-"""What a trainer child's exit means for its job."""
+"""What a trainer's exit means for its attempt: an Outcome, from the exit status and the files it left
+(result.json, error.json, checkpoints under resume/)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
-from daemon import protocol
+from daemon import durable, protocol
+from daemon.durable import read_json
+from daemon.protocol import ErrorKind
+from daemon.timefmt import now_iso
+
+
+class OutcomeKind(str, Enum):
+    """The `outcome` of an attempt in job.json."""
+
+    DONE = "done"
+    STOPPED = "stopped"  # warm stop: checkpointed on request
+    COLD_STOPPED = "cold_stopped"  # killed by a cold stop
+    INTERRUPTED = "interrupted"  # the daemon died while it ran (found by the start-up sweep)
+    DISK_FULL = "disk_full"
+    OUT_OF_MEMORY = "out_of_memory"
+    BAD_INPUT = "bad_input"
+    BAD_CONFIG = "bad_config"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RETRIED_BY_USER = "retried_by_user"  # not an attempt: the mark `retry` leaves in the job's history
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
 class Outcome:
-    kind: str  # done | stopped | interrupted | disk_full | out_of_memory | bad_input | bad_config | failed | cancelled
+    kind: OutcomeKind
     error: str | None = None
     version: int | None = None
     path: str | None = None
 
     @property
     def first_line(self) -> str:
-        return (self.error or "").strip().splitlines()[0] if self.error else self.kind
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+        return (self.error or "").strip().splitlines()[0] if self.error else str(self.kind)
 
 
 def describe_exit(rc: int, job_dir: Path, *, stop_requested: bool, cancelled: bool) -> Outcome:
     if cancelled:
-        return Outcome("cancelled", "cancelled by user")
+        return Outcome(OutcomeKind.CANCELLED, "cancelled by user")
     if rc == protocol.DONE:
-        result = _read(job_dir / "result.json")
+        result = read_json(job_dir / "result.json", {})
         if "version" in result:
-            return Outcome("done", version=result["version"], path=result.get("path"))
-        return Outcome("failed", "trainer exited 0 without result.json")
-    err = _read(job_dir / "error.json")
+            return Outcome(OutcomeKind.DONE, version=result["version"], path=result.get("path"))
+        return Outcome(OutcomeKind.FAILED, "trainer exited 0 without result.json")
+    err = read_json(job_dir / "error.json", {})
     message = err.get("message") or ""
     if err.get("traceback") and err["traceback"].strip() != "NoneType: None":
         message = f"{message}\n{err['traceback']}".strip()
     if rc == protocol.STOPPED:
-        return Outcome("stopped", "stopped on request after a checkpoint; it resumes from there")
+        return Outcome(OutcomeKind.STOPPED, "stopped on request after a checkpoint; it resumes from there")
     if rc < 0 and stop_requested:
-        return Outcome("cold_stopped", "the trainer was killed by a cold stop; it resumes from its last checkpoint")
+        return Outcome(OutcomeKind.COLD_STOPPED,
+                       "the trainer was killed by a cold stop; it resumes from its last checkpoint")
     if rc == protocol.BAD_INPUT:
-        return Outcome("bad_input", message or "invalid input")
+        return Outcome(OutcomeKind.BAD_INPUT, message or "invalid input")
     if rc == protocol.OUT_OF_MEMORY:
-        return Outcome("out_of_memory", message or "out of memory")
+        return Outcome(OutcomeKind.OUT_OF_MEMORY, message or "out of memory")
     if rc == protocol.DISK_FULL:
-        return Outcome("disk_full", message or "disk full")
+        return Outcome(OutcomeKind.DISK_FULL, message or "disk full")
     if rc < 0:
-        return Outcome("failed", f"the trainer was killed by signal {-rc}" + (f"\n{message}" if message else "")
-                       + f"\n(see {job_dir.name}/trainer.log)")
-    return Outcome("failed", message or f"the trainer exited with status {rc} (see {job_dir.name}/trainer.log)")
+        return Outcome(OutcomeKind.FAILED, f"the trainer was killed by signal {-rc}"
+                       + (f"\n{message}" if message else "") + f"\n(see {job_dir.name}/trainer.log)")
+    return Outcome(OutcomeKind.FAILED,
+                   message or f"the trainer exited with status {rc} (see {job_dir.name}/trainer.log)")
 
 
-def fmt_eta(seconds) -> str:
-    if seconds is None:
-        return "?"
-    s = int(seconds)
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+def write_error(job_dir: Path, kind: ErrorKind, message: str) -> None:
+    """error.json for an attempt that ended before a trainer could write one (the daemon's own refusal)."""
+    durable.write_json(job_dir / "error.json", {"kind": kind.value, "message": message, "at": now_iso()})
+
+
+def resume_point(job_dir: Path) -> str | None:
+    """The newest complete checkpoint of a job (checkpoint.py's rule, read without importing torch)."""
+    resume = job_dir / "resume"
+    names = [p.name for p in resume.glob("step-*") if (p / "COMPLETE").exists()] if resume.is_dir() else []
+    return max(names, default=None)

@@ -16,9 +16,12 @@ import stat
 from pathlib import Path
 
 from daemon import durable, faults
-from daemon.supervisor.job import Job, JobStatus, dir_name, parse_dir_name
 from daemon.paths import Layout
-from daemon.supervisor.status import now_iso
+from daemon.config import LimitsConfig
+from daemon.supervisor.job import Job, JobStatus, dir_name, parse_dir_name
+from daemon.supervisor.outcome import Outcome, OutcomeKind
+from daemon.supervisor.policy import decide
+from daemon.timefmt import now_iso
 
 CLAIM_PREFIX = ".claim-"
 INPUT = "input.jsonl"
@@ -26,8 +29,6 @@ INPUT = "input.jsonl"
 # job must not make the trainer follow the link.
 SYMLINK_INPUT = "input.symlink"
 RESTART_REASON = "daemon restarted while the job was running; it resumes from its last checkpoint"
-_STATES = tuple(JobStatus)
-_FAILURES = ("failed", "interrupted")
 
 
 class Spool:
@@ -35,6 +36,11 @@ class Spool:
         self.layout = layout
         # (sha256, adapter) per job id: both never change and ids are never reused, so this never goes stale.
         self._digests: dict[int, tuple[str | None, str]] = {}
+
+    def make_folders(self) -> None:
+        """queue/<state>/ for every state: the states are the spool's, so it makes their folders before it writes."""
+        for state in JobStatus:
+            self.layout.state_dir(state).mkdir(mode=0o755, parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ ids
     def next_id(self) -> int:
@@ -51,7 +57,7 @@ class Spool:
 
     def _highest_id(self) -> int:
         highest = 0
-        for state in _STATES:
+        for state in JobStatus:
             for name in _names(self.layout.state_dir(state)):
                 job_id = parse_dir_name(name.removeprefix(CLAIM_PREFIX))
                 if job_id is not None:
@@ -70,8 +76,8 @@ class Spool:
         src = Path(src)
         job = Job(id=self.next_id(), adapter=adapter, original_name=original_name,
                   submitted_at=submitted_at or now_iso())
-        pending = self.layout.state_dir(JobStatus.PENDING)
-        tmp = pending / (CLAIM_PREFIX + job.dir_name)
+        self.make_folders()
+        tmp = self.layout.state_dir(JobStatus.PENDING) / (CLAIM_PREFIX + job.dir_name)
         tmp.mkdir(mode=0o755)
         # The manifest goes first so a crash after the move below still knows the adapter and the name.
         job.save(tmp)
@@ -130,37 +136,43 @@ class Spool:
     # ------------------------------------------------------------ lookups
     def job_dir(self, job: Job) -> Path:
         """Where the job's folder is now (searching every state), or where its state says it would be."""
-        for state in (job.state, *(s for s in _STATES if s != job.state)):
+        for state in (job.state, *(s for s in JobStatus if s != job.state)):
             path = self.layout.state_dir(state) / job.dir_name
             if path.is_dir():
                 return path
         return self.layout.state_dir(job.state) / job.dir_name
 
     def get(self, job_id: int) -> tuple[Job, Path] | None:
-        for state in _STATES:
-            path = self.layout.state_dir(state) / dir_name(job_id)
-            job = _load(path)
-            if job is not None:
-                return job, path
+        """The job and its folder, or None if there is no such job."""
+        # Another process (the CLI, the status page) can scan while the daemon moves the job back to a state
+        # already looked at: a second pass finds it, as one rename cannot hide it twice.
+        for _ in range(2):
+            for state in JobStatus:
+                path = self.layout.state_dir(state) / dir_name(job_id)
+                job = _load(path)
+                if job is not None:
+                    return job, path
         return None
 
     def list(self, state: JobStatus | str | None = None) -> list[tuple[Job, Path]]:
-        states = _STATES if state is None else (JobStatus(state),)
-        found = []
+        """Every readable job (of one state), by id."""
+        states = tuple(JobStatus) if state is None else (JobStatus(state),)
+        found: dict[int, tuple[Job, Path]] = {}
         for s in states:
             folder = self.layout.state_dir(s)
             for name in _names(folder):
-                job_id = parse_dir_name(name)
-                if job_id is not None:
+                if parse_dir_name(name) is not None:
                     job = _load(folder / name)
                     if job is not None:
-                        found.append((job, folder / name))
-        found.sort(key=lambda pair: pair[0].id)
-        return found
+                        found[job.id] = (job, folder / name)  # seen twice while being moved: the later state wins
+        return [found[job_id] for job_id in sorted(found)]
+
+    def ids(self, state: JobStatus | str) -> list[int]:
+        """The ids of the jobs in a state, without reading any job.json (cheap enough for every snapshot)."""
+        return [i for i in map(parse_dir_name, _names(self.layout.state_dir(JobStatus(state)))) if i is not None]
 
     def count(self, state: JobStatus | str) -> int:
-        """How many jobs are in a state, without reading any job.json (cheap enough for every snapshot)."""
-        return sum(parse_dir_name(n) is not None for n in _names(self.layout.state_dir(JobStatus(state))))
+        return len(self.ids(state))
 
     def find_by_sha256(self, sha: str, adapter: str) -> Job | None:
         """The earliest done, pending or running job of `adapter` whose input has this sha256."""
@@ -188,6 +200,7 @@ class Spool:
     def move(self, job: Job, to_state: JobStatus | str) -> Path:
         """Save the job (with its new state) and rename its folder into queue/<to_state>/."""
         to_state = JobStatus(to_state)
+        self.make_folders()
         src = self.job_dir(job)
         dst = self.layout.state_dir(to_state) / job.dir_name
         job.state = to_state
@@ -202,33 +215,32 @@ class Spool:
     def sweep(self, max_attempts: int) -> list[str]:
         """Startup repair: finish half-made claims, send jobs of a dead daemon back to pending
         (or to failed after max_attempts failed or interrupted attempts). Returns what it did, in words."""
+        self.make_folders()  # an empty queue still shows its four folders
         lines = self._finish_claims()
-        for job, path in self.list(JobStatus.RUNNING):
+        for job, _path in self.list(JobStatus.RUNNING):
             now = now_iso()
             last = job.attempts[-1] if job.attempts else None
             if last is not None and not last.get("outcome"):
-                last.update(ended_at=now, outcome="interrupted", error=RESTART_REASON)
+                last.update(ended_at=now, outcome=OutcomeKind.INTERRUPTED, error=RESTART_REASON)
             else:  # died before the attempt was written down: count it anyway, or a crash could loop forever
                 job.attempts.append({"n": len(job.attempts) + 1, "started_at": None, "ended_at": now,
-                                     "outcome": "interrupted", "error": RESTART_REASON, "exit_code": None,
+                                     "outcome": OutcomeKind.INTERRUPTED, "error": RESTART_REASON, "exit_code": None,
                                      "micro_batch_size": job.micro_batch_size})
-            failures = [a for a in since_user_retry(job.attempts) if a.get("outcome") in _FAILURES]
-            if len(failures) >= max_attempts:
-                job.error = "\n\n".join(f"attempt {a.get('n')}: {a.get('error')}" for a in failures)
-                job.finished_at = now
-                self.move(job, JobStatus.FAILED)
+            decision = decide(Outcome(OutcomeKind.INTERRUPTED, RESTART_REASON), job.attempts,
+                              LimitsConfig(max_attempts=max_attempts))
+            decision.apply_to(job, now)
+            self.move(job, decision.state)
+            if decision.state == JobStatus.FAILED:
                 lines.append(f"job {job.id} ({job.original_name}) failed: interrupted or failed "
-                             f"{len(failures)} times (max_attempts={max_attempts}); not retried again")
+                             f"{decision.counted} times (max_attempts={max_attempts}); not retried again")
             else:
-                job.note = RESTART_REASON
-                self.move(job, JobStatus.PENDING)
                 lines.append(f"job {job.id} ({job.original_name}) back to pending: {RESTART_REASON} "
-                             f"(attempt {len(failures)} of {max_attempts} used)")
+                             f"(attempt {decision.counted} of {max_attempts} used)")
         return lines
 
     def _finish_claims(self) -> list[str]:
         lines = []
-        for state in _STATES:
+        for state in JobStatus:
             folder = self.layout.state_dir(state)
             for name in _names(folder):
                 if not name.startswith(CLAIM_PREFIX) or not (folder / name).is_dir():
@@ -252,7 +264,8 @@ class Spool:
                       note="recovered after a crash during intake: the original file name and adapter were lost")
         if (tmp / SYMLINK_INPUT).is_symlink() and not os.path.lexists(tmp / INPUT):
             job.state, job.finished_at = JobStatus.FAILED, job.finished_at or now_iso()
-            job.error = job.error or f"symlinks are not followed: {job.original_name} -> {os.readlink(tmp / SYMLINK_INPUT)}"
+            target = os.readlink(tmp / SYMLINK_INPUT)
+            job.error = job.error or f"symlinks are not followed: {job.original_name} -> {target}"
             job.save(tmp)
             durable.rename(tmp, self.layout.state_dir(job.state) / job.dir_name)
         else:
@@ -261,14 +274,6 @@ class Spool:
             job.state, job.duplicate_of = (JobStatus.PENDING if state == JobStatus.RUNNING else state), None
             job = self._complete(tmp, job, duplicates=policy)
         return f"completed job {job.id} ({job.original_name}) left half-made by a crash during intake: now {job.state}"
-
-
-def since_user_retry(attempts: list[dict]) -> list[dict]:
-    """The attempts that count towards max_attempts: those after the last `retry` by the user."""
-    for i in range(len(attempts) - 1, -1, -1):
-        if attempts[i].get("outcome") == "retried_by_user":
-            return attempts[i + 1:]
-    return attempts
 
 
 def _names(folder: Path) -> list[str]:

@@ -18,7 +18,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon.supervisor import launch
+from daemon.paths import UserError
+from daemon.supervisor import gpu, launch
+
+
+def early_grant(cfg) -> launch.Grant | None:
+    """What the next job's trainer would run on, if it is to be started early: None when trainer_prestart is
+    off ("auto": on a GPU host only), when the config's GPUs are not there (the job will fail with the reason),
+    or when the job takes several processes (an early trainer is one)."""
+    visible = gpu.visible_devices()
+    if not (cfg.trainer_prestart == "true" or (cfg.trainer_prestart == "auto" and visible)):
+        return None
+    try:
+        grant = launch.grant(cfg.gpus, cfg.cpu_processes, visible)
+    except UserError:
+        return None
+    return grant if grant.processes == 1 else None
 
 
 class Standby:
@@ -26,8 +41,9 @@ class Standby:
         self.ranks, self.life_w, self.grant = ranks, life_w, grant
 
     @classmethod
-    def start(cls, root: Path, log_path: Path, grant: launch.Grant, env: dict, lock_fd: int) -> "Standby":
-        """Start it; the caller's `lock_fd` (trainer.lock, held) goes with it and is closed here."""
+    def start(cls, root: Path, state_dir: Path, grant: launch.Grant) -> "Standby":
+        """Start it, holding the trainer lock (the caller checked that it is free); its log is state/standby.log."""
+        lock_fd = launch.acquire_trainer_lock(state_dir)
         try:
             life_r, life_w = os.pipe()
         except BaseException:
@@ -36,10 +52,10 @@ class Standby:
         cmd = [sys.executable, "-m", "daemon.trainer.main", "--standby", "--root", str(root),
                "--lifeline-fd", str(life_r), "--parent-pid", str(os.getpid())]
         try:
-            with open(log_path, "ab") as log:
+            with open(state_dir / "standby.log", "ab") as log:
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                        pass_fds=(life_r, lock_fd), env=launch.rank_env(env, grant, 0, 0),
-                                        cwd=str(root), process_group=0)
+                                        pass_fds=(life_r, lock_fd), cwd=str(root), process_group=0,
+                                        env=launch.rank_env(launch.trainer_env(), grant, 0, 0))
         except BaseException:
             os.close(life_w)
             raise

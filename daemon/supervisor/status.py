@@ -15,20 +15,16 @@ import os
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 
 from daemon import durable
 from daemon.paths import Layout
+from daemon.timefmt import now_iso
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _ALIASES = {"warn": "warning", "critical": "error", "fatal": "error"}
 # sd-daemon(3) priority prefixes: journald strips them and files the line at that priority.
 _JOURNAL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3}
 LEVEL_ENV = "TRAINING_DAEMON_LOG_LEVEL"
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def normalize_level(level: str) -> str:
@@ -110,9 +106,6 @@ class StatusWriter:
         self._journal = _stdout_is_journal()
         self._last_progress_echo: dict = {}
         self._reported_errors: set = set()
-
-    def set_level(self, level: str) -> None:
-        self.level = normalize_level(level)
 
     def enabled(self, level: str) -> bool:
         try:

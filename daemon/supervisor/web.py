@@ -1,6 +1,6 @@
 """The status page, a JSON API and Prometheus /metrics, served by the daemon in a background thread.
 
-Every answer is read from the files the daemon writes (status.json, queue/*/j*/job.json, events.jsonl,
+Every answer is read from the files the daemon writes (status.json, the spool's job.json, events.jsonl,
 checkpoints/*/v*/metadata.json) at request time, so nothing here can go stale or disagree with
 `training-daemon status`, and a slow browser cannot slow the daemon down. Read-only; bound to 127.0.0.1
 by default, where requests must also name a loopback Host (no DNS-rebinding reads from web pages).
@@ -21,35 +21,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from daemon.paths import ADAPTER_NAME, STATES, Layout
-from daemon.versions import latest_version, read_metadata, versions
+from daemon.durable import read_json
+from daemon.paths import ADAPTER_NAME, Layout
+from daemon.supervisor.job import JobStatus
+from daemon.supervisor.spool import Spool
 from daemon.supervisor.web_page import PAGE
+from daemon.versions import latest_version, read_metadata, versions
 
 MAX_POINTS = 2000  # per series in one /api/loss answer; longer runs are thinned evenly
 VERSION_FIELDS = ("adapter", "version", "job_id", "source_file", "base_model", "steps", "epochs", "first_train_loss",
                   "final_train_loss", "eval_loss", "tokens_trained", "examples_trained", "training_seconds",
                   "finished_at", "device", "peak_gpu_mem_gib", "parent_version", "mode")
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def list_jobs(layout: Layout) -> list[dict]:
-    """Every job.json, with `state` taken from the folder it sits in (the folder is the truth)."""
-    found: dict[int, dict] = {}
-    for state in STATES:
-        folder = layout.state_dir(state)
-        if not folder.is_dir():
-            continue
-        for d in folder.iterdir():
-            job = read_json(d / "job.json")
-            if isinstance(job, dict) and "id" in job:
-                found[job["id"]] = {**job, "state": state}  # mid-move: the later state wins
-    return [found[k] for k in sorted(found)]
 
 
 def list_versions(layout: Layout) -> list[dict]:
@@ -160,8 +142,9 @@ def loss_from_metadata(layout: Layout, job_id: int) -> dict | None:
 class FileCollector:
     """A prometheus-client Collector that reads the daemon's files at every scrape."""
 
-    def __init__(self, layout: Layout):
-        self.layout = layout
+    def __init__(self, spool: Spool):
+        self.layout = spool.layout
+        self.spool = spool
 
     def collect(self):
         import time
@@ -171,11 +154,8 @@ class FileCollector:
         status = read_json(self.layout.status_json) or {}
         d = status.get("daemon") or {}
         jobs = G("training_daemon_jobs", "Jobs by state (counted from the queue folders)", labels=["state"])
-        counts = {s: 0 for s in STATES}
-        for job in list_jobs(self.layout):
-            counts[job["state"]] += 1
-        for s in STATES:
-            jobs.add_metric([s], counts[s])
+        for s in JobStatus:
+            jobs.add_metric([s.value], self.spool.count(s))
         yield jobs
         info = G("training_daemon_info", "The daemon's version and pid", labels=["version", "pid", "state"])
         info.add_metric([str(d.get("version", "")), str(d.get("pid", "")), str(d.get("state", "unknown"))], 1)
@@ -225,6 +205,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server_version = "training-daemon"
     layout: Layout
+    spool: Spool
     index: LossIndex
     registry = None
     check_host = True
@@ -244,7 +225,8 @@ class _Handler(BaseHTTPRequestHandler):
             if route == "/api/status":
                 return self._json(read_json(self.layout.status_json) or {})
             if route == "/api/jobs":
-                jobs = [j for j in list_jobs(self.layout) if query.get("state") in (None, j["state"])]
+                jobs = [job.to_dict() for job, _ in self.spool.list()
+                        if query.get("state") in (None, job.state.value)]
                 return self._json(jobs[-int(query["limit"]):] if query.get("limit", "").isdigit() else jobs)
             if route == "/api/versions":
                 return self._json(list_versions(self.layout))
@@ -314,9 +296,10 @@ def start_web(layout: Layout, host: str = "127.0.0.1", port: int = 0) -> WebServ
     """Serve the status page for `layout` on host:port (0 = any free port); returns once it listens."""
     from prometheus_client import CollectorRegistry
 
+    spool = Spool(layout)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FileCollector(layout))
-    handler = type("Handler", (_Handler,), {"layout": layout, "index": LossIndex(layout.events),
+    registry.register(FileCollector(spool))
+    handler = type("Handler", (_Handler,), {"layout": layout, "spool": spool, "index": LossIndex(layout.events),
                                             "registry": registry, "check_host": _is_loopback(host or "0.0.0.0")})
     server_cls = _Server
     if ":" in host:

@@ -62,6 +62,12 @@ function fmtDur(s) {
   if (s < 3600) return Math.floor(s / 60) + "m " + String(s % 60).padStart(2, "0") + "s";
   return Math.floor(s / 3600) + "h " + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + "m";
 }
+function fmtEta(s) {  // clock style, as timefmt.fmt_eta writes it in the terminal and the journal
+  if (s === null || s === undefined) return "?";
+  s = Math.max(0, Math.floor(s));
+  const h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), sec = String(s % 60).padStart(2, "0");
+  return h ? h + ":" + String(m).padStart(2, "0") + ":" + sec : m + ":" + sec;
+}
 const num = (v, d) => (v === null || v === undefined) ? "?" : Number(v).toFixed(d);
 function cell(tr, text, cls) { const td = document.createElement("td"); td.textContent = text ?? ""; if (cls) td.className = cls; tr.appendChild(td); return td; }
 async function getJSON(url) { const r = await fetch(url, {cache: "no-store"}); if (!r.ok) throw new Error(url + ": " + r.status); return r.json(); }
@@ -81,7 +87,7 @@ function renderStatus(st) {
     $("loss").textContent = num(c.loss, 4);
     $("eval-loss").textContent = c.eval_loss == null ? "not yet" : num(c.eval_loss, 4);
     $("tps").textContent = c.tokens_per_s ? Math.round(c.tokens_per_s).toLocaleString("en-US") + " tok/s" : "?";
-    $("eta").textContent = fmtDur(c.eta_s);
+    $("eta").textContent = fmtEta(c.eta_s);
     $("job-mem").textContent = c.gpu_mem_gib == null ? "none" : num(c.gpu_mem_gib, 2) + " GiB";
   }
   const g = st.gpu;

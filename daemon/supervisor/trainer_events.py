@@ -1,0 +1,52 @@
+"""What the daemon makes of its trainer's events: a status line for each, and the training job's fields in
+status.json (`current`). The names are protocol.Event's; the trainer writes them on rank 0's stdout."""
+
+from __future__ import annotations
+
+from daemon.protocol import Event
+from daemon.supervisor.job import Job
+from daemon.supervisor.status import StatusWriter
+from daemon.timefmt import fmt_eta
+
+_PROGRESS_FIELDS = ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s", "eta_s", "gpu_mem_gib")
+
+
+def report(ev: dict, job: Job, current: dict, status: StatusWriter, notifier=None) -> None:
+    """Log one event and update `current` with it; an unknown event (from a newer trainer, say) is ignored."""
+    try:
+        kind = Event(ev.get("event"))
+    except ValueError:
+        return
+    if kind == Event.PHASE:
+        current["phase"] = ev["phase"]
+        if ev.get("total_steps") is not None:
+            current["total_steps"] = ev["total_steps"]
+        status.event("phase", f"job {job.id}: {ev['phase']}", level="debug", job_id=job.id, **ev)
+    elif kind == Event.PROGRESS:
+        current.update({k: ev.get(k) for k in _PROGRESS_FIELDS})
+        gpu_txt = f" GPU {ev['gpu_mem_gib']:.2f} GiB" if ev.get("gpu_mem_gib") is not None else ""
+        status.event("progress", f"job {job.id} step {ev['step']}/{ev['total_steps']} loss {ev['loss']:.4f} "
+                     f"{ev['tokens_per_s']:.0f} tok/s ETA {fmt_eta(ev.get('eta_s'))}{gpu_txt}",
+                     job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts")})
+        if notifier:
+            notifier.status(f"training job {job.id} ({job.adapter}): step {ev['step']}/{ev['total_steps']}, "
+                            f"loss {ev['loss']:.4f}, ETA {fmt_eta(ev.get('eta_s'))}")
+    elif kind == Event.FIRST_STEP:
+        status.event("first_step", f"job {job.id}: first optimizer step done (loss {ev['loss']:.4f})",
+                     job_id=job.id, loss=ev["loss"])
+    elif kind == Event.EVAL:
+        current["eval_loss"] = ev["eval_loss"]
+        status.event("eval", f"job {job.id}: eval loss {ev['eval_loss']:.4f}", job_id=job.id,
+                     step=ev.get("step"), eval_loss=ev["eval_loss"])
+    elif kind == Event.VALIDATED:
+        status.event("validated", f"job {job.id}: {ev['examples']} examples, {ev['tokens']} tokens, "
+                     f"{ev['skipped']} skipped", job_id=job.id, examples=ev["examples"],
+                     tokens=ev["tokens"], skipped=ev["skipped"])
+    elif kind in (Event.CHECKPOINT, Event.RESUMED, Event.LOG, Event.PUBLISHED, Event.INVALID, Event.SAVING):
+        msg = {Event.CHECKPOINT: f"checkpoint at step {ev.get('step')}",
+               Event.RESUMED: f"resumed from {ev.get('checkpoint')} (step {ev.get('step')})",
+               Event.PUBLISHED: f"published version {ev.get('version')}",
+               Event.INVALID: "input rejected by validation", Event.SAVING: f"saving at step {ev.get('step')}",
+               }.get(kind, ev.get("message", ""))
+        status.event(kind.value, f"job {job.id}: {msg}", level="debug" if kind == Event.SAVING else "info",
+                     job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts", "message")})

@@ -1,0 +1,130 @@
+"""One job's trainer, as the daemon holds it: started (or handed to the early trainer), its events, its stops,
+its exit status.
+
+The daemon's main loop polls this handle (poll_events, done, exit_status); nothing here calls back into the
+daemon. Underneath: launch.py starts the ranks, standby.py keeps the early trainer. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+from daemon.protocol import Event
+from daemon.supervisor import launch
+from daemon.supervisor.standby import Standby
+
+
+class TrainerProcess:
+    """A running trainer: its ranks, the write end of their lifeline, and a thread pumping rank 0's events.
+
+    The lifeline stays open while the handle lives: the trainer exits when it closes, so a trainer never
+    outlives the daemon. close() once it is done.
+    """
+
+    def __init__(self, ranks: launch.Ranks, lifeline: int, early_pid: int | None = None):
+        self.ranks = ranks
+        self.early_pid = early_pid  # the early trainer's pid if it took the job, else None
+        self._lifeline = lifeline
+        self._events: queue.Queue = queue.Queue()
+        self._pump = threading.Thread(target=_pump_events, args=(ranks.stdout, self._events), daemon=True)
+        self._pump.start()
+        self._stop_asked_at: float | None = None
+        self._killed = False
+
+    @classmethod
+    def start(cls, job_dir: Path, micro_batch: int | None, grant: launch.Grant, *, root: Path, state_dir: Path,
+              standby: Standby | None = None) -> "TrainerProcess":
+        """The job's trainer: `standby` if it is alive and was started for this grant (else it is discarded),
+        or fresh ranks, once the trainer lock is ours."""
+        if standby is not None:
+            if standby.usable_for(grant):
+                try:
+                    ranks, lifeline = standby.take(job_dir, micro_batch)
+                    return cls(ranks, lifeline, early_pid=standby.pid)
+                except OSError:
+                    pass  # it died a moment ago
+            standby.discard()
+        lock_fd = launch.acquire_trainer_lock(state_dir)
+        try:
+            life_r, lifeline = os.pipe()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        cmd = launch.trainer_command(job_dir, root, life_r, os.getpid(), micro_batch)
+        try:
+            ranks = launch.start(cmd, grant, launch.trainer_env(), job_dir, pass_fds=(life_r, lock_fd), cwd=root)
+        except BaseException:
+            os.close(lifeline)
+            raise
+        finally:
+            os.close(life_r)
+            os.close(lock_fd)  # the ranks hold the trainer lock until the last exits, even if we die first
+        return cls(ranks, lifeline)
+
+    # ------------------------------------------------------------- events
+    def poll_events(self, timeout: float) -> list[dict]:
+        """The events rank 0 wrote since the last call; waits up to `timeout` seconds for the first."""
+        try:
+            events = [self._events.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    @property
+    def done(self) -> bool:
+        """Every rank has exited and every event it wrote has been taken."""
+        return self.ranks.poll() is not None and not self._pump.is_alive() and self._events.empty()
+
+    def exit_status(self) -> int:
+        """The job's exit status (launch.job_exit_code); waits for the ranks if they still run."""
+        return self.ranks.wait()
+
+    def stop_if_a_rank_failed(self) -> tuple[int, int] | None:
+        """Kill the group when one rank has failed while others still run (they would wait in a collective for
+        a peer that is gone); (rank, status) of the failed rank, the first time only."""
+        failed = self.ranks.failed_rank()
+        if failed:
+            self.cold_stop()
+        return failed
+
+    # -------------------------------------------------------------- stops
+    def warm_stop(self) -> bool:
+        """Ask every rank to checkpoint and exit (SIGUSR1); True the first time, False once asked."""
+        if self._stop_asked_at is not None:
+            return False
+        self.ranks.send_signal(signal.SIGUSR1)
+        self._stop_asked_at = time.monotonic()
+        return True
+
+    def stop_overdue(self, timeout: float) -> bool:
+        """A warm stop was asked more than `timeout` seconds ago and the trainer has not been killed yet."""
+        return (not self._killed and self._stop_asked_at is not None
+                and time.monotonic() - self._stop_asked_at > timeout)
+
+    def cold_stop(self) -> None:
+        """SIGKILL to every rank and whatever they started."""
+        self._killed = True
+        self.ranks.kill()
+
+    def close(self) -> None:
+        os.close(self._lifeline)
+
+
+def _pump_events(stream, events: queue.Queue) -> None:
+    for raw in stream:
+        try:
+            ev = json.loads(raw)
+            if isinstance(ev, dict):
+                events.put(ev)
+        except ValueError:
+            events.put({"event": Event.LOG.value, "message": raw.decode(errors="replace").rstrip()})
