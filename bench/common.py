@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 GIB = 1024**3
 
@@ -85,27 +86,33 @@ def synthetic_examples(n: int, *, max_length: int, seed: int, mean: float = 300.
     return out
 
 
-def daemon_config(args, *, max_length: int, steps: int, precision: str = "auto"):
-    """The daemon's config for a bench run: the real DaemonConfig when daemon/config.py has one."""
+def daemon_config(args, *, max_length: int, steps: int, precision: str = "auto", overrides: dict | None = None):
+    """The daemon's config for a bench run; `overrides` ({"training": {"attention": "sdpa"}, ...}) is merged over
+    it, so that a variant is a config setting like any job's, validated as the daemon validates it."""
+    from daemon.config import from_dict
+
     training = dict(seed=0, micro_batch_size=args.micro_batch, gradient_accumulation=1, epochs=1, max_steps=steps,
                     learning_rate=1e-4, weight_decay=0.0, lr_scheduler="linear", warmup_ratio=0.0,
                     max_length=max_length, packing=True, max_grad_norm=1.0, checkpoint_every_steps=10**9,
                     checkpoint_every_seconds=10**9, keep_checkpoints=1, precision=precision,
                     gradient_checkpointing="auto", eval_fraction=0.0, eval_max_examples=0)
     lora = dict(r=16, alpha=32, dropout=args.lora_dropout, target_modules="all-linear")
-    try:
-        from daemon.config import from_dict
-    except ImportError:
-        from_dict = None
-    if from_dict is not None:
-        try:
-            return from_dict({"base_model": "/nonexistent", "training": training, "lora": lora,
-                              "limits": {"min_free_disk_mb": 1}, "status": {"progress_every_steps": 1}})
-        except Exception as e:  # the config's schema moved on: say so, and run with the plain namespace
-            print(f"bench: daemon.config.from_dict refused the bench config ({e}); using a namespace", flush=True)
-    ns = types.SimpleNamespace
-    return ns(training=ns(**training), lora=ns(**lora), trust_remote_code=False,
-              limits=ns(max_diverged_steps=5, min_free_disk_mb=1), status=ns(progress_every_steps=1))
+    config = {"base_model": "/nonexistent", "training": training, "lora": lora, "limits": {"min_free_disk_mb": 1},
+              "status": {"progress_every_steps": 1}}
+    for section, values in (overrides or {}).items():
+        config[section] = {**config.get(section, {}), **values}
+    return from_dict(config)
+
+
+def parse_overrides(text: str) -> dict:
+    """"training.attention=sdpa+lora.dtype=fp32" -> {"training": {"attention": "sdpa"}, "lora": {"dtype": "fp32"}};
+    values are read as YAML (4096 is a number, false a boolean, null nothing)."""
+    out: dict = {}
+    for item in text.split("+"):
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
 
 
 def reset_gpu(cap_gib: float | None) -> None:
@@ -222,7 +229,8 @@ def table(results: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
         plan = r.get("plan") or {}
-        what = r["path"] + ("" if not r.get("env") else " " + "+".join(f"{k}={v}" for k, v in r["env"].items()))
+        variant = r.get("config") or {}  # runs before the variants were config settings recorded "env"
+        what = r["path"] + "".join(f" {section}.{k}={v}" for section, kv in variant.items() for k, v in kv.items())
         if r.get("gradient_checkpointing"):
             what += " (ckpt)"
         if r.get("cap_gib"):

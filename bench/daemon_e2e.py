@@ -129,7 +129,8 @@ def run_one_job(root: Path, args, tail: EventTail, n: int, baseline: float | Non
         return round(ev["seen_unix"] - t_drop, 2) if ev else None
 
     progress = [e for e in tail.events[skip:] if e.get("event") == "progress"]
-    phases = [[e.get("phase"), round(e["seen_unix"] - t_drop, 2)] for e in tail.events[skip:] if e.get("event") == "phase"]
+    phases = [[e.get("phase"), round(e["seen_unix"] - t_drop, 2)]
+              for e in tail.events[skip:] if e.get("event") == "phase"]
     gpu_check = mine("gpu_memory") or {}
     return {
         "file": name, "ok": end.get("event") == "job_done",
@@ -144,7 +145,8 @@ def run_one_job(root: Path, args, tail: EventTail, n: int, baseline: float | Non
         "losses": [[e["step"], e["loss"]] for e in progress],
         "gpu_used_mib_peak_during_job": round(peak_used, 1) if baseline is not None else None,
         "gpu_back_to_baseline_s_after_done": round(back_s, 2) if back_s is not None else None,
-        "daemon_gpu_check": {k: gpu_check.get(k) for k in ("message", "before_gib", "after_gib", "released", "seconds")},
+        "daemon_gpu_check": {k: gpu_check.get(k)
+                             for k in ("message", "before_gib", "after_gib", "released", "seconds")},
     }
 
 

@@ -32,10 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=8192)
     args = ap.parse_args(argv)
-    cfg = types.SimpleNamespace(
-        training=types.SimpleNamespace(precision="auto", gradient_checkpointing="false", max_length=1024,
-                                       micro_batch_size=8, seed=0),
-        lora=types.SimpleNamespace(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), trust_remote_code=False)
+    cfg = common.daemon_config(types.SimpleNamespace(micro_batch=8, lora_dropout=0.0), max_length=1024, steps=1,
+                               overrides={"training": {"gradient_checkpointing": "false"}})
     pm, _, plan = dm.prepare_model(common.build_model(args.model), None, cfg, "cuda")
     ex = common.synthetic_examples(2000, max_length=1024, seed=0)
     plan_mb = packing.plan_micro_batches([len(e.input_ids) for e in ex], token_budget=args.tokens, max_examples=8,
@@ -55,7 +53,8 @@ def main(argv=None) -> int:
     host = time.perf_counter() - t
     torch.cuda.synchronize()
     wall = time.perf_counter() - t
-    print(f"{args.model}: {plan}\nper micro-batch: host {host / args.steps * 1e3:.1f} ms, wall {wall / args.steps * 1e3:.1f} ms")
+    print(f"{args.model}: {plan}\nper micro-batch: host {host / args.steps * 1e3:.1f} ms, "
+          f"wall {wall / args.steps * 1e3:.1f} ms")
 
     prof_busy = common.BusyProfiler(start_step=0, steps=1)
     prof_busy.step(0)

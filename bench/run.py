@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,15 +30,15 @@ from bench import common  # noqa: E402
 
 def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: bool = False,
              max_length: int | None = None, precision: str = "auto", quantized_dir: Path | None = None,
-             env: dict | None = None) -> dict:
+             overrides: dict | None = None) -> dict:
+    """The daemon's path; `overrides`: config settings of a variant ({"training": {"attention": "sdpa"}})."""
     from daemon.trainer.recipe import LoRARecipe
 
-    env = env or {}
-    saved_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    overrides = overrides or {}
     common.reset_gpu(cap_gib)
     max_length = max_length or args.max_length
-    cfg = common.daemon_config(args, max_length=max_length, steps=args.steps, precision=precision)
+    cfg = common.daemon_config(args, max_length=max_length, steps=args.steps, precision=precision,
+                               overrides=overrides)
     marks: dict = {}
     recipe = None
     prof = common.BusyProfiler(start_step=args.warmup, steps=min(10, args.steps - args.warmup)) if busy else None
@@ -73,7 +72,7 @@ def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: b
                "micro_batch_size": recipe.micro_batch_size, "accumulation": recipe.accum,
                "matmul_params": n_matmul, "final_loss": marks.get("loss"),
                "peak_gib": torch.cuda.max_memory_allocated() / common.GIB,
-               "cap_gib": cap_gib, "env": env}
+               "cap_gib": cap_gib, "config": overrides}
         if "t1" in marks:
             out["tokens_per_s"] = (marks["tok1"] - marks["tok0"]) / (marks["t1"] - marks["t0"])
             out["step_s"] = (marks["t1"] - marks["t0"]) / (args.steps - args.warmup)
@@ -82,22 +81,17 @@ def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: b
         return out
     except torch.OutOfMemoryError as e:
         return {"path": "daemon", "model": name, "max_length": max_length, "error": f"OOM: {str(e)[:200]}",
-                "cap_gib": cap_gib, "env": env}
-    except Exception as e:  # a variant that breaks (e.g. a compile failure) must not end the whole benchmark
+                "cap_gib": cap_gib, "config": overrides}
+    except Exception as e:  # a variant that breaks must not end the whole benchmark
         import traceback
 
         traceback.print_exc()
-        return {"path": "daemon", "model": name, "max_length": max_length, "env": env,
+        return {"path": "daemon", "model": name, "max_length": max_length, "config": overrides,
                 "error": f"{type(e).__name__}: {str(e)[:200]}", "cap_gib": cap_gib}
     finally:
         if recipe is not None:
             recipe.cleanup()
-        del recipe
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        recipe = None  # the model's GPU memory goes back before the next run
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -186,7 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--busy", action="store_true", help="profile GPU busy fraction on the first model")
-    ap.add_argument("--variants", default="", help="extra daemon runs: comma list of ENV=VALUE[+ENV=VALUE]")
+    ap.add_argument("--variants", default="",
+                    help="extra daemon runs, each with other config settings: a comma list of "
+                         "SECTION.KEY=VALUE[+SECTION.KEY=VALUE], e.g. training.attention=sdpa+lora.dtype=fp32")
     ap.add_argument("--variant-models", default="", help="models the variants run on (default: all)")
     ap.add_argument("--qlora-steps", type=int, default=12)
     ap.add_argument("--cap-plan", action="store_true", help="llama-3.1-8b, max length 2048, 24 GiB cap")
@@ -197,7 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
-    results = {"env": common.environment(), "matmul_tflops": common.matmul_tflops(), "args": vars(args) | {"out": str(args.out)}}
+    results = {"env": common.environment(), "matmul_tflops": common.matmul_tflops(),
+               "args": vars(args) | {"out": str(args.out)}}
     print(json.dumps(results["env"]), f"bf16 matmul {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
     runs = results["runs"] = []
 
@@ -222,8 +219,7 @@ def main(argv=None) -> int:
         if args.variant_models and name not in args.variant_models.split(","):
             continue
         for variant in [v for v in args.variants.split(",") if v]:
-            env = dict(kv.split("=", 1) for kv in variant.split("+"))
-            record(run_ours(name, args, examples, env=env))
+            record(run_ours(name, args, examples, overrides=common.parse_overrides(variant)))
     if args.cap_plan:
         long = common.synthetic_examples(args.examples, max_length=2048, seed=1, mean=600)
         record(run_ours("llama-3.1-8b", args, long, cap_gib=24.0, max_length=2048))

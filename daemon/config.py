@@ -4,65 +4,26 @@ The daemon process imports this module, so it must stay light: no torch, no tran
 config check` answers in a fraction of a second). Relative paths in a config file (`root:`, a folder
 `base_model:`) are relative to the folder of the file that names them, so a systemd unit started from `/`
 reads the same config a user tested from their shell; loading rewrites them to absolute paths, which is
-what job snapshots (`config.json`) carry.
+what job snapshots (`config.json`) carry. This file is the only switchboard of a job: every setting that
+changes how it trains is a key here, so the snapshot (and the version's metadata) records it.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import os
-import re
 import sys
-import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from daemon.base_model import BASE_MODEL_ALLOWED, base_model_kind, resolve_base_model
+from daemon.config_errors import ConfigError, issue, key_path, line_of, validation_issues
 from daemon.paths import PROJECT_DIR, UserError, check_adapter_name
 
 SHIPPED_CONFIG = PROJECT_DIR / "config" / "daemon.yaml"
 OVERRIDABLE = ("base_model", "training", "lora")
-BASE_MODEL_ALLOWED = "a folder holding config.json, org/name in the local Hugging Face cache, or embedded:NAME"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EMBEDDED_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-
-
-class ConfigError(UserError):
-    """Every problem in a config at once. `errors`: dicts with path, message, got, allowed and line."""
-
-    exit_code = 2
-
-    def __init__(self, errors: list[dict], source: Path | str | None = None):
-        self.errors = errors
-        self.source = source
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        n = len(self.errors)
-        where = f"config {self.source}" if self.source else "config"
-        return f"{where} has {n} error{'s' if n != 1 else ''}:\n" + "\n".join(
-            "  " + _render(e) for e in self.errors)
-
-
-def _render(e: dict) -> str:
-    text = f"{e['path']}: {e['message']}" if e.get("path") else e["message"]
-    extras = [f"got {e['got']}"] if e.get("got") is not None else []
-    extras += [f"allowed: {e['allowed']}"] if e.get("allowed") else []
-    text += f" ({'; '.join(extras)})" if extras else ""
-    return text + (f" [line {e['line']}]" if e.get("line") else "")
-
-
-def _issue(path: str, message: str, got: Any = None, allowed: str | None = None, line: int | None = None) -> dict:
-    return {"path": path, "message": message, "got": None if got is None else _show(got), "allowed": allowed,
-            "line": line}
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ------------------------------------------------------------------ the schema
@@ -117,11 +78,16 @@ class TrainingConfig(Section):
     checkpoint_every_steps: Int(ge=1) = 50
     checkpoint_every_seconds: Num(ge=10) = 600.0
     keep_checkpoints: Int(1, 100) = 2
-    log_every_steps: Int(ge=1) = 10
     # A string, so consumers compare one type; YAML's bare true/false are accepted and normalised.
     gradient_checkpointing: Literal["auto", "true", "false"] = "auto"
     # Shard the base model's weights over the job's processes (FSDP); auto: only when it does not fit one GPU.
     fsdp: Literal["auto", "true", "false"] = "auto"
+    # auto: varlen flash attention for packed rows on a GPU that has it, else SDPA (daemon/trainer/model.py).
+    attention: Literal["auto", "daemon_varlen", "sdpa", "eager"] = "auto"
+    # Tokens per micro-batch at most (micro_batch_size halves until it fits); null: micro_batch_size x max_length.
+    micro_batch_tokens: Int(128, 1 << 20) | None = None
+    # Liger's fused RMSNorm/SwiGLU/RoPE kernels, on a GPU where liger-kernel is installed.
+    liger_kernels: bool = True
 
     @field_validator("gradient_checkpointing", "fsdp", mode="before")
     @classmethod
@@ -133,6 +99,8 @@ class LoraConfig(Section):
     r: Int(1, 1024) = 16
     alpha: Num(1, 4096) = 32.0
     dropout: Num(0, 1) = 0.05
+    # base: LoRA weights in the base model's dtype (bf16 on a GPU: faster, less memory); fp32: fp32 adapters.
+    dtype: Literal["base", "fp32"] = "base"
     target_modules: Union[str, list[str]] = Field(
         "all-linear", json_schema_extra={"allowed": '"all-linear" or a non-empty list of module names'})
 
@@ -178,7 +146,7 @@ class DaemonConfig(Section):
     # Without a visible GPU a job still trains on one process unless this asks for more (gloo on CPU): what
     # the multi-process tests run in CI, and a way to try the multi-GPU code paths without GPUs.
     cpu_processes: Int(1, 64) = 1
-    # Start the next job's trainer while waiting for a file (daemon/standby.py); auto: on a GPU host only.
+    # Start the next job's trainer while waiting for a file (daemon/supervisor/standby.py); auto: on a GPU host only.
     trainer_prestart: Literal["auto", "true", "false"] = "auto"
 
     _source: Path | None = PrivateAttr(default=None)  # the file it came from: overrides live next to it
@@ -204,126 +172,17 @@ class DaemonConfig(Section):
         raise ValueError("must be `all`, a number of GPUs (1 or more), or a non-empty list of GPU indices like [0, 1]")
 
 
-# ------------------------------------------------------------------ describing fields in plain words
-def _field(loc: tuple) -> tuple[Any, type | None]:
-    """(the FieldInfo at `loc`, None), or (None, the section that has no such key) for an unknown key."""
-    section, info = DaemonConfig, None
-    for part in loc:
-        if isinstance(part, int):  # an item of a list: describe the list
-            break
-        if section is None:
-            return None, None
-        info = section.model_fields.get(part)
-        if info is None:
-            return None, section
-        ann = info.annotation
-        section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return info, None
-
-
-def _allowed(info) -> str | None:
-    if info is None:
-        return None
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    return extra.get("allowed") or _describe(info.annotation, list(info.metadata))
-
-
-def _describe(tp, metadata: list) -> str:
-    origin = get_origin(tp)
-    if origin is Annotated:
-        base, *meta = get_args(tp)
-        return _describe(base, metadata + meta)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        text = " or ".join(_describe(a, metadata) for a in args if a is not type(None))
-        return text + (", or null" if type(None) in args else "")
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in get_args(tp))
-    if origin is list:
-        return "a list of " + _describe(get_args(tp)[0], [])
-    if tp is bool:
-        return "true or false"
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return "a section with keys " + ", ".join(tp.model_fields)
-    if tp in (int, float):
-        bounds = {}
-        for m in metadata:
-            for m2 in [m, *getattr(m, "metadata", [])]:  # a FieldInfo nested in Annotated carries its own
-                for k in ("ge", "gt", "le", "lt"):
-                    if getattr(m2, k, None) is not None:
-                        bounds[k] = getattr(m2, k)
-        kind = "a whole number" if tp is int else "a number"
-        lo = bounds.get("ge", bounds.get("gt"))
-        hi = bounds.get("le", bounds.get("lt"))
-        if "ge" in bounds and "le" in bounds:
-            return f"{kind} from {_num(lo)} to {_num(hi)}"
-        parts = [f"at least {_num(lo)}" if "ge" in bounds else f"above {_num(lo)}" if "gt" in bounds else "",
-                 f"at most {_num(hi)}" if "le" in bounds else f"below {_num(hi)}" if "lt" in bounds else ""]
-        return ", ".join([kind] + [p for p in parts if p])
-    return "text" if tp is str else getattr(tp, "__name__", str(tp))
-
-
-def _num(x) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
-
-
-_MESSAGES = {
-    "missing": "required", "literal_error": "not one of the choices", "int_from_float": "must be a whole number",
-    "int_parsing": "must be a whole number", "int_type": "must be a whole number", "float_parsing": "must be a number",
-    "float_type": "must be a number", "bool_parsing": "must be true or false", "bool_type": "must be true or false",
-    "string_type": "must be text", "list_type": "must be a list", "model_type": "must be a section of keys",
-    "model_attributes_type": "must be a section of keys", "dict_type": "must be a section of keys",
-    "greater_than_equal": "too small", "greater_than": "too small", "less_than_equal": "too large",
-    "less_than": "too large", "string_too_short": "must not be empty", "too_short": "must not be empty",
-}
-
-
-def _path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _issues(exc: ValidationError, lines: dict[tuple, int]) -> list[dict]:
-    out = []
-    for e in exc.errors(include_url=False):
-        loc = tuple(e["loc"])
-        info, section = _field(loc)
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            keys = list(section.model_fields) if section else []
-            # Typos, and names other tools use with a prefix (peft's lora_alpha for lora.alpha).
-            close = (difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.75)
-                     or [k for k in keys if str(loc[-1]).endswith("_" + k)])
-            message = f"unknown key, did you mean {close[0]}?" if close else "unknown key"
-            allowed = ("keys: " + ", ".join(keys)) if keys else None
-        else:
-            message = _MESSAGES.get(kind) or str(e["msg"]).removeprefix("Value error, ")
-            allowed = _allowed(info)
-        got = None if kind == "missing" else e.get("input")
-        out.append(_issue(_path(loc), message, got, allowed, _line(lines, loc)))
-    return out
-
-
-def _line(lines: dict[tuple, int], loc: tuple) -> int | None:
-    for n in range(len(loc), 0, -1):  # the key itself, else the nearest section that was written
-        if tuple(loc[:n]) in lines:
-            return lines[tuple(loc[:n])]
-    return None
-
-
 # ------------------------------------------------------------------ reading YAML
 def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     """The mapping in `path` and the line of every key; duplicate keys are errors, not silently last-wins."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([_issue("", f"config file {path} does not exist: pass --config FILE, or create "
+        raise ConfigError([issue("", f"config file {path} does not exist: pass --config FILE, or create "
                                       "ROOT/config/daemon.yaml (the shipped config/daemon.yaml is a commented "
                                       "starting point)")], path) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([_issue("", f"cannot read {path}: {e}")], path) from None
+        raise ConfigError([issue("", f"cannot read {path}: {e}")], path) from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -332,13 +191,13 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError([_issue("", f"YAML syntax error{where}: {problem}")], path) from None
+        raise ConfigError([issue("", f"YAML syntax error{where}: {problem}")], path) from None
     finally:
         loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([_issue("", "the file must be a mapping of keys (like `base_model: ...`)",
+        raise ConfigError([issue("", "the file must be a mapping of keys (like `base_model: ...`)",
                                   data, line=1)], path)
     lines: dict[tuple, int] = {}
     dupes: list[dict] = []
@@ -354,7 +213,7 @@ def _walk(node, loc: tuple, lines: dict, dupes: list) -> None:
     for key_node, value_node in node.value:
         loc2 = loc + (key_node.value,)
         if loc2 in lines:
-            dupes.append(_issue(_path(loc2), f"given twice (first at line {lines[loc2]})",
+            dupes.append(issue(key_path(loc2), f"given twice (first at line {lines[loc2]})",
                                 line=key_node.start_mark.line + 1))
         lines[loc2] = key_node.start_mark.line + 1
         _walk(value_node, loc2, lines, dupes)
@@ -365,7 +224,7 @@ def _absolutize(data: dict, folder: Path) -> None:
     if isinstance(data.get("root"), str) and data["root"]:
         data["root"] = str((folder / Path(data["root"]).expanduser()).resolve())
     bm = data.get("base_model")
-    if isinstance(bm, str) and _base_model_kind(bm) == "folder":
+    if isinstance(bm, str) and base_model_kind(bm) == "folder":
         data["base_model"] = str((folder / Path(bm).expanduser()).resolve())
 
 
@@ -374,12 +233,12 @@ def _validate(data: dict, lines: dict, source: Path | None, check_base_model: bo
     try:
         cfg = DaemonConfig.model_validate(data)
     except ValidationError as e:
-        cfg, issues = None, _issues(e, lines)
+        cfg, issues = None, validation_issues(e, DaemonConfig, lines)
     if check_base_model and isinstance(data.get("base_model"), str):
         try:
             resolve_base_model(data["base_model"])
         except ConfigError as e:
-            issues += [dict(i, line=_line(lines, ("base_model",))) for i in e.errors]
+            issues += [dict(i, line=line_of(lines, ("base_model",))) for i in e.errors]
     if issues:  # in the order a reader meets them in the file
         raise ConfigError(sorted(issues, key=lambda i: i["line"] or 1 << 30), source)
     cfg._source = source
@@ -418,7 +277,7 @@ def adapter_config(cfg: DaemonConfig, adapter: str, config_path: Path | None = N
         return cfg.model_copy(deep=True)
     file = file.resolve()
     data, lines = _read_yaml(file)
-    stray = [_issue(k, f"cannot be set per adapter (only {', '.join(OVERRIDABLE)})", data[k], line=lines.get((k,)))
+    stray = [issue(k, f"cannot be set per adapter (only {', '.join(OVERRIDABLE)})", data[k], line=lines.get((k,)))
              for k in data if k not in OVERRIDABLE]
     if stray:
         raise ConfigError(stray, file)
@@ -444,74 +303,6 @@ def effective_dict(cfg: DaemonConfig) -> dict:
 def from_dict(d: dict) -> DaemonConfig:
     """Re-validate a snapshot (a job's config.json) without checking that the base model still exists."""
     return _validate(dict(d), {}, None, check_base_model=False)
-
-
-# ------------------------------------------------------------------ the base model
-def _base_model_kind(value: str) -> str:
-    if value.startswith("embedded:"):
-        return "embedded"
-    if value.startswith(("/", "~", "./", "../")) or value in (".", ".."):
-        return "folder"
-    return "hub" if HUB_ID.match(value) else "folder"
-
-
-def hf_hub_cache() -> Path:
-    """Where huggingface_hub keeps downloads, by the same environment variables it reads."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return cache / "huggingface" / "hub"
-
-
-def resolve_base_model(value: str) -> Path:
-    """The folder a base_model value names; raises ConfigError (path base_model) if there is none.
-
-    Never touches the network and never scans: `embedded:NAME`, a folder path, or the exact repo
-    `org/name` in the local Hugging Face cache (the revision refs/main points at).
-    """
-    def fail(message: str):
-        raise ConfigError([_issue("base_model", message, value, BASE_MODEL_ALLOWED)])
-
-    kind = _base_model_kind(value)
-    if kind == "embedded":
-        name = value[len("embedded:"):]
-        if not EMBEDDED_NAME.match(name):
-            fail("an embedded model's name is letters, digits, '.', '-' or '_'")
-        try:
-            from daemon.embedded import embedded_model_dir
-        except ImportError:
-            fail("embedded models need daemon/embedded.py, which this install lacks")
-        folder = embedded_model_dir() / name
-        if not (folder / "config.json").is_file():
-            fail(f"the embedded model is not at {folder}: run `bash scripts/setup.sh` to convert the embedded model")
-        return folder.resolve()
-    if kind == "hub":
-        cache = hf_hub_cache()
-        repo = cache / ("models--" + value.replace("/", "--"))
-        if not repo.is_dir():
-            fail(f"{value} is not in the local Hugging Face cache ({cache}); nothing is downloaded at run time: "
-                 f"download it there once (e.g. `hf download {value}`), or point base_model at a folder "
-                 f"(write ./{value} for a folder by that relative path)")
-        ref = repo / "refs" / "main"
-        snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
-        if ref.is_file():
-            folder = repo / "snapshots" / ref.read_text().strip()
-        elif len(snapshots) == 1:  # downloaded by revision: no refs/main, but no ambiguity either
-            folder = snapshots[0]
-        else:
-            fail(f"{repo} has no refs/main and {len(snapshots)} snapshots: point base_model at one snapshot folder")
-        if not (folder / "config.json").is_file():
-            fail(f"the cached snapshot {folder} holds no config.json (an incomplete download?)")
-        return folder.resolve()
-    folder = Path(value).expanduser()
-    if not folder.is_dir():
-        fail(f"the folder {folder} does not exist")
-    if not (folder / "config.json").is_file():
-        fail(f"the folder {folder} holds no config.json, so it is not a model folder")
-    return folder.resolve()
 
 
 # ------------------------------------------------------------------ `training-daemon config check`

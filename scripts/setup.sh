@@ -65,5 +65,5 @@ else
 fi
 
 # 4. The embedded base model (SmolLM2-135M-Instruct), converted once; instant when already there.
-"$PY" -m daemon.embedded > /dev/null || die "the embedded model could not be set up (see above)"
+"$PY" -m daemon.trainer.embedded_setup > /dev/null || die "the embedded model could not be set up (see above)"
 say "ready: $("$PY" -c 'import daemon.embedded as e; print(e.embedded_model_path())')"

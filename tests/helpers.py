@@ -22,7 +22,7 @@ def write_config(root: Path, model_dir: Path, **sections) -> Path:
         "intake": {"settle_seconds": 0.2, "rescan_seconds": 1},
         "training": {"max_length": 128, "micro_batch_size": 2, "gradient_accumulation": 1, "epochs": 1,
                      "learning_rate": 1e-3, "eval_fraction": 0.0, "checkpoint_every_steps": 2,
-                     "log_every_steps": 1, "warmup_ratio": 0.0},
+                     "warmup_ratio": 0.0},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "limits": {"min_free_disk_mb": 1},
         "status": {"progress_every_steps": 1, "web": {"enabled": False}},

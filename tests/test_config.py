@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from daemon.base_model import resolve_base_model
 from daemon.config import (SHIPPED_CONFIG, ConfigError, DaemonConfig, adapter_config, config_check_command,
-                           default_config_path, effective_dict, from_dict, load_config, resolve_base_model)
+                           default_config_path, effective_dict, from_dict, load_config)
 from helpers import PROJECT, cli
 
 
@@ -60,7 +61,7 @@ RANGES = [  # key, lowest allowed, highest allowed (None: unbounded), whole numb
     ("training.seed", 0, 2**32 - 1, True), ("training.min_examples", 1, None, True),
     ("training.eval_fraction", 0, 0.5, False), ("training.eval_max_examples", 0, 100000, True),
     ("training.checkpoint_every_steps", 1, None, True), ("training.checkpoint_every_seconds", 10, None, False),
-    ("training.keep_checkpoints", 1, 100, True), ("training.log_every_steps", 1, None, True),
+    ("training.keep_checkpoints", 1, 100, True), ("training.micro_batch_tokens", 128, 1 << 20, True),
     ("lora.r", 1, 1024, True), ("lora.alpha", 1, 4096, False), ("lora.dropout", 0, 1, False),
     ("limits.max_attempts", 1, 100, True), ("limits.oom_retries", 0, 10, True),
     ("limits.min_free_disk_mb", 0, None, True), ("limits.stop_timeout_seconds", 1, 3600, False),
@@ -125,6 +126,23 @@ def test_choices():
     assert errs["intake.duplicate_policy"]["allowed"] == "one of skip, train"
 
 
+def test_how_a_job_trains_is_config_and_lands_in_the_snapshot():
+    """Attention, LoRA dtype, micro-batch token budget and Liger kernels: keys, not environment switches."""
+    defaults = effective_dict(from_dict({"base_model": "/m"}))
+    assert (defaults["training"]["attention"], defaults["training"]["micro_batch_tokens"],
+            defaults["training"]["liger_kernels"], defaults["lora"]["dtype"]) == ("auto", None, True, "base")
+    chosen = effective_dict(from_dict({"base_model": "/m", "lora": {"dtype": "fp32"},
+                                       "training": {"attention": "sdpa", "micro_batch_tokens": 4096,
+                                                    "liger_kernels": False}}))
+    assert chosen["training"]["attention"] == "sdpa" and chosen["training"]["micro_batch_tokens"] == 4096
+    assert chosen["training"]["liger_kernels"] is False and chosen["lora"]["dtype"] == "fp32"
+    with pytest.raises(ConfigError) as exc:
+        from_dict({"base_model": "/m", "training": {"attention": "flash"}, "lora": {"dtype": "fp16"}})
+    errs = errors_of(exc)
+    assert errs["training.attention"]["allowed"] == "one of auto, daemon_varlen, sdpa, eager"
+    assert errs["lora.dtype"]["allowed"] == "one of base, fp32"
+
+
 def test_target_modules_and_gpus():
     cfg = from_dict({"base_model": "/m", "lora": {"target_modules": ["q_proj", "v_proj"]}, "gpus": [1, 0, 1]})
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.gpus == [1, 0]
@@ -165,7 +183,7 @@ limits: 3
         "max_length, learning_rate, micro_batch_size, gradient_accumulation, epochs, max_steps, warmup_ratio, "
         "weight_decay, max_grad_norm, lr_scheduler, seed, train_on_inputs, too_long, min_examples, eval_fraction, "
         "eval_max_examples, packing, precision, checkpoint_every_steps, checkpoint_every_seconds, keep_checkpoints, "
-        "log_every_steps, gradient_checkpointing, fsdp) [line 5]",
+        "gradient_checkpointing, fsdp, attention, micro_batch_tokens, liger_kernels) [line 5]",
         "  lora.r: too large (got 2000; allowed: a whole number from 1 to 1024) [line 7]",
         "  status.web.port: too small (got -1; allowed: a whole number from 0 to 65535) [line 10]",
         "  limits: must be a section of keys (got 3; allowed: a section with keys max_attempts, oom_retries, "
@@ -294,7 +312,9 @@ def test_base_model_in_the_hf_cache(root, tmp_path, monkeypatch):
 def test_base_model_embedded(root, tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINING_DAEMON_MODELS_DIR", str(tmp_path / "emb"))
     with pytest.raises(ConfigError, match="run `bash scripts/setup.sh`"):
-        resolve_base_model("embedded:tiny")
+        resolve_base_model("embedded:smollm2-135m-instruct")
+    with pytest.raises(ConfigError, match="unknown embedded model 'tiny'.*embedded:smollm2-135m-instruct"):
+        resolve_base_model("embedded:tiny")  # setup.sh converts only the one model: no advice to run it
     write(tmp_path / "emb" / "tiny" / "config.json", "{}")
     assert resolve_base_model("embedded:tiny") == tmp_path / "emb" / "tiny"
     with pytest.raises(ConfigError, match="embedded model's name"):

@@ -66,9 +66,12 @@ LINE_ERRORS = [
     ("empty_content", chat(answer="")),
     ("empty_content", chat(user="   ")),
     ("empty_content", {"prompt": "p", "completion": ""}),
-    ("bad_weight", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]}),
-    ("bad_weight", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": True}]}),
-    ("bad_weight", {"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]}),
+    ("bad_weight", {"messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": "a", "weight": 2}]}),
+    ("bad_weight", {"messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": "a", "weight": True}]}),
+    ("bad_weight", {"messages": [{"role": "user", "content": "q", "weight": 1},
+                                 {"role": "assistant", "content": "a"}]}),
     ("bad_field_type", {"messages": "hello"}),
     ("bad_field_type", {"messages": ["hello"]}),
     ("bad_field_type", {"messages": [{"role": "user", "content": ["parts"]}, {"role": "assistant", "content": "a"}]}),
@@ -401,13 +404,14 @@ def test_without_chat_template_only_plain_formats_work(fresh_tok, tmp_path):
 
 
 def test_one_render_method_agrees_with_the_prefix_method(tok, monkeypatch):
-    import daemon.trainer.data as data
+    from daemon.trainer import chat_template
 
     records = [CONVERSATION, chat("q", "a"), {"prompt": "p", "completion": "c"},
                {"messages": [{"role": "user", "content": "Paris."}, {"role": "assistant", "content": "Paris."},
                              {"role": "user", "content": "again"}, {"role": "assistant", "content": "Paris."}]}]
     fast = [tokenize_example(tok, r, 512) for r in records]
-    monkeypatch.setattr(data, "_template_shape", lambda tokenizer: None)  # as for a template the probe cannot read
+    # As for a template the probe cannot read:
+    monkeypatch.setattr(chat_template, "template_shape", lambda tokenizer: None)
     assert [tokenize_example(tok, r, 512) for r in records] == fast
 
 

@@ -1,4 +1,5 @@
-"""The embedded SmolLM2-135M-Instruct: resolving `embedded:NAME`, and the converted model answering sensibly."""
+"""The embedded SmolLM2-135M-Instruct: resolving `embedded:NAME`, setting it up, and the converted model answering
+sensibly."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import sys
 import pytest
 
 from daemon import embedded
+from daemon.base_model import resolve_base_model
 from daemon.paths import PROJECT_DIR, UserError
+from daemon.trainer import embedded_setup
 
 
-def test_importing_it_does_not_import_torch():
-    # The daemon imports this module to resolve names and must stay free of torch.
-    code = "import sys, daemon.embedded; print('torch' in sys.modules, 'transformers' in sys.modules)"
+def test_resolving_it_does_not_import_torch():
+    # The daemon resolves `embedded:NAME` when it checks a config and must stay free of torch.
+    code = ("import sys, daemon.embedded, daemon.base_model; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_DIR, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -28,11 +32,10 @@ def test_models_dir_follows_the_environment(root, monkeypatch):
 
 def test_resolve_names(root, monkeypatch):
     monkeypatch.setenv(embedded.MODELS_DIR_ENV, str(root / "models"))
-    assert embedded.resolve("/some/local/model") == "/some/local/model"
     with pytest.raises(UserError, match="unknown embedded model 'gpt-9'"):
-        embedded.resolve("embedded:gpt-9")
-    with pytest.raises(UserError, match="scripts/setup.sh"):
-        embedded.resolve("embedded:smollm2-135m-instruct")
+        resolve_base_model("embedded:gpt-9")
+    with pytest.raises(UserError, match=r"scripts/setup.sh.*python -m daemon\.trainer\.embedded_setup"):
+        resolve_base_model("embedded:smollm2-135m-instruct")
 
 
 def test_only_a_finished_conversion_counts(root, monkeypatch):
@@ -43,18 +46,18 @@ def test_only_a_finished_conversion_counts(root, monkeypatch):
     (models / f".{embedded.EMBEDDED_NAME}.tmp-abc" / "model").mkdir(parents=True)
     (models / f".{embedded.EMBEDDED_NAME}.tmp-abc" / "model" / "config.json").write_text("{}")
     with pytest.raises(UserError, match="not set up"):
-        embedded.resolve("embedded:" + embedded.EMBEDDED_NAME)
+        resolve_base_model("embedded:" + embedded.EMBEDDED_NAME)
     # A folder under the final name without provenance is refused, not trusted and not deleted.
     final.mkdir()
     (final / "config.json").write_text("{}")
     with pytest.raises(UserError, match="not a finished conversion"):
-        embedded.ensure_embedded_model()
+        embedded_setup.ensure_embedded_model()
     assert (final / "config.json").exists()
     assert not (models / f".{embedded.EMBEDDED_NAME}.tmp-abc").exists()  # the stale temp folder was cleared
     # With provenance it is complete, and ensuring it again does nothing.
     (final / embedded.SOURCE_FILE).write_text(json.dumps({"dtype": "float32"}))
-    assert embedded.ensure_embedded_model() == final
-    assert embedded.resolve("embedded:" + embedded.EMBEDDED_NAME) == str(final)
+    assert embedded_setup.ensure_embedded_model() == final
+    assert resolve_base_model("embedded:" + embedded.EMBEDDED_NAME) == final
 
 
 @pytest.mark.slow

@@ -14,8 +14,9 @@ from daemon.trainer.model import load_for_training
 
 
 def cfg():
-    return NS(training=NS(precision="auto", gradient_checkpointing="auto", max_length=64, micro_batch_size=4, seed=1),
-              lora=NS(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), trust_remote_code=False)
+    return NS(training=NS(precision="auto", gradient_checkpointing="auto", max_length=64, micro_batch_size=4, seed=1,
+                          attention="auto", micro_batch_tokens=None, liger_kernels=True),
+              lora=NS(r=4, alpha=8, dropout=0.0, target_modules="all-linear", dtype="base"), trust_remote_code=False)
 
 
 def test_linear_cross_entropy_matches_full_logits_in_value_and_gradient(monkeypatch):
@@ -64,8 +65,8 @@ def test_chunked_loss_equals_hf_loss_on_the_tiny_model(tiny_model_dir, monkeypat
         if p.requires_grad:
             assert (g_ours[n] - p.grad).norm() <= 1e-5 * p.grad.norm(), n
 
-    monkeypatch.setenv("DAEMON_LOSS", "hf")  # the forced plain path gives the same sum
-    assert torch.allclose(loss.token_loss_sum(model, batch), ours, rtol=1e-5)
+    # The plain path (models whose logits are more than lm_head(hidden) take it) gives the same sum.
+    assert torch.allclose(loss.hf_loss_sum(loss._causal_lm(model), batch), ours, rtol=1e-5)
 
 
 def test_eval_needs_no_graph(tiny_model_dir):

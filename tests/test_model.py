@@ -1,26 +1,24 @@
 """Model preparation: precision, LoRA placement, seeded (bit-for-bit) LoRA init, continuing an adapter, the
-lean LoRA forward, and the memory plan's choices."""
+config's LoRA dtype and micro-batch caps, and the memory plan's choices."""
 
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace as NS
 
 import torch
 
-from daemon.trainer import loss
 from daemon.trainer import memory_plan
-from daemon.trainer import packing
-from daemon.trainer.model import load_for_training
+from daemon.trainer.model import load_for_training, prepare_model
 
 GIB = 1024**3
 
 
-def cfg(seed=5, **lora):
-    lo = dict(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+def cfg(seed=5, micro_batch_tokens=None, **lora):
+    lo = dict(r=4, alpha=8, dropout=0.0, target_modules="all-linear", dtype="base")
     lo.update(lora)
     return NS(training=NS(precision="auto", gradient_checkpointing="auto", max_length=64, micro_batch_size=4,
-                          seed=seed), lora=NS(**lo), trust_remote_code=False)
+                          seed=seed, attention="auto", micro_batch_tokens=micro_batch_tokens, liger_kernels=True),
+              lora=NS(**lo), trust_remote_code=False)
 
 
 def lora_state(model):
@@ -57,24 +55,24 @@ def test_continue_from_an_adapter_trains_it(tiny_model_dir, tmp_path):
     assert all(torch.equal(saved[n], loaded[n]) for n in saved)
 
 
-def test_lean_lora_forward_matches_peft(tiny_model_dir, monkeypatch):
-    results = {}
-    for lean in ("1", "0"):
-        monkeypatch.setenv("DAEMON_LEAN_LORA", lean)
-        model, _, plan = load_for_training(tiny_model_dir, cfg(), "cpu")
-        assert bool(plan["lean_lora_modules"]) == (lean == "1")
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-        rng, vocab = random.Random(1), model.config.vocab_size  # the same examples for both
-        exs = [NS(input_ids=(ids := [rng.randrange(vocab) for _ in range(12)]), labels=ids) for _ in range(3)]
-        value = loss.token_loss_sum(model, packing.collate(exs, packing=True, pad_id=0))
-        value.backward()
-        results[lean] = (value.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    (l1, g1), (l0, g0) = results["1"], results["0"]
-    assert torch.allclose(l1, l0, rtol=1e-6)
-    assert all(torch.allclose(g1[n], g0[n], rtol=1e-5, atol=1e-8) for n in g0)
+def test_lora_dtype_fp32_keeps_fp32_adapters_on_a_bf16_base(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    for dtype, expected in (("base", torch.bfloat16), ("fp32", torch.float32)):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        config = cfg(dtype=dtype)
+        config.training.precision = "bf16"
+        model, _, plan = prepare_model(base, None, config, "cpu")
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {expected}
+        assert plan["lora_dtype"] == str(expected).removeprefix("torch.")
+
+
+def test_micro_batch_caps_the_token_budget_and_a_retry(tiny_model_dir):
+    assert load_for_training(tiny_model_dir, cfg(), "cpu")[2]["micro_batch_size"] == 4
+    # 4 x 64 tokens is over a 128-token budget: the micro-batch halves until it fits.
+    assert load_for_training(tiny_model_dir, cfg(micro_batch_tokens=128), "cpu")[2]["micro_batch_size"] == 2
+    # An out-of-memory retry asks for fewer examples than the config's micro_batch_size.
+    assert load_for_training(tiny_model_dir, cfg(), "cpu", max_micro_batch=1)[2]["micro_batch_size"] == 1
 
 
 SHAPE_8B = memory_plan.Shape(n_params=8_030_000_000, n_layers=32, hidden=4096, intermediate=14336, vocab=128256,

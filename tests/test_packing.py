@@ -24,9 +24,10 @@ def make_examples(n=6, seed=0, vocab=1000, lo=3, hi=40):
 
 
 def cfg(**training):
-    t = dict(precision="auto", gradient_checkpointing="auto", max_length=64, micro_batch_size=4, seed=7)
+    t = dict(precision="auto", gradient_checkpointing="auto", max_length=64, micro_batch_size=4, seed=7,
+             attention="auto", micro_batch_tokens=None, liger_kernels=True)
     t.update(training)
-    return NS(training=NS(**t), lora=NS(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+    return NS(training=NS(**t), lora=NS(r=4, alpha=8, dropout=0.0, target_modules="all-linear", dtype="base"),
               trust_remote_code=False)
 
 
@@ -90,9 +91,8 @@ def loss_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "daemon_varlen"])
-def test_packed_equals_padded_loss_and_lora_gradients(tiny_model_dir, attn, monkeypatch):
-    monkeypatch.setenv("DAEMON_ATTN", attn)
-    model, _, plan = load_for_training(tiny_model_dir, cfg(), "cpu")
+def test_packed_equals_padded_loss_and_lora_gradients(tiny_model_dir, attn):
+    model, _, plan = load_for_training(tiny_model_dir, cfg(attention=attn), "cpu")
     assert plan["attn_implementation"] == attn and plan["precision"] == "fp32"
     with torch.no_grad():  # LoRA B starts at zero; make every LoRA gradient non-trivial
         for name, p in model.named_parameters():

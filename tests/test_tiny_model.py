@@ -21,7 +21,8 @@ def test_tiny_model_loads_runs_and_renders_chat(tiny_model_dir):
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there?<|im_end|>\n<|im_start|>assistant\n"
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
     no_system = tokenizer.apply_chat_template(messages[1:], tokenize=False)
     assert no_system == "<|im_start|>user\nHi there?<|im_end|>\n"
 
@@ -40,4 +41,5 @@ def test_tiny_tokenizer_encodes_any_unicode_losslessly(tiny_model_dir):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text  # byte-level: nothing is unknown, nothing lost
     # The special markers are single tokens, and eos is the end-of-turn marker, as in SmolLM2.
-    assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"]) == 1
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert len(tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"]) == 1

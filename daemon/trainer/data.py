@@ -1,6 +1,6 @@
 """Training data: validate a JSONL file in one streaming pass and turn its records into token ids with loss masks.
 
-Structural checks (formats, per-line error codes, safe line reading) live in data_formats.py and need no
+Structural checks (formats, per-line error codes, safe line reading) live in formats.py and need no
 tokenizer; this module adds tokenization, the `Report` of a whole file and the `validate` CLI command.
 Nothing here imports torch or transformers at module level: the daemon process may use `validate_file`
 without a tokenizer.
@@ -9,17 +9,17 @@ Masks: labels are aligned with input_ids (HF convention, the loss shifts) and ho
 trained. Chat-like examples are rendered with the tokenizer's chat template; by default only assistant
 messages are trained, each with the end-of-turn marker that follows it (e.g. <|im_end|>) so that the model
 learns to stop. Assistant spans are found in characters of the rendered text, then mapped to tokens through
-the fast tokenizer's offsets (see `_chat_spans`).
+the fast tokenizer's offsets (daemon/trainer/chat_template.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-import weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from daemon.trainer import chat_template
 from daemon.trainer.formats import Example, RecordReader, Rejection, check_record, detect_format
 
 IGNORE = -100
@@ -28,7 +28,6 @@ MAX_LISTED_ERRORS = 100
 # that a batch of long lines cannot hold much memory.
 TOKENIZE_BATCH = 256
 TOKENIZE_BATCH_BYTES = 4 << 20
-CHAT_FORMATS = ("messages", "prompt_completion", "alpaca")
 
 
 @dataclass
@@ -43,88 +42,6 @@ class TokenizedExample:
         """Tokens that get a loss: a label at position 0 is never predicted by anything."""
         labels = self.labels
         return len(labels) - labels.count(IGNORE) - (1 if labels and labels[0] != IGNORE else 0)
-
-
-# --- chat rendering -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _TemplateShape:
-    """What the chat template writes around an assistant message, learned once per tokenizer from a probe."""
-
-    gen_prompt: str  # appended by add_generation_prompt=True, e.g. "<|im_start|>assistant\n"
-    end: str  # closes an assistant message, e.g. "<|im_end|>" (trailing whitespace left out)
-
-
-_shapes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _render(tokenizer, messages: list[dict], generation: bool = False) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation)
-
-
-def _template_shape(tokenizer) -> _TemplateShape | None:
-    template = tokenizer.chat_template
-    cached = _shapes.get(tokenizer)
-    if cached and cached[0] == template:
-        return cached[1]
-    probe = [{"role": "user", "content": "probe-question-one"}, {"role": "assistant", "content": "probe-answer-one"},
-             {"role": "user", "content": "probe-question-two"}, {"role": "assistant", "content": "probe-answer-two"}]
-    shape = None
-    try:
-        head, head_gen, full = _render(tokenizer, probe[:1]), _render(tokenizer, probe[:1], True), _render(tokenizer, probe)
-        last = full.rfind("probe-answer-two")
-        end = full[last + len("probe-answer-two"):].rstrip()
-        first = len(head_gen) + len("probe-answer-one")
-        if (head_gen.startswith(head) and full.startswith(head_gen + "probe-answer-one")
-                and full.startswith(end, first)):
-            shape = _TemplateShape(head_gen[len(head):], end)
-    except Exception:  # a template that refuses the probe: every example takes the slower prefix method
-        shape = None
-    try:
-        _shapes[tokenizer] = (template, shape)
-    except TypeError:
-        pass
-    return shape
-
-
-def _chat_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int, int]] | None:
-    """(start, end, message index) in characters of `full` for each assistant message: content + end marker.
-
-    Fast path, one render: each assistant content must appear right after the generation prompt and be
-    followed by the end marker (both learned from a probe). Templates that rewrite contents (trimming,
-    reasoning removal, default system prompts in odd places) fail that check and take the prefix method:
-    render messages[:i] with the generation prompt and messages[:i+1], both prefixes of the full text, the
-    span between them. That costs O(turns^2) rendering, so it is only the fallback.
-    """
-    shape = _template_shape(tokenizer)
-    if shape is not None:
-        spans, cursor = [], 0
-        for i, m in enumerate(messages):
-            content = m["content"]
-            if m["role"] != "assistant":
-                # Step over prompts so that an assistant's text quoted in a prompt is not taken for the answer.
-                pos = full.find(content, cursor)
-                cursor = pos + len(content) if pos >= 0 else cursor
-                continue
-            pos = full.find(shape.gen_prompt + content, cursor)
-            start = pos + len(shape.gen_prompt)
-            if pos < 0 or not full.startswith(shape.end, start + len(content)):
-                break
-            cursor = start + len(content) + len(shape.end)
-            spans.append((start, cursor, i))
-        else:
-            return spans
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], True)
-        upto = _render(tokenizer, messages[:i + 1]).rstrip()
-        if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
-            return None
-        spans.append((len(before), len(upto), i))
-    return spans
 
 
 # --- tokenization ---------------------------------------------------------------------------------------------
@@ -152,8 +69,8 @@ def _plan(tokenizer, ex: Example, train_on_inputs: bool) -> _Plan | Rejection:
         return Rejection(ex.line, "no_chat_template", f"the base model's tokenizer has no chat template, needed "
                          f"for the {ex.format!r} format; use the 'text' or 'prompt'/'completion' format instead")
     try:
-        full = _render(tokenizer, ex.messages)
-        spans = _chat_spans(tokenizer, ex.messages, full)
+        full = chat_template.render(tokenizer, ex.messages)
+        spans = chat_template.assistant_spans(tokenizer, ex.messages, full)
     except Exception as e:  # jinja raises for conversations a template forbids (e.g. roles not alternating)
         return Rejection(ex.line, "template_error", f"line {ex.line}: the model's chat template refused this "
                          f"conversation: {str(e)[:200]}")
@@ -404,20 +321,26 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
     return report
 
 
+def validate_for_config(path, tokenizer, cfg, *, keep_examples: bool = False) -> Report:
+    """validate_file with the settings of a daemon config: what the trainer and `validate` both check."""
+    t = cfg.training
+    return validate_file(path, tokenizer, max_length=t.max_length, max_line_bytes=cfg.intake.max_line_bytes,
+                         train_on_inputs=t.train_on_inputs, too_long=t.too_long, min_examples=t.min_examples,
+                         keep_examples=keep_examples)
+
+
 def validate_command(path: Path, cfg, as_json: bool) -> int:
     """`training-daemon validate FILE`: check a file exactly as the trainer would; 0 when it is usable."""
-    from daemon.config import resolve_base_model
+    from daemon.base_model import resolve_base_model
     from daemon.paths import UserError
 
     base_dir = resolve_base_model(cfg.base_model)
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=getattr(cfg, "trust_remote_code", False))
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of the base model {base_dir}: {e}") from e
-    t = cfg.training
-    report = validate_file(path, tokenizer, max_length=t.max_length, max_line_bytes=cfg.intake.max_line_bytes,
-                           train_on_inputs=t.train_on_inputs, too_long=t.too_long, min_examples=t.min_examples)
+    report = validate_for_config(path, tokenizer, cfg)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if as_json else report.render())
     return 0 if report.ok else 1

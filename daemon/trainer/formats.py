@@ -17,7 +17,6 @@ import json
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-FORMATS = ("messages", "prompt_completion", "alpaca", "text")
 # The keys that name each format; a line with keys of two formats is ambiguous.
 FORMAT_KEYS = {
     "messages": ("messages",),

@@ -3,19 +3,13 @@
 The decoder body gives hidden states; the vocabulary projection and cross entropy then run in chunks of
 tokens whose gradient with respect to the hidden states is computed in the same pass (the lm_head is frozen
 under LoRA, so that is the only gradient needed). Peak memory for the loss is one chunk of logits instead of
-all of them: for a 150k vocabulary and 16k tokens that is ~0.3 GB instead of ~10 GB. On CUDA, Liger's fused
-linear cross entropy does the same in Triton when it is installed.
-
-`DAEMON_LOSS=hf|chunked|liger` forces one path (the benchmark compares them); the default is the chunked
-one, which measured faster than Liger's on an H100 (Liger launches many small Triton chunks from Python and
-syncs the host once per call: docs/performance.md). Models whose logits are more than `lm_head(hidden)` (soft-capping, logit scales) and LoRA on
-the lm_head itself take the plain HF path.
+all of them: for a 150k vocabulary and 16k tokens that is ~0.3 GB instead of ~10 GB. It measured faster
+than Liger's fused linear cross entropy on an H100 (Liger launches many small Triton chunks from Python and
+syncs the host once per call: docs/performance.md). Models whose logits are more than `lm_head(hidden)`
+(soft-capping, logit scales) and LoRA on the lm_head itself take the plain HF path.
 """
 
 from __future__ import annotations
-
-import os
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -24,27 +18,23 @@ IGNORE = -100
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (fp32: 256 MB)
 # Packed rows vary in length at every step; each new length makes cuBLAS choose its kernels again on the host
 # for every matmul. Rounding the row up to a multiple (a padding document that attends only to itself and has
-# no labels) keeps the set of shapes small. On GPU only; DAEMON_PAD_MULTIPLE=0 turns it off.
+# no labels) keeps the set of shapes small. On GPU only.
 PAD_MULTIPLE = 128
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum of next-token cross entropy over the batch's trainable positions, as an fp32 scalar."""
     causal_lm = _causal_lm(model)
-    mode = _mode(causal_lm, batch["input_ids"].device)
-    multiple = int(os.environ.get("DAEMON_PAD_MULTIPLE", PAD_MULTIPLE))
-    if "cu_seq_lens" in batch and batch["input_ids"].is_cuda and multiple > 1:
-        batch = pad_packed(batch, multiple)
-    if mode == "hf":
-        return _hf_loss_sum(causal_lm, batch)
+    if "cu_seq_lens" in batch and batch["input_ids"].is_cuda:
+        batch = pad_packed(batch, PAD_MULTIPLE)
+    if not _plain_head(causal_lm):
+        return hf_loss_sum(causal_lm, batch)
     hidden = causal_lm.get_decoder()(**_body_inputs(causal_lm, batch)).last_hidden_state
     head = causal_lm.get_output_embeddings()
     labels = batch["labels"]
     # Shift the labels, not the hidden states: hidden.view(-1, H) then needs no copy.
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1).reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    if mode == "liger":
-        return _liger()(hidden, head.weight, targets, bias=head.bias, ignore_index=IGNORE, reduction="sum").float()
     return linear_cross_entropy_sum(hidden, head.weight, targets, head.bias)
 
 
@@ -64,29 +54,14 @@ def pad_packed(batch: dict, multiple: int) -> dict:
 
 
 def _causal_lm(model):
-    """The transformers *ForCausalLM under peft / accelerate / torch.compile wrappers."""
+    """The transformers *ForCausalLM under peft / accelerate wrappers."""
     while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model"):
+        if hasattr(model, "get_base_model"):
             model = model.get_base_model()
         elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
             model = model.module
         else:
             return model
-
-
-def _mode(causal_lm, device: torch.device) -> str:
-    forced = os.environ.get("DAEMON_LOSS")
-    if forced == "hf" or not _plain_head(causal_lm):
-        return "hf"
-    if forced == "chunked":
-        return "chunked"
-    if forced == "liger":
-        if device.type != "cuda" or _liger() is None:
-            raise RuntimeError("DAEMON_LOSS=liger needs CUDA and liger-kernel")
-        return "liger"
-    return "chunked"
 
 
 def _plain_head(causal_lm) -> bool:
@@ -97,15 +72,6 @@ def _plain_head(causal_lm) -> bool:
     if type(head) is not torch.nn.Linear or head.weight.requires_grad:
         return False
     return hasattr(causal_lm, "get_decoder")
-
-
-@lru_cache(maxsize=1)
-def _liger():
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except Exception:  # not installed, or no triton: the chunked path is the fallback
-        return None
-    return liger_fused_linear_cross_entropy
 
 
 def _body_inputs(causal_lm, batch: dict) -> dict:
@@ -119,7 +85,8 @@ def _body_inputs(causal_lm, batch: dict) -> dict:
     return inputs
 
 
-def _hf_loss_sum(causal_lm, batch: dict) -> torch.Tensor:
+def hf_loss_sum(causal_lm, batch: dict) -> torch.Tensor:
+    """The same sum from the full logits of the model's own forward: for heads the chunked path cannot take."""
     inputs = _body_inputs(causal_lm, batch)
     logits = causal_lm(**inputs).logits.float()
     labels = batch["labels"]

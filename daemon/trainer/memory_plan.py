@@ -10,7 +10,7 @@ still ends in a retry with half the micro-batch (exit code 4).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 GIB = 1024**3
 HEADROOM = 0.9          # of free memory the plan may use: the allocator fragments, cuBLAS wants workspace
@@ -63,10 +63,7 @@ class MemoryPlan:
     budget_gib: float | None
     estimated_peak_gib: float | None
     reason: str
-    fsdp: bool = False  # the base's weights sharded over the job's processes (daemon/sharding.py)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    fsdp: bool = False  # the base's weights sharded over the job's processes (daemon/trainer/sharding.py)
 
 
 def plan_memory(shape: Shape, *, free_bytes: int | None, max_length: int, micro_batch_size: int,
@@ -90,7 +87,7 @@ def plan_memory(shape: Shape, *, free_bytes: int | None, max_length: int, micro_
         return MemoryPlan(micro_batch_size, bool(forced), False, None, None, None, "no GPU memory reading",
                           fsdp=bool(forced_shard))
     budget = free_bytes * HEADROOM - FIXED_OVERHEAD
-    loss_chunk = 3 * 4 * (1 << 26)  # logits chunk, its softmax and a grad buffer (daemon/loss.py)
+    loss_chunk = 3 * 4 * (1 << 26)  # logits chunk, its softmax and a grad buffer (daemon/trainer/loss.py)
     options = [False, True] if forced is None else [forced]
     layouts = [(False, s) for s in shard_options] + ([(True, False)] if can_quantize and not forced_shard else [])
     for quantize, sharded in layouts:

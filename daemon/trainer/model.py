@@ -8,20 +8,19 @@ bit-for-bit the run that was interrupted.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from daemon.trainer import memory_plan
 
-GIB = 1024**3
 
-
-def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None = None, world=None):
+def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None = None, world=None,
+                      max_micro_batch: int | None = None):
     """(peft model on `device`, tokenizer, plan) for the base model in `base_dir`; `adapter_dir` continues one.
 
-    `world` (daemon/distributed.py): the job's ranks, which must all follow one memory plan."""
+    `world` (daemon/trainer/distributed.py): the job's ranks, which must all follow one memory plan.
+    `max_micro_batch`: a cap below the config's micro_batch_size (an out-of-memory retry's)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
@@ -29,7 +28,8 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
     dtype = resolve_dtype(cfg.training.precision, device)
     model_cfg = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust)
     mplan = _memory_plan(model_cfg, _count_params_from_config(model_cfg), cfg, device,
-                         can_quantize=_bitsandbytes_available() and device.type == "cuda", world=world)
+                         can_quantize=_bitsandbytes_available() and device.type == "cuda", world=world,
+                         max_micro_batch=max_micro_batch)
     kwargs = {"dtype": dtype, "attn_implementation": attention_for(device), "trust_remote_code": trust}
     if mplan.quantize_4bit:
         from transformers import BitsAndBytesConfig
@@ -43,7 +43,8 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
     return prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan, world=world)
 
 
-def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None, *, _mplan=None, world=None):
+def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None, *, _mplan=None, world=None,
+                  max_micro_batch: int | None = None):
     """Attach the LoRA to an already-built causal LM (moved to `device` in the plan's precision)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -57,25 +58,24 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         # The weights are already resident: the plan counts them itself, so give it their bytes back.
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         _mplan = _memory_plan(model.config, sum(p.numel() for p in model.parameters()), cfg, device,
-                              resident_bytes=weight_bytes, bytes_per_param=torch.finfo(dtype).bits // 8, world=world)
+                              resident_bytes=weight_bytes, bytes_per_param=torch.finfo(dtype).bits // 8, world=world,
+                              max_micro_batch=max_micro_batch)
     model.config.use_cache = False
-    attn = knob("DAEMON_ATTN") or attention_for(device)
+    attn = attention_for(device) if cfg.training.attention == "auto" else cfg.training.attention
     if attn == VARLEN:
         register_varlen_attention()
     if model.config._attn_implementation != attn and not (device.type == "cpu" and attn == "sdpa"):
         model.set_attn_implementation(attn)
     for p in model.parameters():
         p.requires_grad_(False)
-    compile_layers = device.type == "cuda" and knob("DAEMON_COMPILE", "0") == "1"
-    # Liger's kernels are autograd Functions that torch.compile cannot trace through: one or the other.
-    liger = (device.type == "cuda" and not compile_layers and knob("DAEMON_LIGER_KERNELS", "1") == "1"
-             and _apply_liger_kernels(model))
+    liger = device.type == "cuda" and cfg.training.liger_kernels and _apply_liger_kernels(model)
 
     # Seeded so that LoRA A matrices are the same in every attempt of a job (resume is bit-for-bit on CPU).
     # LoRA weights stay in the base dtype (bf16 on GPU): fp32 adapters make every LoRA'd Linear cast its input
     # to fp32 and add in fp32; on Qwen2.5-1.5B that measured 5% slower and 50% more peak memory
-    # (docs/performance.md). The price: AdamW updates far below a weight's bf16 resolution are rounded away.
-    autocast = knob("DAEMON_LORA_DTYPE", "base") == "fp32"
+    # (docs/performance.md). The price: AdamW updates far below a weight's bf16 resolution are rounded away;
+    # lora.dtype: fp32 pays it for fp32 adapters.
+    autocast = cfg.lora.dtype == "fp32"
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
@@ -90,16 +90,12 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
     if not quantized and not _mplan.fsdp:  # bitsandbytes places 4-bit weights itself and refuses .to()
         model.to(device)
 
-    # Off by default: the first version (an in-place add on F.linear's output, a view) measured 25% slower on
-    # the H100 (autograd rebases in-place views with extra full-size copies); this out-of-place one is unmeasured.
-    lean = knob("DAEMON_LEAN_LORA", "0") == "1" and _lean_lora(model)
     if _mplan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if _mplan.fsdp:
         from daemon.trainer.sharding import shard
 
         shard(model, device)
-    compiled = compile_layers and _compile_layers(model)
     lora_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), dtype)
     plan = {
         "device": str(device),
@@ -109,8 +105,6 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         "gradient_checkpointing": _mplan.gradient_checkpointing,
         "quantized_4bit": quantized,
         "liger": bool(liger),
-        "compiled": bool(compiled),
-        "lean_lora_modules": lean,
         "micro_batch_size": _mplan.micro_batch_size,
         "free_memory_gib": _mplan.free_gib,
         "memory_budget_gib": _mplan.budget_gib,
@@ -121,11 +115,6 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         "fsdp": _mplan.fsdp,
     }
     return model, tokenizer, plan
-
-
-def knob(name: str, default: str | None = None) -> str | None:
-    """Benchmark switches (DAEMON_ATTN, DAEMON_LORA_DTYPE, DAEMON_LIGER_KERNELS, DAEMON_COMPILE, DAEMON_LOSS)."""
-    return os.environ.get(name, default)
 
 
 def _apply_liger_kernels(model) -> bool:
@@ -139,57 +128,6 @@ def _apply_liger_kernels(model) -> bool:
                                         fused_linear_cross_entropy=False)
     except (TypeError, ValueError, NotImplementedError):  # an architecture Liger does not know: plain kernels
         return False
-    return True
-
-
-def _lean_lora(model) -> int:
-    """Give each plain LoRA Linear a short forward: base + scale * B(A(x)) in one add.
-
-    peft's general forward (adapter lists, dtype casts, DoRA and merge checks, a separate scaling multiply)
-    costs host time on every call, and small models are bound by exactly that. Only modules where nothing
-    else applies (one adapter, no dropout, no DoRA, adapter in the base dtype, a plain nn.Linear base) get
-    it; peft's forward still runs whenever adapters are disabled or merged. Returns how many were changed.
-    """
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    changed = 0
-    for module in model.modules():
-        if type(module) is not LoraLinear or len(module.active_adapters) != 1:
-            continue
-        name = module.active_adapters[0]
-        base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
-        if (type(base) is not torch.nn.Linear or module.use_dora.get(name)
-                or not isinstance(module.lora_dropout[name], torch.nn.Identity)
-                or lora_a.weight.dtype != base.weight.dtype or lora_a.bias is not None or lora_b.bias is not None):
-            continue
-        module.forward = _lean_forward(module, base, lora_a, lora_b, module.scaling[name], module.forward)
-        changed += 1
-    return changed
-
-
-def _lean_forward(module, base, lora_a, lora_b, scale, general):
-    import torch.nn.functional as F
-
-    def forward(x, *args, **kwargs):
-        if module.disable_adapters or module.merged or args or kwargs:
-            return general(x, *args, **kwargs)
-        out = F.linear(x, base.weight, base.bias)
-        # Not in place: `out` is a view of the matmul's 2-D result, and an in-place op on a view makes
-        # autograd copy the whole gradient in backward.
-        return torch.add(out, F.linear(F.linear(x, lora_a.weight), lora_b.weight), alpha=scale)
-
-    return forward
-
-
-def _compile_layers(model) -> bool:
-    """torch.compile each decoder layer (one graph for all of them; dynamic in the packed length)."""
-    from daemon.trainer.loss import _causal_lm
-
-    layers = getattr(_causal_lm(model).get_decoder(), "layers", None)
-    if layers is None:
-        return False
-    for layer in layers:
-        layer.compile(dynamic=True)
     return True
 
 
@@ -303,15 +241,16 @@ def _count_params_from_config(model_cfg) -> int:
 
 
 def _memory_plan(model_cfg, n_params: int, cfg, device: torch.device, *, can_quantize: bool = False,
-                 resident_bytes: int = 0, bytes_per_param: int = 2, world=None):
+                 resident_bytes: int = 0, bytes_per_param: int = 2, world=None, max_micro_batch: int | None = None):
     shape = memory_plan.Shape.from_config(model_cfg, n_params)
     free = free_memory(device)
     plan = memory_plan.plan_memory(shape, free_bytes=None if free is None else free + resident_bytes,
                                    max_length=cfg.training.max_length,
-                                   micro_batch_size=cfg.training.micro_batch_size,
+                                   micro_batch_size=min(cfg.training.micro_batch_size,
+                                                        max_micro_batch or cfg.training.micro_batch_size),
                                    checkpointing=cfg.training.gradient_checkpointing, can_quantize=can_quantize,
                                    weight_bytes_per_param=bytes_per_param,
-                                   max_tokens=int(knob("DAEMON_MICRO_TOKENS", "0")) or None,
+                                   max_tokens=cfg.training.micro_batch_tokens,
                                    world_size=world.size if world else 1,
                                    sharding=getattr(cfg.training, "fsdp", "auto"))
     return world.agree_plan(plan) if world else plan

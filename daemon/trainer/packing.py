@@ -2,7 +2,7 @@
 
 Packing puts several examples in one row with no padding at all: `position_ids` restart at 0 for each
 example, which tells the attention to keep documents apart (transformers builds a per-document causal mask
-from them when there is no attention_mask; the varlen attention in daemon/model.py reads `cu_seq_lens_*`),
+from them when there is no attention_mask; the varlen attention in daemon/trainer/model.py reads `cu_seq_lens_*`),
 and the first label of each example is masked so that no token is trained to predict the next document.
 The plan depends only on (lengths, seed, epoch), so a resumed run replays exactly the same batches.
 """

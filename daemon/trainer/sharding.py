@@ -1,10 +1,10 @@
 """FSDP for a base model that does not fit one GPU: each rank holds 1/N of the frozen weights.
 
 torch's FSDP2 (`fully_shard`) on every decoder layer and on the decoder body, whose forward the chunked loss
-calls (daemon/loss.py); LoRA parameters are sharded with their layers and are the only trainable ones. The
+calls (daemon/trainer/loss.py); LoRA parameters are sharded with their layers and are the only trainable ones. The
 output head stays whole on every rank: the loss uses its weight outside the decoder's forward, where a
 sharded weight would be a 1/N slice. A head tied to the input embedding is untied first (a copy of one
-matrix) for the same reason. Gradients are summed, not averaged, over the ranks, as in daemon/distributed.py.
+matrix) for the same reason. Gradients are summed, not averaged, over the ranks, as in daemon/trainer/distributed.py.
 
 Checkpoints and published adapters hold whole tensors: `full` gathers a sharded one (a collective: every
 rank calls it, in the same order), and `reshard_optimizer_state` turns whole optimizer state back into the
@@ -35,12 +35,6 @@ def shard(model, device: torch.device) -> None:
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # a sum: the loss is already normalised by the window's tokens
             m.set_force_sum_reduction_for_comms(True)  # plain sums, which gloo has (no NCCL PreMulSum)
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def set_gradient_sync(model, on: bool) -> None:
