@@ -21,7 +21,7 @@ class Tok:
 def examples(n=24, seed=1):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = int(torch.randint(8, 50, (1,), generator=g))
         ids = torch.randint(2, 200, (length,), generator=g).tolist()
         out.append(TokenizedExample(input_ids=ids, labels=[-100] * (length // 2) + ids[length // 2:]))
@@ -32,9 +32,10 @@ def config(**training):
     t = dict(seed=3, micro_batch_size=2, gradient_accumulation=2, max_length=64, epochs=2, max_steps=None,
              packing=True, learning_rate=1e-3, weight_decay=0.01, lr_scheduler="cosine", warmup_ratio=0.1,
              max_grad_norm=1.0, checkpoint_every_steps=2, checkpoint_every_seconds=600, keep_checkpoints=2,
-             precision="fp32", gradient_checkpointing="false")
+             precision="fp32", gradient_checkpointing="false", attention="auto", micro_batch_tokens=None,
+             liger_kernels=True)
     t.update(training)
-    return NS(training=NS(**t), lora=NS(r=4, alpha=8, dropout=0.1, target_modules="all-linear"),
+    return NS(training=NS(**t), lora=NS(r=4, alpha=8, dropout=0.1, target_modules="all-linear", dtype="base"),
               limits=NS(max_diverged_steps=2, min_free_disk_mb=1), status=NS(progress_every_steps=1),
               trust_remote_code=False)
 
@@ -47,7 +48,6 @@ def model():
 
 def run(job_dir: Path | None, cfg, stop_after: int | None = None):
     recipe = LoRARecipe(cfg, job_dir=job_dir)
-    steps = []
     if stop_after is not None:
         recipe.stop_flag = lambda: recipe.progress.step >= stop_after
     recipe.setup(examples()[:20], examples()[20:], model=model(), tokenizer=Tok(), config_snapshot={"x": 1})
@@ -57,7 +57,6 @@ def run(job_dir: Path | None, cfg, stop_after: int | None = None):
         recipe.save_checkpoint()
         return None, recipe
     weights = checkpoint.trainable_state(recipe.accelerator.unwrap_model(recipe.model))
-    steps.append(recipe.progress.step)
     return weights, recipe
 
 
@@ -91,8 +90,9 @@ def test_incomplete_or_corrupt_checkpoints_are_never_loaded(tmp_path):
         (corrupt / f.name).write_bytes(f.read_bytes())
     (corrupt / "optimizer.pt").write_bytes(b"garbage")
     skipped = []
-    path, state = checkpoint.load_latest(resume, log=skipped.append)
+    path = checkpoint.latest_verified(resume, log=skipped.append)
     assert path == good
+    state = checkpoint.load(path)
     assert any("step-000009" in s and "sha256" in s for s in skipped)
     assert state["progress"].step == 3
 
@@ -115,3 +115,13 @@ def test_accumulation_matches_one_big_batch():
     small, _ = run(None, small_cfg)
     for name in big:
         torch.testing.assert_close(big[name], small[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_trainer_side_never_imports_the_supervisor():
+    """The trainer process shares only the core (daemon/*.py) with the daemon: daemon/protocol.py is the contract."""
+    import subprocess
+    import sys
+
+    code = ("import sys, daemon.trainer.main, daemon.trainer.recipe, daemon.trainer.export, daemon.trainer.generate; "
+            "assert not [m for m in sys.modules if m.startswith('daemon.supervisor')]")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -21,15 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from daemon import durable, faults
+from daemon import protocol
 from daemon.trainer import sharding
 from daemon.trainer.distributed import World
 
 MANIFEST = "COMPLETE"
 PREFIX = "step-"
-
-
-class DiskFull(Exception):
-    """Too little free space to write a checkpoint or a version safely."""
 
 
 @dataclass
@@ -56,7 +53,7 @@ class Progress:
 def check_free_space(path: Path, floor_mb: int, need_bytes: int = 0) -> None:
     free = shutil.disk_usage(path).free
     if free - need_bytes < floor_mb * 1024 * 1024:
-        raise DiskFull(
+        raise protocol.DiskFull(
             f"only {free / 2**20:.0f} MiB free at {path}; the configured floor is {floor_mb} MiB "
             f"(limits.min_free_disk_mb) and this write needs about {need_bytes / 2**20:.0f} MiB"
         )
@@ -139,8 +136,8 @@ def _write(resume_dir: Path, weights, optimizer_state, scheduler, rng_states, pr
         durable.rename(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == 28:  # ENOSPC
-            raise DiskFull(f"the disk filled up while writing checkpoint {name}: {e}") from e
+        if protocol.is_disk_full(e):
+            raise protocol.DiskFull(f"the disk filled up while writing checkpoint {name}: {e}") from e
         raise
     prune(resume_dir, keep)
     return final
@@ -206,12 +203,6 @@ def load(ckpt: Path, rank: int = 0) -> dict:
         "progress": Progress.from_dict(json.loads((ckpt / "progress.json").read_text())),
         "config": json.loads((ckpt / "config.json").read_text()),
     }
-
-
-def load_latest(resume_dir: Path, log=print) -> tuple[Path, dict] | None:
-    """The newest verified checkpoint's contents, skipping (and reporting) any that fail verification."""
-    ckpt = latest_verified(resume_dir, log)
-    return None if ckpt is None else (ckpt, load(ckpt))
 
 
 def restore_weights(model, weights: dict[str, torch.Tensor]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from daemon import durable
 from daemon.paths import Layout, UserError
-from daemon.supervisor.status import now_iso
+from daemon.timefmt import now_iso
 
 
 def export_merged(layout: Layout, spec: str, out: Path) -> Path:

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from daemon import faults
+from daemon.protocol import Event
 from daemon.trainer import checkpoint
 from daemon.trainer import packing
 from daemon.trainer import sharding
@@ -53,8 +54,11 @@ class LoRARecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self, train_examples, eval_examples, *, base_dir: Path | None = None, adapter_dir: Path | None = None,
-              model=None, tokenizer=None, config_snapshot: dict | None = None) -> None:
-        """Load the model with its LoRA, build the optimizer, plan every epoch's batches, and resume if possible."""
+              model=None, tokenizer=None, config_snapshot: dict | None = None,
+              max_micro_batch: int | None = None) -> None:
+        """Load the model with its LoRA, build the optimizer, plan every epoch's batches, and resume if possible.
+
+        `max_micro_batch`: fewer examples per micro-batch than the config's (an out-of-memory retry)."""
         # Under RANK/WORLD_SIZE from the daemon this joins the job's process group (gloo on CPU, NCCL on GPUs).
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_kwargs())
         self.device = self.accelerator.device
@@ -62,10 +66,11 @@ class LoRARecipe:
         self._seed(self.t.seed + self.world.rank)  # LoRA init is seeded on its own (model.py): the same on every rank
         if model is None:
             model, tokenizer, self.plan = load_for_training(base_dir, self.cfg, self.device, adapter_dir=adapter_dir,
-                                                            world=self.world)
+                                                            world=self.world, max_micro_batch=max_micro_batch)
         else:
             model, tokenizer, self.plan = prepare_model(model, tokenizer, self.cfg, self.device,
-                                                        adapter_dir=adapter_dir, world=self.world)
+                                                        adapter_dir=adapter_dir, world=self.world,
+                                                        max_micro_batch=max_micro_batch)
         self.sharded = bool(self.plan.get("fsdp"))
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -74,9 +79,11 @@ class LoRARecipe:
 
         self.micro_batch_size = int(self.plan.get("micro_batch_size") or self.t.micro_batch_size)
         # Micro-batches per optimizer step, over all ranks together: N processes train the job 1 process would.
+        # The one place the accumulation follows a smaller micro-batch (the memory plan's, or a retry's), so
+        # that a step still sees the configured micro_batch_size x gradient_accumulation examples.
         self.accum = self.t.gradient_accumulation * max(1, self.t.micro_batch_size // self.micro_batch_size)
         if self.accum % self.world.size:
-            self.emit({"event": "log", "message": f"{self.accum} micro-batches per step do not divide over "
+            self.emit({"event": Event.LOG, "message": f"{self.accum} micro-batches per step do not divide over "
                        f"{self.world.size} processes: some wait in every step (make gradient_accumulation a "
                        "multiple of the number of GPUs)"})
         self.token_counts = [len(ex.input_ids) for ex in train_examples]
@@ -116,8 +123,7 @@ class LoRARecipe:
         if self.resume_dir is None:
             return
         # Rank 0 chooses (and verifies); every rank restores that same checkpoint.
-        path = checkpoint.latest_verified(self.resume_dir, log=lambda m: self.emit({"event": "log", "message": m})) \
-            if self.world.is_main else None
+        path = checkpoint.latest_verified(self.resume_dir, log=self._log) if self.world.is_main else None
         path = self.world.broadcast_object(path)
         if path is None:
             return
@@ -129,83 +135,46 @@ class LoRARecipe:
         if state["rng"] is not None:
             checkpoint.set_rng_state(state["rng"])
         else:  # saved by a run on fewer processes: this rank starts a fresh stream
-            self.emit({"event": "log", "message": f"{path.name} holds no RNG state for rank {self.world.rank}"})
+            self._log(f"{path.name} holds no RNG state for rank {self.world.rank}")
         total = self.progress.total_steps
         self.progress = state["progress"]
         self.progress.total_steps = total
-        self.emit({"event": "resumed", "step": self.progress.step, "checkpoint": path.name})
+        self.emit({"event": Event.RESUMED, "step": self.progress.step, "checkpoint": path.name})
+
+    def _log(self, message: str) -> None:
+        self.emit({"event": Event.LOG, "message": message})
 
     # ------------------------------------------------------------------ train
     def train(self) -> Progress:
+        """Optimizer steps through every epoch's plan (or up to max_steps), then one evaluation.
+
+        Raises StopRequested at a step boundary when a stop is asked for, and Diverged when too many steps in a
+        row had a non-finite loss or gradient norm."""
         p, t = self.progress, self.t
-        model = self.model
-        model.train()
-        last_ckpt_time = time.monotonic()
-        last_ckpt_step = p.step
-        window_start = time.perf_counter()
-        window_tokens = 0
+        self.model.train()
+        last_ckpt_time, last_ckpt_step = time.monotonic(), p.step
+        window_start, window_tokens = time.perf_counter(), 0  # since the last progress event: its tokens/s
         first_step_emitted = p.step > 0
         while p.epoch < t.epochs and p.step < p.total_steps:
             plan = self.plans[p.epoch]
             while p.micro_batch < len(plan) and p.step < p.total_steps:
-                # Decided at a step boundary, by all ranks alike (a signal or a clock reaches them at different
-                # steps): a stop, or a checkpoint of the step just done (never after the last: it publishes).
-                due = p.step > last_ckpt_step and (p.step % t.checkpoint_every_steps == 0
-                                                   or time.monotonic() - last_ckpt_time >= t.checkpoint_every_seconds)
-                stop, due = self.world.agree(self.stop_flag(), due)
-                if stop:
-                    raise StopRequested()
-                if due:
+                if self._checkpoint_due(last_ckpt_time, last_ckpt_step):
                     self.save_checkpoint()
                     last_ckpt_time, last_ckpt_step = time.monotonic(), p.step
                 window = plan[p.micro_batch:p.micro_batch + self.accum]
-                # Normalise by the trainable tokens of the whole window (every rank's share), so accumulation and
-                # N processes equal one large batch whatever the split into micro-batches (and an OOM retry with
-                # half the micro-batch is the same job).
-                n_window = sum(self.trainable_counts[i] for mb in window for i in mb)
-                mine = self.world.share(window, equal=self.sharded)
-                loss_sum = torch.zeros((), device=self.device)
-                for k, (mb, counts) in enumerate(mine):
-                    faults.check("train_step", step=p.step)
-                    if self.sharded:  # reduce-scatter once per step, after the last micro-batch
-                        sharding.set_gradient_sync(model, k == len(mine) - 1)
-                    batch = packing.collate([self.train_examples[i] for i in mb], packing=t.packing, pad_id=self.pad_id)
-                    step_loss = token_loss_sum(model, self._to_device(batch))
-                    self.accelerator.backward(step_loss / max(n_window, 1) if counts else step_loss * 0.0)
-                    if counts:
-                        loss_sum += step_loss.detach()
-                loss_sum = self.world.sum_gradients(self.trainable, loss_sum)
-                # One host sync per optimizer step (both numbers in one copy), never one per micro-batch.
-                loss, grad_norm = torch.stack([loss_sum / max(n_window, 1), self._clip().float()]).tolist()
-                if faults.active("train_step", step=p.step):
-                    loss = float("nan")
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    p.nonfinite_streak += 1
-                    if p.nonfinite_streak >= self.cfg.limits.max_diverged_steps:
-                        raise Diverged(f"diverged at step {p.step + 1}: loss={loss} grad_norm={grad_norm} "
-                                       f"for {p.nonfinite_streak} consecutive steps")
-                    p.micro_batch += len(window)
+                stepped = self.train_step(window)
+                p.micro_batch += len(window)  # a skipped step consumes its micro-batches too
+                if stepped is None:
                     continue
-                p.nonfinite_streak = 0
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                p.step += 1
-                p.micro_batch += len(window)
-                n_tokens = sum(self.token_counts[i] for mb in window for i in mb)
-                p.tokens_seen += n_tokens
-                p.trainable_tokens_seen += n_window
+                loss, grad_norm, n_tokens = stepped
                 window_tokens += n_tokens
-                p.losses.append([p.step, round(loss, 6)])
                 if not first_step_emitted:
                     first_step_emitted = True
-                    self.emit({"event": "first_step", "step": p.step, "loss": loss})
+                    self.emit({"event": Event.FIRST_STEP, "step": p.step, "loss": loss})
                 if p.step % self.cfg.status.progress_every_steps == 0 or p.step == p.total_steps:
                     elapsed = time.perf_counter() - window_start
                     p.train_seconds += elapsed
-                    tps = window_tokens / elapsed if elapsed > 0 else 0.0
-                    self._emit_progress(loss, grad_norm, tps)
+                    self._emit_progress(loss, grad_norm, window_tokens / elapsed if elapsed > 0 else 0.0)
                     window_start, window_tokens = time.perf_counter(), 0
             if p.micro_batch >= len(plan):
                 p.epoch += 1
@@ -214,8 +183,69 @@ class LoRARecipe:
         eval_loss = self.evaluate()
         if eval_loss is not None:
             p.evals.append([p.step, eval_loss])
-            self.emit({"event": "eval", "step": p.step, "eval_loss": eval_loss})
+            self.emit({"event": Event.EVAL, "step": p.step, "eval_loss": eval_loss})
         return p
+
+    def _checkpoint_due(self, last_ckpt_time: float, last_ckpt_step: int) -> bool:
+        """Decided at a step boundary, by all ranks alike (a signal or a clock reaches them at different steps):
+        a stop (raised here), or a checkpoint of the step just done (never after the last: that one publishes)."""
+        p, t = self.progress, self.t
+        due = p.step > last_ckpt_step and (p.step % t.checkpoint_every_steps == 0
+                                           or time.monotonic() - last_ckpt_time >= t.checkpoint_every_seconds)
+        stop, due = self.world.agree(self.stop_flag(), due)
+        if stop:
+            raise StopRequested()
+        return due
+
+    def train_step(self, window: list[list[int]]) -> tuple[float, float, int] | None:
+        """One optimizer step over a window of micro-batches, of which this rank trains its share: the mean
+        token loss, the gradient norm and the tokens trained on. None when the loss or the gradient norm is not
+        finite: the step is skipped, and the optimizer and scheduler never see it."""
+        p = self.progress
+        # Normalise by the trainable tokens of the whole window (every rank's share), so accumulation and
+        # N processes equal one large batch whatever the split into micro-batches (and an OOM retry with
+        # half the micro-batch is the same job).
+        n_window = sum(self.trainable_counts[i] for mb in window for i in mb)
+        loss_sum = self._accumulate_gradients(window, n_window)
+        loss_sum = self.world.sum_gradients(self.trainable, loss_sum)
+        # One host sync per optimizer step (both numbers in one copy), never one per micro-batch.
+        loss, grad_norm = torch.stack([loss_sum / max(n_window, 1), self._clip().float()]).tolist()
+        if faults.active("train_step", step=p.step):
+            loss = float("nan")
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            p.nonfinite_streak += 1
+            if p.nonfinite_streak >= self.cfg.limits.max_diverged_steps:
+                raise Diverged(f"diverged at step {p.step + 1}: loss={loss} grad_norm={grad_norm} "
+                               f"for {p.nonfinite_streak} consecutive steps")
+            return None
+        p.nonfinite_streak = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        n_tokens = sum(self.token_counts[i] for mb in window for i in mb)
+        p.step += 1
+        p.tokens_seen += n_tokens
+        p.trainable_tokens_seen += n_window
+        p.losses.append([p.step, round(loss, 6)])
+        return loss, grad_norm, n_tokens
+
+    def _accumulate_gradients(self, window: list[list[int]], n_window: int) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches of the window; returns their summed token loss."""
+        model = self.model
+        mine = self.world.share(window, equal=self.sharded)
+        loss_sum = torch.zeros((), device=self.device)
+        for k, (mb, counts) in enumerate(mine):
+            faults.check("train_step", step=self.progress.step)
+            if self.sharded:  # reduce-scatter once per step, after the last micro-batch
+                sharding.set_gradient_sync(model, k == len(mine) - 1)
+            batch = packing.collate([self.train_examples[i] for i in mb], packing=self.t.packing, pad_id=self.pad_id)
+            step_loss = token_loss_sum(model, self._to_device(batch))
+            # A padding repeat (counts False) still runs its backward, as FSDP's collectives need, but adds 0.
+            self.accelerator.backward(step_loss / max(n_window, 1) if counts else step_loss * 0.0)
+            if counts:
+                loss_sum += step_loss.detach()
+        return loss_sum
 
     def _clip(self) -> torch.Tensor:
         params = [q for q in self.model.parameters() if q.requires_grad]
@@ -231,7 +261,7 @@ class LoRARecipe:
         p = self.progress
         remaining = p.total_steps - p.step
         per_step = p.train_seconds / max(p.step, 1)
-        event = {"event": "progress", "step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
+        event = {"event": Event.PROGRESS, "step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
                  "loss": round(loss, 5), "grad_norm": round(grad_norm, 4),
                  "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens_per_s, 1),
                  "eta_s": round(remaining * per_step, 1)}
@@ -266,13 +296,13 @@ class LoRARecipe:
     def save_checkpoint(self) -> Path | None:
         if self.resume_dir is None:
             return None
-        self.emit({"event": "saving", "step": self.progress.step})
+        self.emit({"event": Event.SAVING, "step": self.progress.step})
         faults.check("checkpoint_save", step=self.progress.step)
         path = checkpoint.save(self.resume_dir, self.accelerator.unwrap_model(self.model), self.optimizer,
                                self.scheduler, self.progress, self.config_snapshot,
                                keep=self.t.keep_checkpoints, min_free_mb=self.cfg.limits.min_free_disk_mb,
                                world=self.world)
-        self.emit({"event": "checkpoint", "step": self.progress.step, "path": str(path)})
+        self.emit({"event": Event.CHECKPOINT, "step": self.progress.step, "path": str(path)})
         return path
 
     def save_adapter(self, out_dir: Path | None) -> None:

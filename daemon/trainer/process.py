@@ -1,0 +1,102 @@
+"""The trainer as the daemon's child process: it dies with the daemon, may wait in standby for its job, and
+reports on stdout (JSON events, rank 0) and in error.json (daemon/protocol.py says what both may hold)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from daemon import durable
+from daemon import protocol
+from daemon.protocol import ErrorKind, Event
+from daemon.timefmt import now_iso
+
+
+def emit(event: dict) -> None:
+    event.setdefault("ts", time.time())
+    sys.stdout.write(json.dumps(event, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def watch_lifeline(fd: int) -> None:
+    """Exit at once when the daemon's end of the pipe closes: no trainer runs unsupervised."""
+    def run():
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        os._exit(protocol.DAEMON_GONE)
+
+    threading.Thread(target=run, daemon=True, name="lifeline").start()
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """PR_SET_PDEATHSIG: the kernel kills us when the daemon dies; the pid check closes the race before it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(protocol.DAEMON_GONE)
+
+
+def rank() -> int:
+    """This process's rank among the job's processes (daemon/launch.py sets RANK; one process: 0)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def write_error(job_dir: Path, kind: ErrorKind, message: str) -> None:
+    error = {"kind": kind, "message": message, "traceback": traceback.format_exc(), "at": now_iso()}
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        durable.write_json(job_dir / "error.json", error)
+        return
+    # Several ranks: the first to fail tells the cause (the daemon removed the last attempt's file). A peer that
+    # fails after it, in a collective with the rank that is gone, only has the consequence to tell.
+    tmp = job_dir / f".error.json.rank{rank()}"
+    durable.write_json(tmp, error)
+    try:
+        os.link(tmp, job_dir / "error.json")
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def wait_for_job() -> tuple[dict | None, Exception | None]:
+    """Standby: pay for the imports (10-14 s on a GPU host) while the daemon waits for a file, then take the job
+    the daemon writes on stdin as one JSON line. No CUDA here: the GPU stays untouched until the job starts.
+    An import that fails is kept and returned with the job, so that the job's error.json tells it."""
+    import_error = None
+    try:
+        import accelerate  # noqa: F401
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        from daemon.trainer import data, recipe  # noqa: F401
+    except Exception as e:
+        import_error = e
+    try:
+        import liger_kernel.transformers  # noqa: F401  (optional: the training path copes without it)
+    except Exception:
+        pass
+    emit({"event": Event.STANDBY, "pid": os.getpid()})
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None, None
+    order = json.loads(line)
+    # From here on this is an ordinary trainer for that job: its stderr goes to the job's trainer.log.
+    log = os.open(Path(order["job_dir"]) / "trainer.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stderr.flush()
+    os.dup2(log, 2)
+    os.close(log)
+    return order, import_error
