@@ -61,19 +61,6 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def append_line(path: str | os.PathLike, line: str) -> None:
-    """Append one line to a log (status.log, events.jsonl).
-
-    Logs are append-only, so a torn last line is the worst a crash can leave; O_APPEND keeps
-    concurrent writers from interleaving within a line.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
-    try:
-        os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Copy src to dst durably; returns the sha256 of the bytes copied."""
     import hashlib

@@ -8,9 +8,10 @@ Set TRAINING_DAEMON_FAULTS to a JSON list of faults; the trainer child inherits 
 
 Points in the trainer: validate, load, train_step, checkpoint_save, checkpoint_write, publish, version_write,
 published. Points in the daemon: claim, job_start, job_end, watch_event. docs/reliability.md says where each
-one sits. kind: oom (raises torch.OutOfMemoryError), error (RuntimeError), kill (SIGKILL to its own process),
-enospc (OSError ENOSPC), hang (sleeps until killed), sleep (sleeps `seconds`, then goes on), nan (a
-non-finite loss, train_step only), drop (the event is lost, watch_event only).
+one sits. kind: oom (raises torch.OutOfMemoryError; MemoryError in a process without torch), error
+(RuntimeError), kill (SIGKILL to its own process), enospc (OSError ENOSPC), hang (sleeps until killed), sleep
+(sleeps `seconds`, then goes on), nan (a non-finite loss, train_step only), drop (the event is lost,
+watch_event only).
 Conditions, all optional: step (fires when step == N), min_step (step >= N), micro_batch_gt (only while the
 micro-batch is larger than N, so an OOM retry with a smaller one succeeds), job_id, once_file (fires only if
 that file does not exist yet, and creates it: "once" across processes and restarts).
@@ -23,6 +24,7 @@ import errno
 import json
 import os
 import signal
+import sys
 import time
 
 ENV = "TRAINING_DAEMON_FAULTS"
@@ -67,6 +69,12 @@ def _matches(f: dict, point: str, step: int | None, job_id: int | None) -> bool:
     return True
 
 
+def _out_of_memory_type() -> type[BaseException]:
+    """torch's OOM type where torch is loaded (the trainer, which catches exactly that), MemoryError elsewhere.
+    Taken from sys.modules, never imported: this module is in the shared core, and the daemon must not load torch."""
+    return getattr(sys.modules.get("torch"), "OutOfMemoryError", MemoryError)
+
+
 def active(point: str, step: int | None = None, kind: str = "nan", job_id: int | None = None) -> bool:
     """True when a passive fault (nan, drop) for this point is due: the caller corrupts or drops its own value."""
     return any(f.get("kind") == kind and _matches(f, point, step, job_id) for f in _faults())
@@ -80,9 +88,7 @@ def check(point: str, step: int | None = None, job_id: int | None = None) -> Non
         kind = f.get("kind")
         where = f"{point} step {step}" if step is not None else point
         if kind == "oom":
-            import torch
-
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected fault at {where})")
+            raise _out_of_memory_type()(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected fault at {where})")
         if kind == "error":
             raise RuntimeError(f"injected fault at {where}")
         if kind == "enospc":

@@ -46,7 +46,8 @@ def systemd_verify(tmp: Path, text: str, scope: str) -> None:
     (d / service.UNIT_NAME).write_text(text)
     runtime = tmp / "xdg-runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
-    cmd = ["systemd-analyze", *(["--user"] if scope == "user" else []), "verify", "--man=no", str(d / service.UNIT_NAME)]
+    user = ["--user"] if scope == "user" else []
+    cmd = ["systemd-analyze", *user, "verify", "--man=no", str(d / service.UNIT_NAME)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime)))
     complaints = [line for line in (r.stdout + r.stderr).splitlines() if service.UNIT_NAME in line]
     assert not complaints, "\n".join(complaints)

@@ -9,24 +9,21 @@ in. Watchdog events are hints that make a scan happen sooner; the periodic resca
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import stat
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from daemon import faults
+from daemon.supervisor.inbox_watcher import InboxWatcher
 from daemon.supervisor.job import JobStatus
 from daemon.paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
 
 HINT_QUIET_SECONDS = 0.2  # after a "closed"/"moved in" event: no change for this long, then take the file
 CLAIM_BUDGET_SECONDS = 1.0  # claim (hash) for at most this long per poll; the rest waits for the next one
 RETRY_BROKEN_SECONDS = 60.0  # a file whose claim failed is tried again after this, or when it changes
-_WAKING_EVENTS = ("created", "closed", "moved")  # "modified" fires per write: the settle timer covers those
 _SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
             stat.S_IFSOCK: "a socket"}
 
@@ -166,97 +163,6 @@ def _size(n: int) -> str:
 
 def _iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="seconds")
-
-
-class InboxWatcher:
-    """A watchdog observer on the inbox (recursive) that turns events into (event_type, path) hints."""
-
-    def __init__(self, inbox: Path, hints: queue.SimpleQueue, polling: bool = False, poll_interval: float = 1.0):
-        self.inbox, self.hints, self.polling, self.poll_interval = Path(inbox), hints, polling, poll_interval
-        self.observer = None
-        self.fallback: str | None = None  # why inotify was not used, if it failed
-        self._inbox_ident: tuple[int, int] | None = None
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        with self._lock:
-            if self.observer is not None:
-                return
-            st = os.stat(self.inbox)
-            try:
-                observer = self._new_observer(self.polling)
-            except OSError as e:  # e.g. the inotify watch limit: polling still works
-                self.fallback = f"inotify unavailable ({e}); polling the inbox instead"
-                observer = self._new_observer(True)
-            self.observer, self._inbox_ident = observer, (st.st_dev, st.st_ino)
-
-    def _new_observer(self, polling: bool):
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-        from watchdog.observers.polling import PollingObserverVFS
-
-        hints, inbox = self.hints, str(self.inbox)
-        _quiet_watchdog_shutdown()
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event):
-                if faults.active("watch_event", kind="drop"):  # what an inotify overflow or NFS does
-                    return
-                if event.event_type == "moved":
-                    hints.put(("moved", Path(os.fsdecode(event.dest_path))))
-                elif event.event_type in _WAKING_EVENTS:
-                    hints.put((event.event_type, Path(os.fsdecode(event.src_path))))
-
-        # lstat, not stat: the polling snapshot must not walk into a symlinked folder (a link to / ...).
-        observer = (PollingObserverVFS(stat=os.lstat, listdir=os.scandir, polling_interval=self.poll_interval)
-                    if polling else Observer())
-        observer.daemon = True
-        try:
-            observer.schedule(Handler(), inbox, recursive=True)
-            observer.start()
-        except BaseException:
-            observer.stop()
-            raise
-        return observer
-
-    def stop(self) -> None:
-        with self._lock:
-            observer, self.observer = self.observer, None
-        if observer is not None:
-            try:
-                observer.stop()
-                observer.join(timeout=5)
-            except Exception:
-                pass
-
-    def alive(self) -> bool:
-        observer = self.observer
-        if observer is None or not observer.is_alive():
-            return False
-        if not observer.emitters or not all(e.is_alive() for e in observer.emitters):
-            return False  # the inotify emitter stops when the watched folder itself goes away
-        try:
-            st = os.stat(self.inbox)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._inbox_ident
-
-    def ensure_alive(self) -> bool:
-        """Restart a dead observer (or one watching a replaced inbox); True if it had to."""
-        if self.alive():
-            return False
-        self.stop()
-        self.start()
-        return True
-
-
-def _quiet_watchdog_shutdown() -> None:
-    """watchdog logs an ERROR when its inotify thread is stopped with a read in flight (a harmless race);
-    in the daemon's stderr that would read like a real problem at every stop."""
-    logger = logging.getLogger("watchdog.observers.inotify")
-    if not getattr(logger, "_training_daemon_quiet", False):
-        logger.addFilter(lambda record: "called when the thread is inactive" not in record.getMessage())
-        logger._training_daemon_quiet = True
 
 
 class Intake:
