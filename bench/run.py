@@ -5,7 +5,7 @@
 Models are built from config with random weights (the shapes of the named models: no downloads). Data:
 seeded log-normal lengths (mean ~300 tokens, at most --max-length), random token ids, the first 30% of
 each example masked as a prompt. For each model: (a) the daemon's own path, LoRARecipe.setup/train from
-daemon/recipe.py (packing, loss, model prep, the memory plan), timed from its own progress events after
+daemon/trainer/recipe.py (packing, loss, model prep, the memory plan), timed from its own progress events after
 warm-up steps; (b) transformers.Trainer + PEFT (bf16, SDPA, padding to the longest in a batch of 8,
 LoRA r16 on all linear layers). Figures: real (non-pad) tokens/s, MFU (4 x matmul params per token over a
 bf16 matmul rate measured in this run), peak GPU memory, ratio (a)/(b); `--busy` adds the GPU busy fraction

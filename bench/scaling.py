@@ -2,7 +2,7 @@
 
     python bench/scaling.py --gpus 1,2,4 --models qwen2.5-1.5b,llama-3.1-8b --out bench/results/scaling.json
 
-For each model and GPU count the ranks are started by the daemon's own launcher (daemon/launch.py: the
+For each model and GPU count the ranks are started by the daemon's own launcher (daemon/supervisor/launch.py: the
 environment torchrun would give, one process group) and each runs LoRARecipe.setup/train on a random-weight
 model of the named shape, as bench/run.py does on one GPU. The job is fixed, not the per-GPU work: the same
 synthetic data and the same effective batch (--micro-batch x --accumulation micro-batches of --max-length

@@ -300,9 +300,19 @@ def effective_dict(cfg: DaemonConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
+# Keys an older version wrote into every job's config.json snapshot and this one no longer has. A user's config
+# that sets one is refused ("unknown key"), but a snapshot of a job started before an upgrade must still load,
+# or that job could never resume.
+RETIRED_SNAPSHOT_KEYS = {"training": ("log_every_steps",)}
+
+
 def from_dict(d: dict) -> DaemonConfig:
     """Re-validate a snapshot (a job's config.json) without checking that the base model still exists."""
-    return _validate(dict(d), {}, None, check_base_model=False)
+    d = dict(d)
+    for section, keys in RETIRED_SNAPSHOT_KEYS.items():
+        if isinstance(d.get(section), dict):
+            d[section] = {k: v for k, v in d[section].items() if k not in keys}
+    return _validate(d, {}, None, check_base_model=False)
 
 
 # ------------------------------------------------------------------ `training-daemon config check`

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from helpers import drop, events, wait_for
 
+# Spelled out on purpose: the accounting reads the disk itself rather than trust the spool it checks.
 STATES = ("pending", "running", "done", "failed")
 
 

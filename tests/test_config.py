@@ -143,6 +143,19 @@ def test_how_a_job_trains_is_config_and_lands_in_the_snapshot():
     assert errs["lora.dtype"]["allowed"] == "one of base, fp32"
 
 
+def test_a_snapshot_from_before_an_upgrade_still_loads_but_a_users_config_may_not_use_a_retired_key(root, model):
+    """A job started by an older version has `training.log_every_steps` in its config.json: it must resume."""
+    old_snapshot = effective_dict(from_dict({"base_model": "/m"}))
+    old_snapshot["training"]["log_every_steps"] = 10
+    assert from_dict(old_snapshot).training.max_steps == DaemonConfig(base_model="/m").training.max_steps
+    (root / "config").mkdir(exist_ok=True)
+    path = root / "config" / "daemon.yaml"
+    path.write_text(yaml.safe_dump({"base_model": str(model), "training": {"log_every_steps": 10}}))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert "training.log_every_steps" in errors_of(exc)
+
+
 def test_target_modules_and_gpus():
     cfg = from_dict({"base_model": "/m", "lora": {"target_modules": ["q_proj", "v_proj"]}, "gpus": [1, 0, 1]})
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.gpus == [1, 0]

@@ -40,6 +40,7 @@ def test_the_cli_gets_what_was_done_in_words(spool):
     assert control.apply(spool, "cancel", job_id) == f"job {job_id} cancelled"
     job, _ = spool.get(job_id)
     assert job.state == JobStatus.FAILED and job.error == "cancelled by user"
+    assert job.finished_at  # ended like a cancelled running job: the same policy decided it
     assert control.apply(spool, "retry", job_id) == f"job {job_id} queued again"
     job, _ = spool.get(job_id)
     assert job.state == JobStatus.PENDING and job.error is None

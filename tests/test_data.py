@@ -1,4 +1,4 @@
-"""Validation and tokenization of training files (daemon/data.py, daemon/data_formats.py)."""
+"""Validation and tokenization of training files (daemon/trainer/data.py, daemon/trainer/formats.py)."""
 
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ def _resume(spool: Spool, _job_id: int | None) -> str:
 def cancel_job(spool: Spool, job_id: int) -> str:
     """Cancel a pending job (a running one is cancelled by the daemon, which kills its trainer)."""
     job = _job_in(spool, job_id, JobStatus.PENDING, "cancel")
-    job.error = "cancelled by user"
+    policy.decide(Outcome(OutcomeKind.CANCELLED, "cancelled by user"), job.attempts).apply_to(job, now_iso())
     spool.move(job, JobStatus.FAILED)
     return f"job {job_id} cancelled"
 

@@ -86,6 +86,10 @@ class Supervisor:
         try:
             self._loop()
         finally:
+            if self.attempt is not None and self.attempt.trainer:
+                # The loop itself failed with a trainer running: closing its lifeline makes it exit at once (the
+                # start-up sweep will requeue its job), instead of training on while the daemon winds down.
+                self.attempt.trainer.close()
             self.state = "stopping"
             self.notifier.stopping()
             self.intake.stop()

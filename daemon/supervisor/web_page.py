@@ -1,4 +1,4 @@
-"""The status page served at `/` by daemon/web.py: one self-contained HTML document.
+"""The status page served at `/` by daemon/supervisor/web.py: one self-contained HTML document.
 
 No external assets (it must work offline and behind a firewall): inline CSS, and inline JS that polls the
 JSON API every second and draws the loss chart on a <canvas>. The element ids are what tests look for.

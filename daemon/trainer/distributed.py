@@ -1,10 +1,10 @@
 """One job on several processes: what a rank does that a lone trainer does not (the torch side; the
-daemon's side, starting the ranks, is daemon/launch.py).
+daemon's side, starting the ranks, is daemon/supervisor/launch.py).
 
 Data parallel without DDP's wrapper. Every rank plans the same windows (one optimizer step each); rank r
 trains micro-batches r, r+N, r+2N, ... of each window, its gradients accumulate locally, and one
 all_reduce per optimizer step sums them (LoRA gradients only, ~1% of the weights) together with the loss.
-DDP's reducer would never sync here: daemon/loss.py calls the decoder body directly, not the wrapper's
+DDP's reducer would never sync here: daemon/trainer/loss.py calls the decoder body directly, not the wrapper's
 forward, which is where DDP arms its gradient hooks. And DDP needs every rank to run the same number of
 synchronised backwards, which a window of 3 micro-batches on 2 ranks does not give. The normaliser of the
 loss (trainable tokens of the whole window) is known to every rank from the shared plan, so the summed

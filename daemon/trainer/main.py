@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m daemon.trainer.main")
     ap.add_argument("job_dir", type=Path, nargs="?")
     ap.add_argument("--standby", action="store_true",
-                    help="import the training stack, then wait for a job on stdin (daemon/standby.py)")
+                    help="import the training stack, then wait for a job on stdin (daemon/supervisor/standby.py)")
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--lifeline-fd", type=int)
     ap.add_argument("--parent-pid", type=int, help="the daemon's pid: exit if it is already gone")

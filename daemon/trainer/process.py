@@ -50,7 +50,7 @@ def die_with_parent(parent_pid: int | None) -> None:
 
 
 def rank() -> int:
-    """This process's rank among the job's processes (daemon/launch.py sets RANK; one process: 0)."""
+    """This process's rank among the job's processes (daemon/supervisor/launch.py sets RANK; one process: 0)."""
     return int(os.environ.get("RANK", "0"))
 
 

@@ -2,8 +2,8 @@
 
 Flat on purpose (torchtune-style): read it top to bottom to know what a job does. Data order, RNG and
 optimizer state all live in checkpoints, so a run killed at any point and resumed from its last checkpoint
-produces bit-for-bit the adapter an uninterrupted run would (CPU, fp32). Under N processes (daemon/launch.py
-starts them) every rank runs this same code on its share of each step; daemon/distributed.py says how.
+produces bit-for-bit the adapter an uninterrupted run would (CPU, fp32). Under N processes (daemon/supervisor/launch.py
+starts them) every rank runs this same code on its share of each step; daemon/trainer/distributed.py says how.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class LoRARecipe:
 
         scheduler = get_scheduler(self.t.lr_scheduler, optimizer, num_warmup_steps=int(self.t.warmup_ratio * steps),
                                   num_training_steps=max(steps, 1))
-        if self.world.size > 1:  # no DDP wrapper: daemon/distributed.py sums the gradients (its docstring says why)
+        if self.world.size > 1:  # no DDP wrapper: trainer/distributed.py sums the gradients (its docstring says why)
             self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
         else:
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
