@@ -415,6 +415,52 @@ def test_one_render_method_agrees_with_the_prefix_method(tok, monkeypatch):
     assert [tokenize_example(tok, r, 512) for r in records] == fast
 
 
+# --- the model, its tokenizer and the file's format fit each other (model_fit.py) -------------------------------
+
+def test_a_tokenizer_with_more_tokens_than_the_embedding_is_fatal_naming_both_sizes(tok, tmp_path):
+    path = write(tmp_path / "f.jsonl", [chat()] * 3)
+    assert validate_file(path, tok, model_vocab_size=len(tok)).ok  # as many rows as tokens, or more, is fine
+    report = validate_file(path, tok, model_vocab_size=len(tok) - 3)
+    assert not report.ok and report.fatal["code"] == "vocab_mismatch" and report.skipped == 0
+    assert f"the tokenizer has {len(tok)} tokens but the model's embedding has {len(tok) - 3} rows" in report.render()
+
+
+def test_embedding_rows_come_from_config_json_without_weights(tiny_model_dir, tmp_path):
+    from daemon.trainer.model_fit import embedding_rows
+
+    assert embedding_rows(tiny_model_dir) == json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {"vocab_size": 77}}))
+    assert embedding_rows(tmp_path) == 77
+    assert embedding_rows(tmp_path / "missing") is None
+
+
+def test_a_tokenizer_that_encodes_nothing_is_fatal_naming_the_probe(tmp_path):
+    from tiny_model import build_word_level_tokenizer
+
+    tokenizer = build_word_level_tokenizer()
+    report = validate_file(write(tmp_path / "f.jsonl", [{"text": "hello world"}] * 2), tokenizer)
+    assert report.fatal["code"] == "tokenizer_encodes_nothing"
+    assert (f"the tokenizer ({type(tokenizer).__name__}) returns no token ids for the probe 'Hello, world'"
+            in report.fatal["message"])
+
+
+def test_a_chat_template_that_refuses_every_conversation_is_one_error_for_the_file(fresh_tok, tmp_path):
+    fresh_tok.chat_template = "{{ raise_exception('tool calls only') }}"
+    report = validate_file(write(tmp_path / "f.jsonl", [chat()] * 3), fresh_tok)
+    assert report.fatal["code"] == "chat_template_error" and report.skipped == 0
+    assert "cannot render a messages conversation (one user and one assistant message): TemplateError: tool " \
+           "calls only" in report.render()
+    assert validate_file(write(tmp_path / "t.jsonl", [{"text": "plain"}] * 2), fresh_tok).ok  # needs no template
+
+
+def test_a_chat_template_that_drops_the_assistant_message_is_one_error_for_the_file(fresh_tok, tmp_path):
+    fresh_tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
+                               "{% endfor %}")
+    report = validate_file(write(tmp_path / "f.jsonl", [{"prompt": "2+2=", "completion": "4"}] * 2), fresh_tok)
+    assert report.fatal["code"] == "chat_template_error"
+    assert "does not write the assistant message of a prompt_completion conversation" in report.fatal["message"]
+
+
 # --- `training-daemon validate` --------------------------------------------------------------------------------
 
 def test_validate_command_prints_the_report_and_exits_by_ok(root, tiny_model_dir, capsys):
@@ -433,6 +479,18 @@ def test_validate_command_prints_the_report_and_exits_by_ok(root, tiny_model_dir
     report = json.loads(capsys.readouterr().out)
     assert report["fatal"]["code"] == "too_few_examples" and report["counts_by_code"] == {"too_long": 1}
     assert report["errors"][0]["line"] == 2 and report["tokens"] > 0
+
+
+def test_validate_command_checks_the_tokenizer_against_the_model(root, tmp_path, capsys):
+    from helpers import write_config
+    from tiny_model import build_tiny_model
+
+    from daemon.config import load_config
+    from daemon.trainer.data import validate_command
+
+    cfg = load_config(write_config(root, build_tiny_model(tmp_path / "model", added_tokens=2)))
+    assert validate_command(write(root / "good.jsonl", [chat()] * 2), cfg, as_json=False) == 1
+    assert "good.jsonl: REJECTED (vocab_mismatch): the tokenizer has" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # a subprocess that imports transformers (and so torch): several seconds on 2 cores

@@ -1,4 +1,5 @@
-"""The training recipe in-process: exact resume from a checkpoint, divergence, checkpoint verification."""
+"""The training recipe in-process: exact resume from a checkpoint, divergence and runs that train nothing,
+checkpoint verification."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from daemon.trainer import checkpoint
 from daemon.trainer.data import TokenizedExample
-from daemon.trainer.recipe import Diverged, LoRARecipe, StopRequested
+from daemon.trainer.recipe import Diverged, LoRARecipe, NoSteps, StopRequested
 
 
 class Tok:
@@ -125,3 +126,53 @@ def test_the_trainer_side_never_imports_the_supervisor():
     code = ("import sys, daemon.trainer.main, daemon.trainer.recipe, daemon.trainer.export, daemon.trainer.generate; "
             "assert not [m for m in sys.modules if m.startswith('daemon.supervisor')]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def train_with_nan(tmp_path, monkeypatch, faults: str, max_diverged_steps: int = 100):
+    """A recipe set up under the given nan faults, and the events it emits."""
+    monkeypatch.setenv("TRAINING_DAEMON_FAULTS", faults)
+    cfg = config(epochs=1)
+    cfg.limits.max_diverged_steps = max_diverged_steps
+    emitted = []
+    recipe = LoRARecipe(cfg, job_dir=tmp_path, emit=emitted.append)
+    recipe.setup(examples()[:20], [], model=model(), tokenizer=Tok())
+    return recipe, emitted
+
+
+def skipped(emitted: list[dict]) -> list[str]:
+    """The warnings' first words: "step N skipped"."""
+    return [e["message"].split(",")[0] for e in emitted if e.get("level") == "warning"]
+
+
+def test_a_run_without_one_finite_step_raises_no_steps_naming_them(tmp_path, monkeypatch):
+    recipe, emitted = train_with_nan(tmp_path, monkeypatch, '[{"point": "train_step", "kind": "nan"}]')
+    total = recipe.progress.total_steps
+    with pytest.raises(NoSteps, match=rf"every step was non-finite \(steps 1..{total}\)"):
+        recipe.train()
+    assert skipped(emitted) == [f"step {n} skipped" for n in range(1, total + 1)]
+
+
+def test_skipped_steps_are_numbered_in_the_schedule_and_a_non_finite_last_step_diverges(tmp_path, monkeypatch):
+    # Non-finite while 2 steps are done: every later step is skipped, the last one included.
+    recipe, emitted = train_with_nan(tmp_path, monkeypatch, '[{"point": "train_step", "kind": "nan", "step": 2}]')
+    total = recipe.progress.total_steps
+    with pytest.raises(Diverged, match=rf"diverged at step 3: the final loss is not finite \(steps 3..{total},"):
+        recipe.train()
+    assert skipped(emitted) == [f"step {n} skipped" for n in range(3, total + 1)]
+
+
+def test_some_skipped_steps_still_train_and_are_counted(tmp_path, monkeypatch):
+    once = tmp_path / "fired"
+    recipe, emitted = train_with_nan(
+        tmp_path, monkeypatch, f'[{{"point": "train_step", "kind": "nan", "step": 1, "once_file": "{once}"}}]')
+    recipe.train()
+    summary = recipe.summary()
+    assert summary["steps"] == recipe.progress.total_steps - 1 and summary["steps_skipped"] == 1
+    assert skipped(emitted) == ["step 2 skipped"]
+
+
+def test_a_non_finite_eval_loss_diverges(tmp_path, monkeypatch):
+    recipe, _ = train_with_nan(tmp_path, monkeypatch, "[]")
+    monkeypatch.setattr(recipe, "evaluate", lambda: float("inf"))
+    with pytest.raises(Diverged, match="the eval loss after step .* is not finite"):
+        recipe.train()

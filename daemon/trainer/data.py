@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from daemon.trainer import chat_template
+from daemon.trainer import chat_template, model_fit
 from daemon.trainer.formats import Example, RecordReader, Rejection, check_record, detect_format
 
 IGNORE = -100
@@ -66,8 +66,7 @@ def _plan(tokenizer, ex: Example, train_on_inputs: bool) -> _Plan | Rejection:
             prompt, completion = ex.messages[0]["content"], ex.messages[1]["content"]
             text = prompt + completion
             return _Plan(ex, text, [(0 if train_on_inputs else len(prompt), len(text))], [], add_eos=True)
-        return Rejection(ex.line, "no_chat_template", f"the base model's tokenizer has no chat template, needed "
-                         f"for the {ex.format!r} format; use the 'text' or 'prompt'/'completion' format instead")
+        return model_fit.no_chat_template(ex.format, ex.line)
     try:
         full = chat_template.render(tokenizer, ex.messages)
         spans = chat_template.assistant_spans(tokenizer, ex.messages, full)
@@ -265,13 +264,15 @@ class Report:
 
 def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_bytes: int = 16 << 20,
                   train_on_inputs: bool = False, too_long: str = "skip", min_examples: int = 1,
-                  keep_examples: bool = False) -> Report:
+                  keep_examples: bool = False, model_vocab_size: int | None = None) -> Report:
     """Check a JSONL file in one streaming pass; with a tokenizer, also tokenize and count tokens.
 
     Memory stays bounded by the longest accepted line and a batch of records, whatever the file's size,
     unless keep_examples=True: then `report.examples_list` holds every usable TokenizedExample in file
     order (each knows its source `line`), ready for training; skipped lines leave no gap in the list.
-    Validation stops at the first fatal problem (encoding, not JSONL, mixed formats).
+    Validation stops at the first fatal problem (encoding, not JSONL, mixed formats, a tokenizer or chat
+    template that does not fit the model or the file's format: model_fit.py, checked once the format is known;
+    `model_vocab_size`: the model's embedding rows, when known).
     """
     report = Report(file=str(path), min_examples=min_examples, max_length=max_length if tokenizer else None)
     if tokenizer is not None:
@@ -279,6 +280,7 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
     keep = keep_examples and tokenizer is not None
     pending: list[Example | Rejection] = []
     pending_bytes = 0
+    fit_checked = tokenizer is None
 
     def flush() -> None:
         nonlocal pending_bytes
@@ -304,6 +306,13 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
             if tokenizer is None:
                 report._add(item, False)
                 continue
+            if not fit_checked and isinstance(item, Example):
+                fit_checked = True
+                misfit = model_fit.check(tokenizer, item.format, model_vocab_size)
+                if misfit:
+                    flush()  # the lines before it still count
+                    report._set_fatal(misfit)
+                    break
             pending.append(item)
             pending_bytes += getattr(item, "size", 0)
             if len(pending) >= TOKENIZE_BATCH or pending_bytes >= TOKENIZE_BATCH_BYTES:
@@ -321,12 +330,15 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
     return report
 
 
-def validate_for_config(path, tokenizer, cfg, *, keep_examples: bool = False) -> Report:
-    """validate_file with the settings of a daemon config: what the trainer and `validate` both check."""
+def validate_for_config(path, tokenizer, cfg, *, base_dir: Path | None = None,
+                        keep_examples: bool = False) -> Report:
+    """validate_file with the settings of a daemon config and the base model in `base_dir`: what the trainer and
+    `validate` both check."""
     t = cfg.training
     return validate_file(path, tokenizer, max_length=t.max_length, max_line_bytes=cfg.intake.max_line_bytes,
                          train_on_inputs=t.train_on_inputs, too_long=t.too_long, min_examples=t.min_examples,
-                         keep_examples=keep_examples)
+                         keep_examples=keep_examples,
+                         model_vocab_size=model_fit.embedding_rows(base_dir) if base_dir else None)
 
 
 def validate_command(path: Path, cfg, as_json: bool) -> int:
@@ -341,6 +353,6 @@ def validate_command(path: Path, cfg, as_json: bool) -> int:
         tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of the base model {base_dir}: {e}") from e
-    report = validate_for_config(path, tokenizer, cfg)
+    report = validate_for_config(path, tokenizer, cfg, base_dir=base_dir)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if as_json else report.render())
     return 0 if report.ok else 1

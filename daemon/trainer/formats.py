@@ -30,7 +30,7 @@ SKIP_CHUNK = 1 << 20  # how much of an over-long line is read at a time while sk
 
 # Fatal codes reject the whole file; the others reject one line, which is then skipped.
 FATAL_CODES = frozenset({"invalid_utf8", "nul_byte", "not_jsonl", "mixed_formats", "no_chat_template",
-                         "too_few_examples"})
+                         "too_few_examples", "vocab_mismatch", "tokenizer_encodes_nothing", "chat_template_error"})
 JSONL_HINT = ("JSONL means one JSON object per line, each line a complete training example, "
               'e.g. {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}')
 

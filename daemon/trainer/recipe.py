@@ -33,7 +33,11 @@ GIB = 1024**3
 
 
 class Diverged(Exception):
-    """Loss or gradient norm stopped being finite."""
+    """Loss or gradient norm stopped being finite: too many steps in a row, the last step, or the eval loss."""
+
+
+class NoSteps(Exception):
+    """The run ended without one completed optimizer step: there is nothing to publish."""
 
 
 class StopRequested(Exception):
@@ -148,8 +152,9 @@ class LoRARecipe:
     def train(self) -> Progress:
         """Optimizer steps through every epoch's plan (or up to max_steps), then one evaluation.
 
-        Raises StopRequested at a step boundary when a stop is asked for, and Diverged when too many steps in a
-        row had a non-finite loss or gradient norm."""
+        Raises StopRequested at a step boundary when a stop is asked for; Diverged when too many steps in a row,
+        the last step or the evaluation had a non-finite loss or gradient norm; NoSteps when no step completed.
+        Every rank raises alike: losses and gradient norms are summed over ranks before they are judged."""
         p, t = self.progress, self.t
         self.model.train()
         last_ckpt_time, last_ckpt_step = time.monotonic(), p.step
@@ -180,11 +185,34 @@ class LoRARecipe:
                 p.epoch += 1
                 p.micro_batch = 0
         p.train_seconds += time.perf_counter() - window_start
+        self._check_trained()
         eval_loss = self.evaluate()
+        if eval_loss is not None and not math.isfinite(eval_loss):
+            raise Diverged(f"diverged: the eval loss after step {p.step} is not finite ({eval_loss})")
         if eval_loss is not None:
             p.evals.append([p.step, eval_loss])
             self.emit({"event": Event.EVAL, "step": p.step, "eval_loss": eval_loss})
         return p
+
+    def _check_trained(self) -> None:
+        """A run that completed no step, or whose final step had a non-finite loss, trained nothing worth
+        publishing: its adapter is the parent's (or the untrained LoRA), or the last loss says it broke."""
+        p = self.progress
+        last = self._step_number() - 1
+        if p.step == 0:
+            raise NoSteps(f"no optimizer step completed: every step was non-finite (steps 1..{last})")
+        if p.nonfinite_streak:
+            first = last - p.nonfinite_streak + 1
+            raise Diverged(f"diverged at step {first}: the final loss is not finite (steps {first}..{last}, the "
+                           "last of the run, were skipped)")
+
+    def _step_number(self) -> int:
+        """The 1-based place of the current step in the run's schedule of steps (every epoch's windows, skipped
+        steps included): what warnings and errors name. It can run ahead of progress.step, which counts
+        completed steps only, and it follows from the checkpointed progress, so a resumed run numbers alike."""
+        p = self.progress
+        earlier = sum(math.ceil(len(plan) / self.accum) for plan in self.plans[:p.epoch])
+        return earlier + p.micro_batch // self.accum + 1
 
     def _checkpoint_due(self, last_ckpt_time: float, last_ckpt_step: int) -> bool:
         """Decided at a step boundary, by all ranks alike (a signal or a clock reaches them at different steps):
@@ -215,9 +243,15 @@ class LoRARecipe:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             p.nonfinite_streak += 1
-            if p.nonfinite_streak >= self.cfg.limits.max_diverged_steps:
-                raise Diverged(f"diverged at step {p.step + 1}: loss={loss} grad_norm={grad_norm} "
-                               f"for {p.nonfinite_streak} consecutive steps")
+            number, limit = self._step_number(), self.cfg.limits.max_diverged_steps
+            self.emit({"event": Event.LOG, "level": "warning",
+                       "message": f"step {number} skipped, the loss or gradient is not finite (loss={loss:.4g} "
+                                  f"grad_norm={grad_norm:.4g}); the weights are unchanged ({p.nonfinite_streak} in a "
+                                  f"row, limits.max_diverged_steps={limit} in a row fail the job)"})
+            if p.nonfinite_streak >= limit:
+                first = number - p.nonfinite_streak + 1
+                raise Diverged(f"diverged at step {first}: loss={loss:.4g} grad_norm={grad_norm:.4g} "
+                               f"for {p.nonfinite_streak} consecutive steps ({first}..{number})")
             return None
         p.nonfinite_streak = 0
         self.optimizer.step()
@@ -320,8 +354,8 @@ class LoRARecipe:
 
     def summary(self) -> dict:
         p = self.progress
-        return {"steps": p.step, "epochs": self.t.epochs, "tokens_trained": p.tokens_seen,
-                "trainable_tokens_trained": p.trainable_tokens_seen,
+        return {"steps": p.step, "steps_skipped": self._step_number() - 1 - p.step, "epochs": self.t.epochs,
+                "tokens_trained": p.tokens_seen, "trainable_tokens_trained": p.trainable_tokens_seen,
                 "first_train_loss": p.losses[0][1] if p.losses else None,
                 "final_train_loss": p.losses[-1][1] if p.losses else None,
                 "eval_loss": p.evals[-1][1] if p.evals else None, "training_seconds": round(p.train_seconds, 3),
