@@ -1,8 +1,10 @@
 """Published adapter versions: checkpoints/<adapter>/v<N>/ and the `latest` link.
 
 A version folder is built under a temporary name and renamed into place only when complete, so a reader
-never sees half a version; `latest` is swapped atomically afterwards. This module does not import torch:
-the daemon and the CLI read versions too.
+never sees half a version; `latest` is swapped atomically afterwards. Its metadata.json records the size and
+sha256 of every file beside it, so a version damaged later (a truncated copy, a disk error, a file deleted by
+hand) is recognised before it is trained on or exported (`problems`, `newest_sound_version`). This module does
+not import torch: the daemon and the CLI read versions too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ VERSION = re.compile(r"^v(\d+)$")
 
 
 def versions(adapter_dir: Path) -> list[int]:
+    """Numbers of the complete versions (those with a metadata.json), oldest first."""
     if not adapter_dir.is_dir():
         return []
     found = []
@@ -32,6 +35,18 @@ def versions(adapter_dir: Path) -> list[int]:
 def latest_version(adapter_dir: Path) -> int | None:
     found = versions(adapter_dir)
     return found[-1] if found else None
+
+
+def taken_numbers(adapter_dir: Path) -> list[int]:
+    """Every number a `v<N>` entry holds, complete or not: a leftover half folder still owns its name."""
+    if not adapter_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in adapter_dir.iterdir() if (m := VERSION.match(p.name)))
+
+
+def next_version(adapter_dir: Path) -> int:
+    found = taken_numbers(adapter_dir)
+    return found[-1] + 1 if found else 1
 
 
 def read_metadata(adapter_dir: Path, version: int) -> dict:
@@ -60,8 +75,8 @@ def staging_dir(adapter_dir: Path, job_id: int) -> Path:
 
 def publish(adapter_dir: Path, staged: Path, metadata: dict) -> tuple[int, Path]:
     """Give the staged folder the next version number, atomically, and point `latest` at it."""
-    version = (latest_version(adapter_dir) or 0) + 1
-    metadata = {**metadata, "version": version}
+    version = next_version(adapter_dir)
+    metadata = {**metadata, "version": version, "files": file_digests(staged)}
     durable.write_json(staged / "metadata.json", metadata)
     for f in staged.iterdir():
         if f.is_file():
@@ -73,6 +88,61 @@ def publish(adapter_dir: Path, staged: Path, metadata: dict) -> tuple[int, Path]
     faults.check("published")  # in place, `latest` not yet swapped and the job not yet done
     durable.swap_symlink(adapter_dir / "latest", final.name)
     return version, final
+
+
+def file_digests(folder: Path) -> dict[str, dict]:
+    """{relative path: {"bytes": size, "sha256": hex}} of every file in a version folder but metadata.json."""
+    return {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": durable.sha256_file(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.relative_to(folder) != Path("metadata.json")}
+
+
+# A version from before file digests were recorded is checked for the files a PEFT adapter cannot load without.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def problems(version_dir: Path, digests: bool = True) -> list[str]:
+    """What is wrong with a published version folder, in plain words; empty when it is whole. `digests=False`
+    checks names and sizes only: a look cheap enough for every request of the status page."""
+    try:
+        meta = json.loads((version_dir / "metadata.json").read_text())
+    except FileNotFoundError:
+        return ["no metadata.json: an incomplete version"]
+    except (OSError, ValueError) as e:
+        return [f"metadata.json is unreadable: {e}"]
+    recorded = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict):
+        return [f"{name} is missing" for name in ADAPTER_FILES if not (version_dir / name).is_file()]
+    found = []
+    for name, want in recorded.items():
+        path = version_dir / name
+        if not path.is_file():
+            found.append(f"{name} is missing")
+        elif path.stat().st_size != want.get("bytes"):
+            found.append(f"{name} has {path.stat().st_size} bytes, {want.get('bytes')} were published")
+        elif digests and durable.sha256_file(path) != want.get("sha256"):
+            found.append(f"{name} does not match the sha256 recorded when it was published")
+    return found
+
+
+def damaged_versions(adapter_dir: Path) -> dict[int, list[str]]:
+    """{version: problems} of every `v<N>` folder that fails the quick check (names and sizes)."""
+    found = {v: problems(adapter_dir / f"v{v}", digests=False) for v in taken_numbers(adapter_dir)
+             if (adapter_dir / f"v{v}").is_dir()}
+    return {v: p for v, p in found.items() if p}
+
+
+def newest_sound_version(adapter_dir: Path, on_damaged) -> int | None:
+    """The newest version folder that is whole; `on_damaged(version, problems)` hears of each newer one skipped
+    (a `v<N>` folder without metadata.json included: a version is never renamed into place without one)."""
+    for v in reversed(taken_numbers(adapter_dir)):
+        path = adapter_dir / f"v{v}"
+        if not path.is_dir():
+            continue
+        found = problems(path)
+        if not found:
+            return v
+        on_damaged(v, found)
+    return None
 
 
 def repair_latest(adapter_dir: Path) -> None:

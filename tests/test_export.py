@@ -1,13 +1,16 @@
-"""export --merge: the merged model answers exactly like base + adapter, and loads without peft."""
+"""export --merge: the merged model answers exactly like base + adapter, and loads without peft; a damaged
+version, or one whose base folder now holds another model, is refused."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from daemon import versions as publish
 from daemon.trainer.export import export_merged
+from daemon.trainer.fingerprint import base_fingerprint
 from daemon.paths import Layout, UserError
 
 
@@ -80,3 +83,32 @@ def test_export_refuses_what_it_cannot_do(adapter, root):
     with pytest.raises(UserError, match="not there"):
         export_merged(adapter, "default", root / "out")
     assert not (root / "out").exists()
+
+
+def test_a_damaged_version_is_refused_in_one_line_and_skipped_when_no_version_is_named(adapter, root, capsys):
+    from daemon.trainer.generate import resolve_version
+
+    adapter_dir = adapter.adapter_dir("default")
+    shutil.copytree(adapter_dir / "v1", adapter_dir / "v2")
+    weights = adapter_dir / "v2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(UserError, match=r"^version default@2 is damaged and cannot be used: "
+                                        r"adapter_model.safetensors has \d+ bytes, \d+ were published$"):
+        export_merged(adapter, "default@2", root / "out")
+    assert not (root / "out").exists()
+
+    path, meta = resolve_version(adapter.checkpoints, "default")
+    assert path == adapter_dir / "v1" and meta["version"] == 1
+    assert "Warning: version default@2 is damaged (adapter_model.safetensors has" in capsys.readouterr().err
+
+
+def test_a_version_is_refused_when_its_base_folder_now_holds_another_model(adapter, root, tiny_model_dir):
+    base = shutil.copytree(tiny_model_dir, root / "base")
+    meta_path = adapter.adapter_dir("default") / "v1" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "base_model_path": str(base),
+                                     "base_model_fingerprint": base_fingerprint(base)}))
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(UserError, match=f"default@1 was trained on another model than the one now at {base}"):
+        export_merged(adapter, "default@1", root / "out")

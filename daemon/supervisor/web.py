@@ -26,7 +26,7 @@ from daemon.paths import ADAPTER_NAME, Layout
 from daemon.supervisor.job import JobStatus
 from daemon.supervisor.spool import Spool
 from daemon.supervisor.web_page import PAGE
-from daemon.versions import latest_version, read_metadata, versions
+from daemon.versions import damaged_versions, latest_version, problems, read_metadata, versions
 
 MAX_POINTS = 2000  # per series in one /api/loss answer; longer runs are thinned evenly
 VERSION_FIELDS = ("adapter", "version", "job_id", "source_file", "base_model", "steps", "epochs", "first_train_loss",
@@ -49,7 +49,8 @@ def list_versions(layout: Layout) -> list[dict]:
                 continue
             row = {k: meta.get(k) for k in VERSION_FIELDS}
             row.update(adapter=adapter_dir.name, version=v, latest=v == newest,
-                       loss_plot_url=f"/plots/{adapter_dir.name}/v{v}.png" if meta.get("loss_plot") else None)
+                       loss_plot_url=f"/plots/{adapter_dir.name}/v{v}.png" if meta.get("loss_plot") else None,
+                       damaged=problems(adapter_dir / f"v{v}", digests=False))  # names and sizes: cheap per request
             out.append(row)
     return out
 
@@ -189,6 +190,12 @@ class FileCollector:
             if row["latest"]:
                 latest.add_metric([row["adapter"]], row["version"])
         yield latest
+        damaged = G("training_daemon_adapter_damaged_versions", "Version folders with a file missing or of another "
+                    "size than published, or no metadata.json (never trained on)", labels=["adapter"])
+        for adapter_dir in sorted(self.layout.checkpoints.glob("*")):
+            if adapter_dir.is_dir() and ADAPTER_NAME.match(adapter_dir.name):
+                damaged.add_metric([adapter_dir.name], len(damaged_versions(adapter_dir)))
+        yield damaged
 
 
 def _is_loopback(host: str) -> bool:

@@ -74,7 +74,8 @@ async function getJSON(url) { const r = await fetch(url, {cache: "no-store"}); i
 
 function renderStatus(st) {
   const d = st.daemon || {}, age = st.updated_unix ? Date.now() / 1000 - st.updated_unix : null;
-  $("daemon-state").textContent = d.state ? d.state + (d.pid ? " (pid " + d.pid + ")" : "") : "no status yet";
+  $("daemon-state").textContent = d.state ? d.state + (d.pid ? " (pid " + d.pid + ")" : "")
+    + (d.blocked ? ": no job starts until this is fixed: " + d.blocked.reason : "") : "no status yet";
   $("updated").textContent = age === null ? "" : (age > 10 ? "status not updated for " + fmtDur(age) : "updated " + fmtDur(age) + " ago");
   $("updated").className = age !== null && age > 10 ? "stale" : "muted";
   const c = st.current;
@@ -150,7 +151,7 @@ function renderVersions(vs) {
   const tb = $("versions"); tb.replaceChildren();
   vs.forEach(v => {
     const tr = document.createElement("tr");
-    cell(tr, v.adapter); cell(tr, "v" + v.version + (v.latest ? " (latest)" : "")); cell(tr, v.job_id); cell(tr, v.source_file);
+    cell(tr, v.adapter); cell(tr, "v" + v.version + (v.latest ? " (latest)" : "") + (v.damaged && v.damaged.length ? " (damaged: " + v.damaged.join("; ") + ")" : "")); cell(tr, v.job_id); cell(tr, v.source_file);
     cell(tr, v.steps); cell(tr, num(v.first_train_loss, 4)); cell(tr, num(v.final_train_loss, 4)); cell(tr, num(v.eval_loss, 4));
     cell(tr, fmtDur(v.training_seconds)); cell(tr, v.finished_at || "");
     const td = cell(tr, "");

@@ -2,7 +2,9 @@
 
 The merged folder loads with plain AutoModelForCausalLM.from_pretrained (no peft needed), e.g. for
 serving or converting to GGUF. It is written under a temporary name beside OUT and renamed into place
-when complete, so OUT is either absent or a whole model. Runs in the CLI process, never in the daemon.
+when complete, so OUT is either absent or a whole model. The version is checked first (resolve_version): a
+damaged one, or one whose base folder now holds another model, is refused in one line. Runs in the CLI
+process, never in the daemon.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def export_merged(layout: Layout, spec: str, out: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         durable.write_json(tmp / "export.json", {
             "adapter": meta.get("adapter"), "version": meta.get("version"), "source": str(version_dir),
-            "base_model": meta.get("base_model"), "base_model_path": str(base), "exported_at": now_iso(),
+            "base_model": meta.get("base_model"), "base_model_path": str(base),
+            "base_model_fingerprint": meta.get("base_model_fingerprint"), "exported_at": now_iso(),
             "job_id": meta.get("job_id"), "source_file": meta.get("source_file"), "lora": meta.get("lora"),
         })
         for f in tmp.rglob("*"):

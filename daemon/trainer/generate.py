@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -34,16 +35,47 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:
 
 
 def resolve_version(adapter_root: Path, spec: str) -> tuple[Path, dict]:
-    """ADAPTER or ADAPTER@VERSION (e.g. default@3) -> (version folder, its metadata)."""
+    """ADAPTER or ADAPTER@VERSION (e.g. default@3) -> (version folder, its metadata), checked against the file
+    digests it was published with. A damaged version named outright is an error; without a number the newest
+    sound version is used, and each newer damaged one is named on stderr."""
     from daemon.paths import UserError, check_adapter_name
-    from daemon.versions import latest_version
+    from daemon.versions import newest_sound_version, problems
 
     name, _, version = spec.partition("@")
     adapter_dir = adapter_root / check_adapter_name(name)
     if version and not version.removeprefix("v").isdigit():  # "default@../x" names no folder, only a mistake
         raise UserError(f"bad version in {spec!r}: use ADAPTER or ADAPTER@N (e.g. default@3)")
-    v = int(version.removeprefix("v")) if version else latest_version(adapter_dir)
-    path = adapter_dir / f"v{v}"
-    if v is None or not (path / "metadata.json").exists():
+
+    if version:
+        v = int(version.removeprefix("v"))
+        path = adapter_dir / f"v{v}"
+        found = problems(path) if path.is_dir() else None
+        if found:
+            raise UserError(f"version {name}@{v} is damaged and cannot be used: {'; '.join(found)}")
+    else:
+        def skipped(v: int, found: list[str]) -> None:
+            print(f"Warning: version {name}@{v} is damaged ({'; '.join(found)}): using an older one",
+                  file=sys.stderr)
+
+        v = newest_sound_version(adapter_dir, skipped)
+        path = adapter_dir / f"v{v}"
+    if v is None or not path.is_dir():
         raise UserError(f"no published version {spec!r} under {adapter_root}")
-    return path, json.loads((path / "metadata.json").read_text())
+    meta = json.loads((path / "metadata.json").read_text())
+    check_same_base(meta, f"{name}@{v}")
+    return path, meta
+
+
+def check_same_base(meta: dict, label: str) -> None:
+    """An adapter applied to another model than the one it was trained on answers nonsense (or fails on a shape):
+    refuse when the folder it names now holds a different model (a version from before fingerprints: trusted)."""
+    from daemon.paths import UserError
+    from daemon.trainer.fingerprint import base_fingerprint
+
+    recorded, base = meta.get("base_model_fingerprint"), meta.get("base_model_path")
+    if not (recorded and base and Path(base).is_dir()):
+        return  # a missing base is the caller's to report, in its own words
+    now = base_fingerprint(Path(base))
+    if now != recorded:
+        raise UserError(f"{label} was trained on another model than the one now at {base} "
+                        f"(base fingerprint {recorded[:12]}, now {now[:12]})")
