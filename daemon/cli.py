@@ -190,22 +190,28 @@ def logs(root, config, follow, lines):
         click.echo("\n".join(text[-lines:]))
 
 
-def _control(root, config, action, job_id=None):
+def _control(root, config, action, job_id=None, same_config=False):
     from daemon.supervisor import control
     from daemon.supervisor.spool import Spool
+    from daemon.supervisor.status import StatusWriter
 
-    _, _, layout = _load(root, config, need_config=False)
+    _, path, layout = _load(root, config, need_config=False)
     layout.ensure()
+    root = root or os.environ.get("TRAINING_DAEMON_ROOT")
+    # The config a retried job takes, read as the daemon reads it: the same file, the same root override.
+    current = None if same_config else control.current_config(path, root)
     lock = control.DaemonLock(layout)
     if lock.try_acquire():  # no daemon: apply it here, under the daemon's lock
         try:
-            msg = control.apply(Spool(layout), action, job_id)
+            msg = control.apply(Spool(layout), action, job_id, config=current)
+            # status.log tells what happened to the queue, whoever did it
+            StatusWriter(layout, echo=False).event(control.event_name(action), msg, job_id=job_id, by="cli")
         finally:
             lock.release()
     else:
         if action == "retry":  # refuse now what the daemon would refuse later, where the user can see it
-            control.check_retry(Spool(layout), job_id)
-        control.request(layout, action, job_id)
+            control.check_retry(Spool(layout), job_id, current)
+        control.request(layout, action, job_id, same_config=same_config)
         msg = f"{action} requested; the daemon applies it within a second"
     click.echo(msg)
 
@@ -235,9 +241,11 @@ def cancel(root, config, job_id):
 @cli.command()
 @common
 @click.argument("job_id", type=int)
-def retry(root, config, job_id):
-    """Queue a failed job again."""
-    _control(root, config, "retry", job_id)
+@click.option("--same-config", is_flag=True, help="Keep the job's config snapshot instead of taking the current "
+              "config (config file and adapter override as they are now).")
+def retry(root, config, job_id, same_config):
+    """Queue a failed job again, with the current config (or its old one: --same-config)."""
+    _control(root, config, "retry", job_id, same_config)
 
 
 @cli.command()

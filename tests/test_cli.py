@@ -170,3 +170,37 @@ def test_pause_and_resume_without_a_daemon(run_cli, root):
     r = run_cli("resume")
     assert (r.code, r.out, r.err) == (0, "resumed\n", "")
     assert not flag.exists()
+
+
+def test_jobs_shows_a_job_whose_manifest_cannot_be_read_and_moves_nothing(run_cli, root):
+    queue_a_job(root)
+    queue_a_job(root, "other.jsonl")
+    manifest = Layout.at(root).state_dir("pending") / "j000001" / "job.json"
+    manifest.write_text('{"id": 1, "adapter": "def')
+    r = run_cli("jobs")
+    assert r.code == 0
+    rows = r.out.splitlines()[1:]
+    assert rows[0].split()[:5] == ["1", "pending", "?", "-", "?"] and "job.json is not valid JSON" in rows[0]
+    assert rows[1].split()[:5] == ["2", "pending", "default", "-", "other.jsonl"]
+    assert [j["id"] for j in json.loads(run_cli("jobs", "--json").out)] == [1, 2]
+    assert "2 pending" in run_cli("status").out
+    assert manifest.read_text() == '{"id": 1, "adapter": "def'  # a reader never repairs: the daemon does
+
+
+def test_retry_takes_the_current_config_or_keeps_the_snapshot(run_cli, root, config):
+    queue_a_job(root)
+    assert run_cli("cancel", "1").code == 0
+    r = run_cli("retry", "1", "--same-config")
+    assert (r.code, r.out) == (0, "job 1 queued again (no config snapshot yet: it takes the config at its start)\n")
+    assert run_cli("cancel", "1").code == 0
+    r = run_cli("retry", "1")
+    assert (r.code, r.out) == (0, "job 1 queued again with the current config (config.json: none before)\n")
+    snapshot = json.loads((Layout.at(root).state_dir("pending") / "j000001" / "config.json").read_text())
+    assert snapshot["training"]["max_length"] == 128  # the test config's, as the daemon would have taken it
+    log = (root / "status.log").read_text()
+    assert "job 1 cancelled" in log and "job 1 queued again with the current config" in log  # said by the CLI
+
+
+def test_retry_help_names_same_config(run_cli):
+    r = run_cli("retry", "--help", with_root=False)
+    assert r.code == 0 and "--same-config" in r.out

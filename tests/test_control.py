@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from daemon.config_errors import ConfigError, issue
 from daemon.paths import Layout, UserError
 from daemon.supervisor import control
 from daemon.supervisor.job import JobStatus
@@ -41,7 +44,8 @@ def test_the_cli_gets_what_was_done_in_words(spool):
     job, _ = spool.get(job_id)
     assert job.state == JobStatus.FAILED and job.error == "cancelled by user"
     assert job.finished_at  # ended like a cancelled running job: the same policy decided it
-    assert control.apply(spool, "retry", job_id) == f"job {job_id} queued again"
+    assert control.apply(spool, "retry", job_id) == (f"job {job_id} queued again (no config snapshot yet: it "
+                                                     "takes the config at its start)")
     job, _ = spool.get(job_id)
     assert job.state == JobStatus.PENDING and job.error is None
     assert [a["outcome"] for a in job.attempts] == ["retried_by_user"]
@@ -85,3 +89,82 @@ def test_a_request_file_with_an_unknown_action_is_ignored(spool):
     assert control.apply(spool, "reboot", status=log) is None
     assert control.apply(spool, None, status=log) is None
     assert log.events == []
+
+
+def failed_job(spool: Spool, snapshot: dict | None) -> tuple[int, object]:
+    job_id = queue(spool)
+    control.apply(spool, "cancel", job_id)
+    folder = spool.get(job_id)[1]
+    if snapshot is not None:
+        (folder / "config.json").write_text(json.dumps(snapshot))
+        (folder / "resume" / "step-000002").mkdir(parents=True)
+    return job_id, folder
+
+
+OLD = {"base_model": "m", "training": {"max_length": 16, "epochs": 1}, "lora": {"r": 4}}
+
+
+def test_retry_takes_the_current_config_and_says_what_changed(spool):
+    job_id, folder = failed_job(spool, OLD)
+    new = {"base_model": "m", "training": {"max_length": 128, "epochs": 1}, "lora": {"r": 4, "alpha": 8}}
+    asked = []
+
+    def current(adapter):
+        asked.append(adapter)
+        return new
+
+    said = control.apply(spool, "retry", job_id, config=current)
+    assert said == (f"job {job_id} queued again with the current config (lora.alpha: (unset) -> 8; "
+                    "training.max_length: 16 -> 128)")
+    assert asked == ["default"]
+    job, folder = spool.get(job_id)
+    assert json.loads((folder / "config.json").read_text()) == new
+    assert not (folder / "resume").exists()  # checkpoints of the old settings are not continued
+    assert job.attempts[-1]["config"] == "current" and job.note == "retried " + said.split("again ", 1)[1]
+    assert job.attempts[-1]["config_changes"] == ["lora.alpha: (unset) -> 8", "training.max_length: 16 -> 128"]
+
+
+def test_retry_with_an_unchanged_config_keeps_the_checkpoints(spool):
+    job_id, folder = failed_job(spool, OLD)
+    assert control.apply(spool, "retry", job_id, config=lambda _: OLD).endswith("with the current config (unchanged)")
+    assert (spool.get(job_id)[1] / "resume" / "step-000002").is_dir()
+
+
+def test_retry_same_config_keeps_the_snapshot(spool):
+    job_id, folder = failed_job(spool, OLD)
+    assert control.apply(spool, "retry", job_id) == f"job {job_id} queued again with its config snapshot kept"
+    job, folder = spool.get(job_id)
+    assert json.loads((folder / "config.json").read_text()) == OLD and job.attempts[-1]["config"] == "kept"
+
+
+def test_retry_with_an_invalid_current_config_is_refused_with_every_error(spool):
+    job_id, _ = failed_job(spool, OLD)
+
+    def broken(_adapter):
+        raise ConfigError([issue("training.max_length", "must be at least 16", 3),
+                           issue("lora.r", "must be a positive integer", -1)], "config/daemon.yaml")
+
+    with pytest.raises(UserError) as refused:
+        control.apply(spool, "retry", job_id, config=broken)
+    assert str(refused.value).startswith(f"retry: job {job_id} not queued again: the current config for adapter "
+                                         "default is invalid (fix it, or keep the job's old config with "
+                                         "--same-config): config config/daemon.yaml has 2 errors:")
+    assert "training.max_length: must be at least 16 (got 3)" in str(refused.value) and "lora.r" in str(refused.value)
+    assert spool.get(job_id)[0].state == JobStatus.FAILED
+    log = Log()  # the daemon: one warning, the job stays failed
+    control.apply(spool, "retry", job_id, config=broken, status=log)
+    assert [(k, level) for k, _, level, _ in log.events] == [("retry", "warning")]
+
+
+def test_a_request_carries_same_config(spool):
+    control.request(spool.layout, "retry", 3, same_config=True)
+    control.request(spool.layout, "retry", 4)
+    assert [(r["job_id"], r["same_config"]) for r in control.take(spool.layout)] == [(3, True), (4, False)]
+
+
+def test_a_job_whose_manifest_cannot_be_read_is_neither_cancelled_nor_retried(spool):
+    job_id = queue(spool)
+    (spool.get(job_id)[1] / "job.json").write_text("{")
+    with pytest.raises(UserError, match=f"^cancel: job {job_id} cannot be changed now: job.json is not valid JSON"):
+        control.apply(spool, "cancel", job_id)
+    assert (spool.get(job_id)[1] / "job.json").read_text() == "{"

@@ -141,13 +141,70 @@ def test_move_list_get_and_the_folder_is_the_truth(layout):
     assert f"{JobStatus.DONE}" == "done"
 
 
-def test_list_ignores_strays(layout):
+def test_list_ignores_strays_but_not_a_job_folder_without_a_manifest(layout):
     spool = Spool(layout)
     claim(spool, layout, "a.jsonl")
     (layout.state_dir("pending") / "notes.txt").write_text("hello")
-    (layout.state_dir("pending") / "j000099").mkdir()  # no manifest
+    (layout.state_dir("pending") / "j000097").write_text("a file, not a job folder")
+    (layout.state_dir("pending") / "j000099").mkdir()  # no manifest: a job all the same, shown as broken
     (layout.state_dir("pending") / ".claim-j000098").mkdir()
-    assert [j.id for j, _ in spool.list()] == [1] and spool.count("pending") == 2
+    assert [(j.id, j.unreadable) for j, _ in spool.list()] == [(1, None), (99, "job.json is missing")]
+    assert spool.count("pending") == 3
+
+
+@pytest.mark.parametrize("manifest, reason", [
+    (b'{"id": 1, "adapter": "default", "original_na', "job.json is not valid JSON (Unterminated string"),
+    (b"", "job.json is empty"),
+    (b"\xff\xfe", "job.json is not valid JSON"),
+    (b"[1, 2]", "job.json holds a JSON list, not an object"),
+    (b'{"id": 1}', "job.json lacks adapter, original_name"),
+    (b'{"id": "1", "adapter": "default", "original_name": "a.jsonl"}', "job.json has a wrong type for id ('1')"),
+    (b'{"id": 1, "adapter": "default", "original_name": "a.jsonl", "attempts": {}}', "wrong type for attempts"),
+    (b'{"id": 7, "adapter": "default", "original_name": "a.jsonl"}', "job.json is job 7's, but its folder is j000001"),
+])
+def test_a_manifest_that_cannot_be_read_is_listed_and_found_as_a_stand_in(layout, manifest, reason):
+    spool = Spool(layout)
+    claim(spool, layout, "a.jsonl")
+    claim(spool, layout, "b.jsonl", b'{"text": "b"}\n')
+    path = layout.state_dir("pending") / "j000001"
+    (path / "job.json").write_bytes(manifest)
+    listed = spool.list()
+    assert [j.id for j, _ in listed] == [1, 2] and [j.id for j, _ in spool.list("pending")] == [1, 2]
+    job, where = spool.get(1)
+    assert where == path and job.state == JobStatus.PENDING and reason in job.unreadable
+    assert listed[0][0] == job and job.to_dict()["unreadable"] == job.unreadable
+    assert "unreadable" not in listed[1][0].to_dict()  # a readable job's dict is as it always was
+    assert (job.adapter, job.original_name) == ("?", "?") and "the daemon sets this job aside" in job.error
+    with pytest.raises(AssertionError):
+        job.save(path)  # a stand-in's guesses never overwrite the manifest
+    assert (path / "job.json").read_bytes() == manifest
+
+
+def test_set_aside_rebuilds_what_is_unambiguous_and_keeps_the_bytes(layout):
+    from daemon.supervisor.status import StatusWriter
+
+    spool = Spool(layout)
+    data = b'{"text": "mine"}\n'
+    job = claim(spool, layout, "a.jsonl", data, adapter="mine")
+    # The daemon's own record of taking the file, as intake writes it.
+    StatusWriter(layout, echo=False).event("job_queued", "job 1 queued", job_id=1, adapter="mine", file="a.jsonl",
+                                           sha256=job.sha256, size=job.size)
+    other = claim(spool, layout, "b.jsonl", b'{"text": "b"}\n')
+    spool.move(other, JobStatus.RUNNING)
+    for folder in (layout.state_dir("pending") / "j000001", layout.state_dir("running") / "j000002"):
+        (folder / "job.json").write_text('{"id": 1, "ada')
+    rebuilt = [spool.set_aside(j) for j, _ in spool.list() if j.unreadable]
+    assert [(j.id, j.state, j.adapter, j.original_name) for j in rebuilt] == [
+        (1, JobStatus.FAILED, "mine", "a.jsonl"), (2, JobStatus.FAILED, "?", "?")]
+    assert rebuilt[0].sha256 == job.sha256 and rebuilt[0].size == len(data)
+    assert "job.json could not be read (job.json is not valid JSON" in rebuilt[0].error
+    assert "`training-daemon retry 1` queues it again" in rebuilt[0].error
+    assert "its adapter and file name are unknown: drop j000002/input.jsonl into the inbox again" in rebuilt[1].error
+    failed = layout.state_dir("failed") / "j000001"
+    assert (failed / "input.jsonl").read_bytes() == data
+    assert (failed / "job.json.unreadable").read_text() == '{"id": 1, "ada'
+    assert Job.load(failed) == rebuilt[0] and [j.id for j, _ in spool.list("failed")] == [1, 2]
+    assert not any(j.unreadable for j, _ in spool.list())
 
 
 def test_a_job_seen_in_two_folders_mid_move_is_listed_once_in_the_later_state(layout):
@@ -275,3 +332,21 @@ def test_spool_and_job_never_import_torch():
     code = ("import sys, daemon.supervisor.spool, daemon.supervisor.job, daemon.supervisor.intake; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_an_unreadable_job_that_cannot_be_moved_is_reported_once_and_never_started(layout, monkeypatch):
+    spool = Spool(layout)
+    claim(spool, layout, "a.jsonl")
+    claim(spool, layout, "b.jsonl", b'{"text": "b"}\n')
+    (layout.state_dir("pending") / "j000001" / "job.json").write_text("nope")
+
+    def read_only(job):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(spool, "set_aside", read_only)
+    readable, reported = spool.set_aside_unreadable(spool.list("pending"))
+    assert [j.id for j, _ in readable] == [2]
+    assert [(j.id, j.state) for j in reported] == [(1, JobStatus.PENDING)]
+    assert "cannot be moved to queue/failed/: [Errno 30] Read-only file system" in reported[0].error
+    readable, reported = spool.set_aside_unreadable(spool.list("pending"))
+    assert [j.id for j, _ in readable] == [2] and reported == []  # said once, not at every turn of the loop

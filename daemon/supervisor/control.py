@@ -3,6 +3,10 @@
 A request is a small JSON file written durably; the daemon takes each one in order and deletes it. With no
 daemon running, the CLI takes the daemon lock and applies the request itself, so a request is never lost
 and never applied by two processes. Both apply it through apply(), the one place that says what each does.
+
+`retry` gives the job the config a job of its adapter would get if it started now (the config file and the
+adapter's override as they are now), recording in the job's history which keys changed; `retry --same-config`
+keeps the job's config.json snapshot. A retry request carries that choice to the daemon.
 """
 
 from __future__ import annotations
@@ -10,16 +14,25 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from daemon import durable
 from daemon.paths import Layout, UserError
 from daemon.supervisor import policy
-from daemon.supervisor.job import Job, JobStatus
+from daemon.supervisor.job import INPUT, UNKNOWN, Job, JobStatus
 from daemon.supervisor.outcome import Outcome, OutcomeKind
-from daemon.supervisor.spool import INPUT, SYMLINK_INPUT, Spool
+from daemon.supervisor.spool import SYMLINK_INPUT, Spool
 from daemon.timefmt import now_iso
+
+SNAPSHOT = "config.json"  # the job's effective config, as the trainer reads it
+# How many changed keys a status line names; the job's history keeps them all.
+SHOWN_CHANGES = 8
+
+# adapter -> the effective config (effective_dict) a job of that adapter would start with now
+CurrentConfig = Callable[[str], dict]
 
 
 def control_dir(layout: Layout) -> Path:
@@ -34,13 +47,26 @@ def is_paused(layout: Layout) -> bool:
     return paused_flag(layout).exists()
 
 
-def request(layout: Layout, action: str, job_id: int | None = None) -> Path:
+def request(layout: Layout, action: str, job_id: int | None = None, *, same_config: bool = False) -> Path:
     assert action in _ACTIONS
     d = control_dir(layout)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{time.time_ns():020d}-{action}.json"
-    durable.write_json(path, {"action": action, "job_id": job_id})
+    durable.write_json(path, {"action": action, "job_id": job_id, "same_config": same_config})
     return path
+
+
+def current_config(config_path: Path | None, root: str | os.PathLike | None) -> CurrentConfig:
+    """What `retry` gives a job: the config files as they are now (read at the call), with the adapter's override.
+    Raises ConfigError listing every problem."""
+    def effective(adapter: str) -> dict:
+        # Imported here: pydantic and yaml are not needed by pause, resume, cancel or `status`.
+        from daemon.config import adapter_config, effective_dict, load_config
+
+        cfg = load_config(config_path, Path(root) if root else None)
+        return effective_dict(adapter_config(cfg, adapter, config_path or cfg.source_path))
+
+    return effective
 
 
 def take(layout: Layout) -> list[dict]:
@@ -104,15 +130,16 @@ def daemon_pid(layout: Layout) -> int | None:
         return -1
 
 
-def apply(spool: Spool, action: str, job_id: int | None = None, *, status=None,
-          current: dict | None = None) -> str | None:
+def apply(spool: Spool, action: str, job_id: int | None = None, *, config: CurrentConfig | None = None,
+          status=None, current: dict | None = None) -> str | None:
     """Carry out one request and say what was done, in words.
 
     The CLI calls it when no daemon runs (holding the daemon lock): it gets the words back, and a refusal (no
     such job, a job in the wrong state) raises UserError for the user to see. The daemon calls it for each
     request file with its StatusWriter as `status`: the words and any refusal go to the log (a refusal as a
     warning; the daemon goes on), and with `current`, the job it is training, whose cancel is only flagged
-    there (current["cancelled"]) for the daemon to stop the trainer.
+    there (current["cancelled"]) for the daemon to stop the trainer. `config`: the current config a retried
+    job takes (current_config()); None keeps its snapshot (`retry --same-config`).
     """
     if action not in _ACTIONS:
         return None  # a request file made by hand: nothing this daemon knows how to do
@@ -121,7 +148,7 @@ def apply(spool: Spool, action: str, job_id: int | None = None, *, status=None,
         return None
     event, handler = _ACTIONS[action]
     try:
-        message = handler(spool, job_id)
+        message = retry_job(spool, job_id, config) if action == "retry" else handler(spool, job_id)
     except UserError as e:
         if status is None:
             raise
@@ -131,6 +158,11 @@ def apply(spool: Spool, action: str, job_id: int | None = None, *, status=None,
         return _WITHOUT_DAEMON.get(action, message)
     status.event(event, message)
     return message
+
+
+def event_name(action: str) -> str:
+    """The event a request is logged as (status.log, events.jsonl)."""
+    return _ACTIONS[action][0]
 
 
 def _pause(spool: Spool, _job_id: int | None) -> str:
@@ -151,26 +183,81 @@ def cancel_job(spool: Spool, job_id: int) -> str:
     return f"job {job_id} cancelled"
 
 
-def check_retry(spool: Spool, job_id: int) -> Job:
-    """The failed job `job_id`, if it can be queued again; else UserError saying why not."""
+def check_retry(spool: Spool, job_id: int, config: CurrentConfig | None = None) -> tuple[Job, dict | None]:
+    """The failed job `job_id` and the config it would take (None: it keeps its snapshot), if it can be queued
+    again; else UserError saying why not (every error of an invalid config at once)."""
     job = _job_in(spool, job_id, JobStatus.FAILED, "retry")
     folder = spool.job_dir(job)
     if not (folder / INPUT).is_file() or (folder / INPUT).is_symlink():
         what = ("it was a symlink, which is never followed" if os.path.lexists(folder / SYMLINK_INPUT)
                 else "it has no regular input file")
         raise UserError(f"retry: job {job_id} cannot be queued again: {what}; drop the real file into the inbox")
-    return job
+    if job.adapter == UNKNOWN:
+        raise UserError(f"retry: job {job_id} cannot be queued again: its adapter is unknown (its job.json was "
+                        f"lost); drop {folder / INPUT} into the inbox again")
+    if config is None:
+        return job, None
+    try:
+        return job, config(job.adapter)
+    except UserError as e:
+        raise UserError(f"retry: job {job_id} not queued again: the current config for adapter {job.adapter} is "
+                        f"invalid (fix it, or keep the job's old config with --same-config): {e}") from None
 
 
-def retry_job(spool: Spool, job_id: int) -> str:
-    """Send a failed job back to the queue; its earlier attempts stay in its history."""
-    job = check_retry(spool, job_id)
+def retry_job(spool: Spool, job_id: int, config: CurrentConfig | None = None) -> str:
+    """Send a failed job back to the queue with the current config (None: its snapshot); its earlier attempts
+    stay in its history, and the retry's entry there says what became of its config."""
+    job, fresh = check_retry(spool, job_id, config)
+    folder = spool.job_dir(job)
     mark = {"n": len(job.attempts) + 1, "outcome": OutcomeKind.RETRIED_BY_USER, "started_at": now_iso()}
+    if fresh is None:
+        mark["config"] = "kept" if (folder / SNAPSHOT).exists() else "taken at its start"
+        said = ("with its config snapshot kept" if mark["config"] == "kept"
+                else "(no config snapshot yet: it takes the config at its start)")
+    else:
+        changes = _refresh_snapshot(folder, fresh)
+        mark.update(config="current", config_changes=changes)
+        shown = "; ".join(changes[:SHOWN_CHANGES]) + (f"; {len(changes) - SHOWN_CHANGES} more (job.json)"
+                                                        if len(changes) > SHOWN_CHANGES else "")
+        said = f"with the current config ({shown})" if changes else "with the current config (unchanged)"
     job.attempts.append(mark)
     decision = policy.decide(Outcome(OutcomeKind.RETRIED_BY_USER), job.attempts)
     decision.apply_to(job, now_iso())
+    job.note = f"retried {said}"
     spool.move(job, decision.state)
-    return f"job {job_id} queued again"
+    return f"job {job_id} queued again {said}"
+
+
+def _refresh_snapshot(folder: Path, fresh: dict) -> list[str]:
+    """Write `fresh` as the job's config.json; the keys that differ from the old one, as "key: old -> new".
+
+    A changed config also drops the job's resume checkpoints: they hold a run of the old settings (another LoRA
+    rank, other batches), which the new one must not continue."""
+    old = durable.read_json(folder / SNAPSHOT)
+    changes = (["config.json: none before"] if not isinstance(old, dict)
+               else [f"{key}: {_show(a)} -> {_show(b)}" for key, a, b in _differences(old, fresh)])
+    if changes:
+        shutil.rmtree(folder / "resume", ignore_errors=True)
+        durable.write_json(folder / SNAPSHOT, fresh)
+    return changes
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((prefix + key, a, b))
+    return out
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    return "(unset)" if value is _ABSENT else json.dumps(value)
 
 
 # action: (the event the daemon logs it as, what it does: (spool, job_id) -> what was done, in words)
@@ -189,6 +276,9 @@ def _job_in(spool: Spool, job_id: int, state: JobStatus, action: str) -> Job:
     if found is None:
         raise UserError(f"{action}: no job {job_id}")
     job, _ = found
+    if job.unreadable:
+        raise UserError(f"{action}: job {job_id} cannot be changed now: {job.unreadable}; the daemon sets it aside "
+                        "in queue/failed/ when it next starts or reaches it")
     if job.state != state:
         raise UserError(f"{action}: job {job_id} is {job.state}, not {state}")
     return job

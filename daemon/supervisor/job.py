@@ -1,7 +1,9 @@
 """A job's manifest: job.json in its folder queue/<state>/j<id>/.
 
 The folder a job is in is the truth for its state: a crash between writing job.json and renaming the
-folder leaves a manifest that disagrees, so load() takes the state from the folder.
+folder leaves a manifest that disagrees, so load() takes the state from the folder. A manifest that cannot be
+read (cut short, not JSON, fields missing) raises ManifestError saying what is wrong with it, so that whoever
+lists jobs can show the job as broken instead of leaving it out.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pathlib import Path
 from daemon import durable
 
 MANIFEST = "job.json"
+INPUT = "input.jsonl"  # the user's bytes, unchanged
+# What a rebuilt manifest says for a field nothing in the job's folder could tell (never a valid adapter name).
+UNKNOWN = "?"
 
 
 class JobStatus(str, Enum):
@@ -57,6 +62,8 @@ class Job:
     note: str | None = None
     duplicate_of: int | None = None
     micro_batch_size: int | None = None  # the override set after out-of-memory retries
+    # Set only on a stand-in for a folder whose job.json cannot be read (why not); such a Job is never saved.
+    unreadable: str | None = None
 
     def __post_init__(self) -> None:
         self.state = JobStatus(self.state)
@@ -68,6 +75,8 @@ class Job:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["state"] = self.state.value
+        if self.unreadable is None:
+            del d["unreadable"]  # only a stand-in carries it: `jobs --json` shows it for those alone
         return d
 
     @classmethod
@@ -77,16 +86,58 @@ class Job:
 
     @classmethod
     def load(cls, job_dir: str | os.PathLike) -> "Job":
+        """The job whose folder is job_dir; OSError if its job.json cannot be opened, ManifestError if it
+        opens but does not hold a job."""
         job_dir = os.path.normpath(os.fspath(job_dir))
         with open(os.path.join(job_dir, MANIFEST), "rb") as f:
-            job = cls.from_dict(json.loads(f.read()))
+            raw = f.read()
+        data = _manifest_fields(raw, parse_dir_name(os.path.basename(job_dir)))
         folder = os.path.basename(os.path.dirname(job_dir))
         if folder in JobStatus._value2member_map_:
-            job.state = JobStatus(folder)
-        return job
+            data["state"] = folder
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"job.json does not hold a job: {e}") from None
 
     def save(self, job_dir: str | os.PathLike) -> None:
+        # A stand-in's fields are guesses: writing them would overwrite the manifest the user may still repair.
+        assert self.unreadable is None, "a job whose job.json could not be read is never saved as it is"
         durable.write_json(Path(job_dir) / MANIFEST, self.to_dict())
 
 
-_FIELDS = frozenset(f.name for f in fields(Job))
+class ManifestError(ValueError):
+    """A job.json that opens but does not hold a job; the message says what is wrong with it."""
+
+
+def _manifest_fields(raw: bytes, folder_id: int | None) -> dict:
+    try:
+        data = json.loads(raw)
+    except ValueError as e:  # UnicodeDecodeError included
+        what = "is empty" if not raw.strip() else f"is not valid JSON ({e})"
+        raise ManifestError(f"job.json {what}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"job.json holds a JSON {type(data).__name__}, not an object")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ManifestError(f"job.json lacks {', '.join(missing)}")
+    wrong = [k for k, kind in _REQUIRED.items() if not _of(data[k], kind)]
+    wrong += [k for k, kind in _NULLABLE.items() if data.get(k) is not None and not _of(data[k], kind)]
+    if "attempts" in data and not (isinstance(data["attempts"], list) and all(isinstance(a, dict)
+                                                                             for a in data["attempts"])):
+        wrong.append("attempts")
+    if wrong:
+        raise ManifestError("job.json has a wrong type for " + ", ".join(f"{k} ({data[k]!r:.40})" for k in wrong))
+    if folder_id is not None and data["id"] != folder_id:
+        raise ManifestError(f"job.json is job {data['id']}'s, but its folder is {dir_name(folder_id)}")
+    return data
+
+
+def _of(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)  # True is an int to Python, not an id
+
+
+_REQUIRED = {"id": int, "adapter": str, "original_name": str}
+_NULLABLE = {"version": int, "size": int, "micro_batch_size": int, "sha256": str}
+# What a manifest on disk may set: `unreadable` is the stand-in's own, never read from a file.
+_FIELDS = frozenset(f.name for f in fields(Job)) - {"unreadable"}

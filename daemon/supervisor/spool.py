@@ -3,7 +3,9 @@
 A claim builds the job under a temporary name (queue/<state>/.claim-j000042) and renames it into place
 only when it is complete, so a crash leaves one of: the file still in the inbox, a complete job, or a
 `.claim-*` folder that sweep() finishes at the next start. The folder a job is in is the truth for its
-state; job.json is rewritten before each move so it is never behind on anything else.
+state; job.json is rewritten before each move so it is never behind on anything else. A job folder whose
+job.json cannot be read is never left out of a listing: it is listed as a stand-in (Job.unreadable says why,
+unreadable.py), and only the daemon sets it aside (set_aside()).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from pathlib import Path
 from daemon import durable, faults
 from daemon.paths import Layout
 from daemon.config import LimitsConfig
-from daemon.supervisor.job import Job, JobStatus, dir_name, parse_dir_name
+from daemon.supervisor import unreadable
+from daemon.supervisor.job import INPUT, Job, JobStatus, ManifestError, dir_name, parse_dir_name
 from daemon.supervisor.outcome import Outcome, OutcomeKind
 from daemon.supervisor.policy import decide
 from daemon.timefmt import now_iso
 
 CLAIM_PREFIX = ".claim-"
-INPUT = "input.jsonl"
 # A symlink dropped in the inbox is kept under this name, never as input.jsonl: a retry of its failed
 # job must not make the trainer follow the link.
 SYMLINK_INPUT = "input.symlink"
@@ -36,6 +38,7 @@ class Spool:
         self.layout = layout
         # (sha256, adapter) per job id: both never change and ids are never reused, so this never goes stale.
         self._digests: dict[int, tuple[str | None, str]] = {}
+        self._unmovable: set[int] = set()  # unreadable jobs set_aside() failed to move, already reported
 
     def make_folders(self) -> None:
         """queue/<state>/ for every state: the states are the spool's, so it makes their folders before it writes."""
@@ -143,28 +146,35 @@ class Spool:
         return self.layout.state_dir(job.state) / job.dir_name
 
     def get(self, job_id: int) -> tuple[Job, Path] | None:
-        """The job and its folder, or None if there is no such job."""
+        """The job and its folder (a stand-in if its job.json cannot be read), or None if there is no such job."""
         # Another process (the CLI, the status page) can scan while the daemon moves the job back to a state
         # already looked at: a second pass finds it, as one rename cannot hide it twice.
         for _ in range(2):
             for state in JobStatus:
                 path = self.layout.state_dir(state) / dir_name(job_id)
-                job = _load(path)
+                job = _read(path, state)
                 if job is not None:
                     return job, path
         return None
 
     def list(self, state: JobStatus | str | None = None) -> list[tuple[Job, Path]]:
-        """Every readable job (of one state), by id."""
+        """Every job (of one state), by id; one whose job.json cannot be read as a stand-in, never left out."""
         states = tuple(JobStatus) if state is None else (JobStatus(state),)
-        found: dict[int, tuple[Job, Path]] = {}
-        for s in states:
-            folder = self.layout.state_dir(s)
-            for name in _names(folder):
-                if parse_dir_name(name) is not None:
-                    job = _load(folder / name)
-                    if job is not None:
+        for _ in range(2):  # a folder moved away mid-scan, perhaps to a state already scanned: scan again
+            found: dict[int, tuple[Job, Path]] = {}
+            moved = False
+            for s in states:
+                folder = self.layout.state_dir(s)
+                for name in _names(folder):
+                    if parse_dir_name(name) is None:
+                        continue
+                    job = _read(folder / name, s)
+                    if job is None:
+                        moved = moved or not os.path.lexists(folder / name)
+                    elif job.unreadable is None or job.id not in found:
                         found[job.id] = (job, folder / name)  # seen twice while being moved: the later state wins
+            if not moved:
+                break
         return [found[job_id] for job_id in sorted(found)]
 
     def ids(self, state: JobStatus | str) -> list[int]:
@@ -211,6 +221,34 @@ class Spool:
             durable.rename(src, dst)
         return dst
 
+    def set_aside_unreadable(self, jobs: list[tuple[Job, Path]]) -> tuple[list[tuple[Job, Path]], list[Job]]:
+        """For the daemon: set aside every stand-in among `jobs`. Returns the readable rest, and the jobs to report:
+        each one set aside, and once, each one that could not be moved (left where it is, its error saying why)."""
+        readable, report = [], []
+        for job, path in jobs:
+            if job.unreadable is None:
+                readable.append((job, path))
+                continue
+            try:
+                report.append(self.set_aside(job))
+            except OSError as e:
+                if job.id not in self._unmovable:
+                    self._unmovable.add(job.id)
+                    job.error = f"{job.unreadable}, and it cannot be moved to queue/failed/: {e}"
+                    report.append(job)
+        return readable, report
+
+    def set_aside(self, job: Job) -> Job:
+        """The daemon's answer to a stand-in: keep the unreadable manifest as job.json.unreadable, write one
+        rebuilt from what is unambiguous (unreadable.rebuild) and move the folder, input and all, to failed/."""
+        src = self.job_dir(job)
+        rebuilt = unreadable.rebuild(self.layout, src, job)
+        if (src / unreadable.MANIFEST).is_file():
+            # A copy, not a rename: job.json is replaced in one step below, so no reader finds the folder without one.
+            durable.copy_file(src / unreadable.MANIFEST, src / unreadable.KEPT_MANIFEST)
+        self.move(rebuilt, JobStatus.FAILED)
+        return rebuilt
+
     # --------------------------------------------------------------- sweep
     def sweep(self, max_attempts: int) -> list[str]:
         """Startup repair: finish half-made claims, send jobs of a dead daemon back to pending
@@ -218,6 +256,8 @@ class Spool:
         self.make_folders()  # an empty queue still shows its four folders
         lines = self._finish_claims()
         for job, _path in self.list(JobStatus.RUNNING):
+            if job.unreadable:
+                continue  # the daemon sets it aside (set_aside) and reports it as an error, not a repair
             now = now_iso()
             last = job.attempts[-1] if job.attempts else None
             if last is not None and not last.get("outcome"):
@@ -289,6 +329,24 @@ def _load(path: Path) -> Job | None:
         return Job.load(path)
     except (OSError, ValueError, TypeError):
         return None  # not a job folder, or one without a readable manifest
+
+
+def _read(path: Path, state: JobStatus) -> Job | None:
+    """The job in the folder `path` of queue/<state>/; a stand-in if its job.json cannot be read; None if there
+    is no such folder (moved away meanwhile, or a stray file)."""
+    try:
+        return Job.load(path)
+    except ManifestError as e:
+        reason = str(e)
+    except FileNotFoundError:
+        if not path.is_dir():
+            return None
+        reason = "job.json is missing"
+    except NotADirectoryError:
+        return None
+    except OSError as e:
+        reason = f"job.json cannot be opened: {e.strerror or e}"
+    return unreadable.stand_in(parse_dir_name(path.name), state, reason)
 
 
 def _copy_across_filesystems(src: Path, dst: Path) -> None:
