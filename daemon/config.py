@@ -117,6 +117,11 @@ class LimitsConfig(Section):
     oom_retries: Int(0, 10) = 3
     min_free_disk_mb: Int(ge=0) = 1024
     stop_timeout_seconds: Num(1, 3600) = 120.0
+    # A trainer that says nothing (no event) for this long is stalled, killed, and its attempt counted as failed.
+    # 20 min covers loading a large base from a slow disk, a checkpoint's save and progress_every_steps slow
+    # steps; a job whose progress lines come slower than that gets three times its own pace.
+    stall_timeout_seconds: Num(5, 604800) = 1200.0
+    start_timeout_seconds: Num(5, 604800) = 600.0  # to the trainer's first event: importing torch & co
     max_diverged_steps: Int(1, 100) = 3
 
 

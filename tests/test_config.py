@@ -200,7 +200,8 @@ limits: 3
         "  lora.r: too large (got 2000; allowed: a whole number from 1 to 1024) [line 7]",
         "  status.web.port: too small (got -1; allowed: a whole number from 0 to 65535) [line 10]",
         "  limits: must be a section of keys (got 3; allowed: a section with keys max_attempts, oom_retries, "
-        "min_free_disk_mb, stop_timeout_seconds, max_diverged_steps) [line 11]",
+        "min_free_disk_mb, stop_timeout_seconds, stall_timeout_seconds, start_timeout_seconds, "
+        "max_diverged_steps) [line 11]",
     ]
     assert exc.value.errors[0] == {"path": "training.learning_rate", "message": "too large", "got": "0.5",
                                    "allowed": "a number from 1e-06 to 0.01", "line": 3}

@@ -159,3 +159,33 @@ def test_systemctl_status_line_during_training(root, tiny_model_dir):
              f"     Status: \"{training[-1]}\"")
     print("\n" + shown)
     assert "step" in training[-1] and "loss" in training[-1]
+
+
+def test_show_sends_a_status_only_when_it_says_something_new(systemd):
+    n = Notifier({"NOTIFY_SOCKET": systemd.env_value})
+    assert n.show("idle: watching /r/inbox") and not n.show("idle:  watching /r/inbox")
+    assert n.show("job 1 (default): validating a.jsonl") and n.show("idle: watching /r/inbox")
+    assert [m["STATUS"] for m in systemd.messages()] == ["idle: watching /r/inbox",
+                                                         "job 1 (default): validating a.jsonl",
+                                                         "idle: watching /r/inbox"]
+
+
+def test_the_status_line_for_each_state_of_the_daemon():
+    from daemon.supervisor.status_line import status_line
+
+    job = {"job_id": 3, "adapter": "default", "file": "a.jsonl", "step": 5, "total_steps": 10, "loss": 1.5}
+    assert status_line("training", {**job, "phase": "starting"}) == "job 3 (default): starting"
+    assert status_line("training", {**job, "phase": "validating"}) == "job 3 (default): validating a.jsonl"
+    assert status_line("training", {**job, "phase": "loading"}) == "job 3 (default): loading the model"
+    training = status_line("training", {**job, "phase": "training"})
+    assert training.startswith("training job 3 (default): [") and "step 5/10" in training and "loss 1.5000" in training
+    assert status_line("training", {**job, "phase": "training", "saving_step": 6}) == \
+        "job 3 (default): saving a checkpoint at step 6"
+    assert status_line("training", {**job, "phase": "publishing"}) == "job 3 (default): publishing the new version"
+    assert status_line("training", {**job, "phase": "stalled"}) == "job 3 (default): stalled: killing its trainer"
+    assert status_line("idle", None, inbox="/r/inbox") == "idle: watching /r/inbox"
+    assert status_line("paused", None, pending=2).startswith("paused by `training-daemon pause`: 2 job(s) pending")
+    assert status_line("blocked", None, pending=1, reason="base model unavailable: gone").startswith(
+        "blocked, no job starts: base model unavailable: gone; 1 job(s) pending")
+    assert status_line("waiting_for_disk", None, reason="only 3 MiB free (floor 9 MiB)") == \
+        "waiting for disk space: only 3 MiB free (floor 9 MiB); nothing pending"

@@ -22,6 +22,11 @@ def history(*outcomes, micro_batches=None) -> list[dict]:
             for i, (kind, size) in enumerate(zip(outcomes, sizes))]
 
 
+def unconfirmed(attempts: list[dict]) -> list[dict]:
+    """Mark the unavailable attempts as the daemon records them when its own checks did not see the cause."""
+    return [a | {"unconfirmed": True} if a["outcome"] == K.UNAVAILABLE else a for a in attempts]
+
+
 CASES = [
     # (what, outcome, attempts, micro-batch, state, verdict, changes, counted)
     ("published", Outcome(K.DONE, version=2, path="/ckpt/v2"), history(K.DONE), 8,
@@ -72,6 +77,25 @@ CASES = [
      JobStatus.FAILED, Verdict.FAILED, {"error": "cancelled by user"}, 0),
     ("the user's retry of a failed job", Outcome(K.RETRIED_BY_USER), history(K.OUT_OF_MEMORY, K.RETRIED_BY_USER), 1,
      JobStatus.PENDING, Verdict.REQUEUED, {"error": None, "micro_batch_size": None}, 0),
+    ("stalled: a failed attempt, retried", Outcome(K.STALLED, "stalled: no event"), history(K.FAILED, K.STALLED), 8,
+     JobStatus.PENDING, Verdict.RETRY, {"error": "stalled: no event"}, 2),
+    ("stalled every time", Outcome(K.STALLED, "stalled"), history(K.STALLED, K.INTERRUPTED, K.STALLED), 8,
+     JobStatus.FAILED, Verdict.FAILED, {"error": "attempt 1: error 1\n\nattempt 2: error 2\n\nattempt 3: error 3"}, 3),
+    ("confirmed by the daemon's checks: never bounded", Outcome(K.UNAVAILABLE, "base model unavailable"),
+     history(K.UNAVAILABLE, K.UNAVAILABLE, K.UNAVAILABLE, K.UNAVAILABLE), 8,
+     JobStatus.PENDING, Verdict.BLOCKED, {"note": "base model unavailable"}, 0),
+    ("unavailable: the queue waits, the attempt is free", Outcome(K.UNAVAILABLE, "base model unavailable"),
+     history(K.FAILED, K.FAILED, K.UNAVAILABLE), 8,
+     JobStatus.PENDING, Verdict.BLOCKED, {"note": "base model unavailable"}, 0),
+    ("unavailable attempts never use up max_attempts", Outcome(K.FAILED, "boom"),
+     history(K.UNAVAILABLE, K.UNAVAILABLE, K.UNAVAILABLE, K.FAILED), 8,
+     JobStatus.PENDING, Verdict.RETRY, {"error": "boom"}, 1),
+    ("unavailable again and again while the daemon's checks pass: failed, bounded",
+     Outcome(K.UNAVAILABLE, "read-only"),
+     unconfirmed(history(K.FAILED, K.UNAVAILABLE, K.UNAVAILABLE, K.UNAVAILABLE)), 8,
+     JobStatus.FAILED, Verdict.FAILED,
+     {"error": "unavailable at 3 attempts in a row, each time after the daemon's own checks (base model, GPUs, "
+               "a writable root) had passed\n\nattempt 2: error 2\n\nattempt 3: error 3\n\nattempt 4: error 4"}, 3),
 ]
 
 

@@ -96,6 +96,9 @@ def render_status(status: dict, jobs: list[dict], now: float | None = None) -> s
     now = now or time.time()
     d = status.get("daemon") or {}
     rows = [("daemon", daemon_line(status, now))]
+    if d.get("blocked") and d.get("running") is not False:  # no job starts until this is fixed
+        rows.append(("blocked", f"{d['blocked'].get('reason')} (blocked {fmt_age(d['blocked'].get('since'), now)}; "
+                                "re-checked until fixed, or `training-daemon resume`)"))
     if d.get("root"):
         rows.append(("root", d["root"]))
     cur = status.get("current")

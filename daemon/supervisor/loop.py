@@ -9,7 +9,6 @@ memory back. Signals: the first SIGTERM/SIGINT is a warm stop, the second a cold
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -19,16 +18,17 @@ from daemon import __version__, durable, faults, protocol
 from daemon.config import DaemonConfig, adapter_config, effective_dict
 from daemon.paths import Layout, UserError
 from daemon.protocol import ErrorKind, Event
-from daemon.supervisor import control, gpu, launch, policy, trainer_events
+from daemon.supervisor import control, decision_log, gate, gpu, launch, policy, trainer_events
 from daemon.supervisor.intake import Intake
 from daemon.supervisor.job import Job, JobStatus
 from daemon.supervisor.outcome import Outcome, OutcomeKind, describe_exit, resume_point, write_error
 from daemon.supervisor.policy import Verdict
 from daemon.supervisor.spool import Spool
-from daemon.supervisor.standby import Standby, early_grant
+from daemon.supervisor.standby import Standby, early_grant, start_early
 from daemon.supervisor.status import LEVEL_ENV, StatusWriter
+from daemon.supervisor.status_line import status_line
 from daemon.supervisor.trainer_process import TrainerProcess
-from daemon.timefmt import now_iso
+from daemon.timefmt import fmt_duration, now_iso
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Attempt:
     record: dict  # its entry in job.attempts
     gpu_before: dict | None
     trainer: TrainerProcess | None = None
+    stalled: str | None = None  # why the daemon killed its trainer for silence, if it did
 
 
 class Supervisor:
@@ -57,6 +58,7 @@ class Supervisor:
         self.web = None
         self.standby: Standby | None = None  # the next job's trainer, started early
         self.notifier = None
+        self.gate = gate.Gate(layout, self.status)  # whether the next job may start, and why not
         self._last_snapshot = 0.0
         self.started_at = now_iso()
 
@@ -73,6 +75,7 @@ class Supervisor:
         self.status.event("daemon_started",
                           f"training-daemon {__version__} started on {self.layout.root} (pid {os.getpid()})",
                           pid=os.getpid(), root=str(self.layout.root))
+        self._set_aside_unreadable(self.spool.list())
         for line in self.spool.sweep(self.cfg.limits.max_attempts):
             self.status.event("sweep", line, level="warning")
         self._clean_publish_leftovers()
@@ -80,9 +83,8 @@ class Supervisor:
         self.intake.start()
         self._prestart()
         self.state = "paused" if control.is_paused(self.layout) else "idle"
+        self.notifier.ready()  # first: a STATUS= before READY=1 would be the first thing systemd hears
         self.snapshot(force=True)
-        self.notifier.ready()
-        self.notifier.status("idle: watching " + str(self.layout.inbox))
         try:
             self._loop()
         finally:
@@ -125,21 +127,22 @@ class Supervisor:
                     self._end_paused_once()
                     return
                 continue
-            pending = self.spool.list(JobStatus.PENDING)
+            pending = self._set_aside_unreadable(self.spool.list(JobStatus.PENDING))
             if pending:
-                if not self._disk_ok():
-                    if self.once:  # nothing will free the disk for us: the jobs stay pending, intact
+                job, job_dir = pending[0]
+                wait = self.gate.wait_state(self._config_for(job), self.cfg.limits.min_free_disk_mb,
+                                            lock_needed=self.standby is None)
+                if wait is not None:
+                    self.state = wait
+                    if self.once and wait != "waiting_for_trainer":  # nothing will fix it for us: they stay pending
                         self.results.append(False)
                         return
                     continue
-                if self.standby is None and not self._trainer_lock_free():
-                    continue
-                job, job_dir = pending[0]
                 self._start_attempt(job, job_dir)
             elif self.once and not self._inbox_has_files():
                 return
-            else:
-                self.state = "idle"
+            else:  # a block is still shown (and re-checked) with nothing to run: the next file would meet it
+                self.state = "blocked" if self.gate.still_blocked(self.cfg) else "idle"
 
     def _tick(self, timeout: float) -> None:
         """One turn of housekeeping: new files, control requests, watchdog, the status snapshot."""
@@ -184,9 +187,9 @@ class Supervisor:
         faults.check("job_start", job_id=job.id)
         try:
             grant = launch.grant(self.cfg.gpus, self.cfg.cpu_processes, gpu.visible_devices())
-        except UserError as e:  # retrying cannot help until the config or the machine changes
-            write_error(job_dir, ErrorKind.BAD_CONFIG, str(e))
-            self._end_attempt(protocol.BAD_INPUT)
+        except UserError as e:  # the GPUs asked for are gone: no job can run until they are back
+            write_error(job_dir, ErrorKind.UNAVAILABLE, str(e))
+            self._end_attempt(protocol.UNAVAILABLE)
             return
         # This attempt's first failing rank writes it; one left by an earlier attempt would speak for this one.
         (job_dir / "error.json").unlink(missing_ok=True)
@@ -210,7 +213,7 @@ class Supervisor:
                 # Saving may take as long as a warm stop may: systemd's watchdog must wait that long too.
                 self.notifier.extend_timeout(int(self.cfg.limits.stop_timeout_seconds * 1e6))
             try:
-                trainer_events.report(event, job, self.current, self.status, self.notifier)
+                trainer_events.report(event, job, self.current, self.status)
             except Exception as e:  # a malformed event must never take the daemon down
                 self.status.event("bad_event", f"job {job.id}: could not handle trainer event {event!r}: {e!r}",
                                   level="warning")
@@ -232,6 +235,15 @@ class Supervisor:
             self.status.event("stop_timeout", f"job {job.id}: trainer did not stop in "
                               f"{self.cfg.limits.stop_timeout_seconds}s; killing it", level="warning")
             trainer.cold_stop()
+        elif (silent := trainer.stalled(self.cfg.limits.stall_timeout_seconds,
+                                        self.cfg.limits.start_timeout_seconds)) is not None:
+            # Hung (a collective, a driver, a dead mount): killed; the attempt is a failed one, the queue goes on.
+            last = trainer_events.describe_event(trainer.last_event)
+            self.attempt.stalled = f"no event from the trainer for {fmt_duration(silent)} (last event: {last})"
+            self.current["phase"] = "stalled"
+            self.status.event("stalled", f"job {job.id} stalled: {self.attempt.stalled}; killing its trainer",
+                              level="warning", job_id=job.id, silent_s=round(silent, 1), last_event=trainer.last_event)
+            trainer.cold_stop()
 
     def _end_attempt(self, rc: int) -> None:
         attempt, self.attempt = self.attempt, None
@@ -240,8 +252,16 @@ class Supervisor:
         job = attempt.job
         faults.check("job_end", job_id=job.id)
         outcome = describe_exit(rc, attempt.job_dir, stop_requested=self.signals > 0 or control.is_paused(self.layout),
-                                cancelled=self.current.get("cancelled", False))
+                                cancelled=self.current.get("cancelled", False), stalled=attempt.stalled)
+        cause = None
+        if outcome.kind in (OutcomeKind.FAILED, OutcomeKind.STALLED, OutcomeKind.UNAVAILABLE):
+            cause = gate.problem(attempt.cfg, self.layout)
+        if cause and outcome.kind != OutcomeKind.UNAVAILABLE:
+            # Not the job's fault: what it needed went away under it (the base model mid-load, a GPU off the bus).
+            outcome = Outcome(OutcomeKind.UNAVAILABLE, f"{cause} (the attempt failed: {outcome.first_line})")
         attempt.record.update(ended_at=now_iso(), exit_code=rc, outcome=outcome.kind, error=outcome.error)
+        if outcome.kind == OutcomeKind.UNAVAILABLE and not cause:
+            attempt.record["unconfirmed"] = True  # the trainer saw a cause the daemon's checks do not: bounded
         self._finish(job, attempt.job_dir, attempt.cfg, outcome)
         message, level, fields = gpu.release_report(attempt.gpu_before)
         self.status.event("gpu_memory", f"job {job.id}: {message}", level=level, job_id=job.id, **fields)
@@ -256,15 +276,8 @@ class Supervisor:
             return
         if self.once and not self.spool.count(JobStatus.PENDING) and not self._inbox_has_files():
             return  # --once is about to end
-        if not self._trainer_lock_free():
-            return
-        try:
-            self.standby = Standby.start(self.layout.root, self.layout.state, grant)
-        except (OSError, RuntimeError) as e:
-            self.status.event("standby", f"could not start the next trainer early: {e}", level="warning")
-            return
-        self.status.event("standby", f"next trainer started early (pid {self.standby.pid})", level="debug",
-                          pid=self.standby.pid)
+        if not self.gate.trainer_lock_held():
+            self.standby = start_early(self.layout, grant, self.status)
 
     def _finish(self, job: Job, job_dir: Path, cfg, outcome: Outcome) -> None:
         """Move the job where the policy says, and say so."""
@@ -275,33 +288,29 @@ class Supervisor:
         self.spool.move(job, decision.state)
         if decision.state != JobStatus.PENDING:
             self.results.append(decision.state == JobStatus.DONE)
-        verdict, n, limit = decision.verdict, decision.counted, decision.limit
-        if verdict == Verdict.DONE:
-            self.status.event("job_done", f"job {job.id} done: {job.adapter} v{outcome.version} at {outcome.path}",
-                              job_id=job.id, version=outcome.version, path=outcome.path)
-        elif verdict == Verdict.PAUSED:
-            self.status.event("job_paused", f"job {job.id} back to pending: {job.note}", job_id=job.id,
-                              resume_point=point)
-        elif verdict == Verdict.WAIT_FOR_DISK:
-            self.status.event("disk_full", f"job {job.id} paused, disk full (attempt {n} of {limit}): "
-                              f"{outcome.error}; input and earlier versions are intact", level="error", job_id=job.id)
-        elif verdict == Verdict.SMALLER_BATCH:
-            self.status.event("oom_retry", f"job {job.id}: out of memory at micro-batch {micro_batch}; retrying with "
-                              f"{job.micro_batch_size} and {micro_batch // job.micro_batch_size}x the accumulation "
-                              "(same effective batch)", level="warning", job_id=job.id)
-        elif verdict == Verdict.RETRY:
-            self.status.event("job_retry", f"job {job.id} failed (attempt {n} of {limit}), will retry: "
-                              f"{outcome.first_line}", level="warning", job_id=job.id)
-        else:
-            first_line = Outcome(outcome.kind, job.error).first_line
-            self.status.event("job_failed", f"job {job.id} failed: {first_line} (details: {job_dir.name}/error.json)",
-                              level="error", job_id=job.id, error=job.error)
+        decision_log.say(self.status, job, job_dir, outcome, decision, micro_batch, point)
+        if decision.verdict == Verdict.BLOCKED:
+            self.gate.shut_for(outcome.first_line)
+            self.state = "blocked"
 
     # ------------------------------------------------------------- control
     def _apply(self, req: dict) -> None:
-        control.apply(self.spool, req.get("action"), req.get("job_id"), status=self.status, current=self.current)
+        config = None if req.get("same_config") else control.current_config(self.config_path, self.cfg.root)
+        control.apply(self.spool, req.get("action"), req.get("job_id"), config=config, status=self.status,
+                      current=self.current)
+        if req.get("action") == "resume":
+            self.gate.check_now()  # the user says the cause is fixed: look now, not at the next re-check
 
     # ------------------------------------------------------------- helpers
+    def _set_aside_unreadable(self, jobs: list[tuple[Job, Path]]) -> list[tuple[Job, Path]]:
+        """Jobs whose job.json cannot be read go to failed/, each a failure of --once; the readable rest."""
+        readable, reported = self.spool.set_aside_unreadable(jobs)
+        for job in reported:
+            self.status.event("job_unreadable", f"job {job.id} {job.state}: {job.error}", level="error",
+                              job_id=job.id, adapter=job.adapter, file=job.original_name, error=job.error)
+            self.results.append(False)
+        return readable
+
     def _install_signals(self) -> None:
         def on_stop(signum, _frame):
             self.signals += 1
@@ -325,18 +334,6 @@ class Supervisor:
         except OSError as e:
             self.status.event("web", f"status page not started ({web.host}:{web.port}): {e}", level="warning")
 
-    def _disk_ok(self) -> bool:
-        free_mb = shutil.disk_usage(self.layout.root).free / 2**20
-        if free_mb >= self.cfg.limits.min_free_disk_mb:
-            return True
-        if self.state != "waiting_for_disk":
-            floor = self.cfg.limits.min_free_disk_mb
-            self.status.event("disk_low", f"only {free_mb:.0f} MiB free (floor {floor} MiB): "
-                              "waiting before the next job", level="error")
-        self.state = "waiting_for_disk"
-        time.sleep(1)
-        return False
-
     def _end_paused_once(self) -> None:
         waiting = self.spool.count(JobStatus.PENDING)
         if waiting or self._inbox_has_files():
@@ -352,17 +349,6 @@ class Supervisor:
         return any(c.path not in self.intake.claim_failures
                    for c in scan_inbox(self.layout, 0, self.cfg.intake.ignore_suffixes))
 
-    def _trainer_lock_free(self) -> bool:
-        """Never two trainers: a trainer left by a dead daemon holds state/trainer.lock until its lifeline makes
-        it exit. Until then, wait here, still watching the inbox and the signals."""
-        if launch.trainer_lock_free(self.layout.state):
-            return True
-        if self.state != "waiting_for_trainer":
-            self.status.event("waiting_for_trainer", "a trainer from an earlier daemon still holds "
-                              "state/trainer.lock; waiting for it to exit", level="warning")
-        self.state = "waiting_for_trainer"
-        return False
-
     def _clean_publish_leftovers(self) -> None:
         from daemon.versions import clean_staging, repair_latest
 
@@ -372,7 +358,23 @@ class Supervisor:
                     clean_staging(adapter_dir)
                     repair_latest(adapter_dir)
 
+    def _config_for(self, job: Job):
+        """The job's config, for the checks before it starts: its adapter may name its own base model."""
+        try:
+            return adapter_config(self.cfg, job.adapter, self.config_path)
+        except UserError:
+            return self.cfg  # a broken override fails its own job when it starts
+
+    def _show_status(self) -> None:
+        """STATUS= for systemd, whenever what the daemon does changes (notify.Notifier.show sends only news)."""
+        if self.notifier and self.notifier.enabled:
+            self.notifier.show(status_line(
+                self.state, self.current, pending=0 if self.current else self.spool.count(JobStatus.PENDING),
+                reason=self.gate.reason if self.state == "blocked" else self.gate.disk_note,
+                inbox=str(self.layout.inbox)))
+
     def snapshot(self, force: bool = False) -> None:
+        self._show_status()
         now = time.monotonic()
         if not force and now - self._last_snapshot < 1.0:
             return
@@ -380,7 +382,8 @@ class Supervisor:
         counts = {s.value: self.spool.count(s) for s in JobStatus}
         self.status.snapshot({
             "daemon": {"pid": os.getpid(), "state": self.state, "root": str(self.layout.root), "version": __version__,
-                       "started_at": self.started_at, "paused": control.is_paused(self.layout)},
+                       "started_at": self.started_at, "paused": control.is_paused(self.layout),
+                       "blocked": self.gate.as_status()},
             "current": self.current, "queue": counts, "gpu": gpu.snapshot(),
         })
 

@@ -21,6 +21,7 @@ class Notifier:
         self.address: str | None = ("\0" + raw[1:]) if raw.startswith("@") else (raw or None)
         self._watchdog_usec = _watchdog_usec(env)
         self._last_ping = float("-inf")
+        self._shown: str | None = None  # the last STATUS= handed to the socket
         self._sock: socket.socket | None = None
 
     @property
@@ -55,7 +56,16 @@ class Notifier:
 
     def status(self, text: str) -> bool:
         # STATUS= is one line in `systemctl status`; a newline would start a new (bogus) assignment.
-        return self.send("STATUS=" + " ".join(str(text).split()))
+        line = " ".join(str(text).split())
+        sent = self.send("STATUS=" + line)
+        self._shown = line if sent else None
+        return sent
+
+    def show(self, text: str) -> bool:
+        """STATUS= only when it says something new: the daemon calls this every turn of its loop."""
+        if " ".join(str(text).split()) == self._shown:
+            return False
+        return self.status(text)
 
     def watchdog_interval(self) -> float | None:
         """Seconds between pings: half of WatchdogSec (sd_watchdog_enabled's advice), or None if off."""
@@ -77,6 +87,7 @@ class Notifier:
         return self.send(f"EXTEND_TIMEOUT_USEC={int(usec)}", wait=1.0)
 
     def stopping(self) -> bool:
+        self._shown = "stopping"
         return self.send("STOPPING=1", "STATUS=stopping", wait=1.0)
 
     def close(self) -> None:

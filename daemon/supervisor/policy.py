@@ -14,7 +14,7 @@ from daemon.supervisor.job import Job, JobStatus
 from daemon.supervisor.outcome import Outcome, OutcomeKind
 
 # Failures that count towards max_attempts; disk-full attempts count too, but separately (see decide).
-_FAILURES = (OutcomeKind.FAILED, OutcomeKind.INTERRUPTED)
+_FAILURES = (OutcomeKind.FAILED, OutcomeKind.INTERRUPTED, OutcomeKind.STALLED)
 
 
 class Verdict(str, Enum):
@@ -23,6 +23,7 @@ class Verdict(str, Enum):
     DONE = "done"
     PAUSED = "paused"  # a warm or cold stop: the user's doing, not an attempt that failed
     WAIT_FOR_DISK = "wait_for_disk"
+    BLOCKED = "blocked"  # not the job's fault (base model, GPUs, disk gone): the queue waits, the attempt is free
     SMALLER_BATCH = "smaller_batch"  # out of memory: half the micro-batch, twice the accumulation
     RETRY = "retry"
     REQUEUED = "requeued"  # the user's `retry` of a failed job
@@ -67,6 +68,18 @@ def decide(outcome: Outcome, attempts: list[dict], limits: LimitsConfig | None =
         where = f"resume point: {resume_point}" if resume_point else "no checkpoint yet: it starts over"
         return Decision(JobStatus.PENDING, Verdict.PAUSED, {"note": f"{error} ({where})"})
     counted = counted_attempts(attempts)
+    if kind == OutcomeKind.UNAVAILABLE:
+        # Every job would fail the same way: the daemon waits for the cause to go, and this attempt never counts
+        # (it is in the history, but not among _FAILURES). The daemon's own checks keep a job from starting while
+        # they see the cause; an attempt whose cause they could not confirm afterwards ("unconfirmed": the trainer
+        # sees something they cannot) would be retried every few seconds forever, so max_attempts of those in a
+        # row fail the job.
+        streak = [a for a in _trailing(counted, OutcomeKind.UNAVAILABLE) if a.get("unconfirmed")]
+        if not (counted and counted[-1].get("unconfirmed")) or len(streak) < limits.max_attempts:
+            return Decision(JobStatus.PENDING, Verdict.BLOCKED, {"note": error})
+        error = (f"unavailable at {len(streak)} attempts in a row, each time after the daemon's own checks "
+                 f"(base model, GPUs, a writable root) had passed\n\n" + _history(streak))
+        return _failed(error, len(streak), limits.max_attempts)
     if kind == OutcomeKind.DISK_FULL:
         # Counted: a disk that fills at every try must not loop forever.
         full = [a for a in counted if a.get("outcome") == OutcomeKind.DISK_FULL]
@@ -98,6 +111,14 @@ def counted_attempts(attempts: list[dict]) -> list[dict]:
         if attempts[i].get("outcome") == OutcomeKind.RETRIED_BY_USER:
             return attempts[i + 1:]
     return attempts
+
+
+def _trailing(attempts: list[dict], kind: OutcomeKind) -> list[dict]:
+    """The attempts of `kind` at the end of the history, with no other outcome between them."""
+    n = 0
+    while n < len(attempts) and attempts[-1 - n].get("outcome") == kind:
+        n += 1
+    return attempts[len(attempts) - n:]
 
 
 def _failed(error: str | None, counted: int = 0, limit: int = 0) -> Decision:

@@ -24,7 +24,7 @@ from daemon.supervisor import gpu, launch
 
 def early_grant(cfg) -> launch.Grant | None:
     """What the next job's trainer would run on, if it is to be started early: None when trainer_prestart is
-    off ("auto": on a GPU host only), when the config's GPUs are not there (the job will fail with the reason),
+    off ("auto": on a GPU host only), when the config's GPUs are not there (the queue is blocked with the reason),
     or when the job takes several processes (an early trainer is one)."""
     visible = gpu.visible_devices()
     if not (cfg.trainer_prestart == "true" or (cfg.trainer_prestart == "auto" and visible)):
@@ -34,6 +34,18 @@ def early_grant(cfg) -> launch.Grant | None:
     except UserError:
         return None
     return grant if grant.processes == 1 else None
+
+
+def start_early(layout, grant: launch.Grant, status) -> "Standby | None":
+    """The next job's trainer, started now (the caller checked the trainer lock is free); None if it could not
+    be (said in status.log: the job's trainer will then be started the ordinary way)."""
+    try:
+        standby = Standby.start(layout.root, layout.state, grant)
+    except (OSError, RuntimeError) as e:
+        status.event("standby", f"could not start the next trainer early: {e}", level="warning")
+        return None
+    status.event("standby", f"next trainer started early (pid {standby.pid})", level="debug", pid=standby.pid)
+    return standby
 
 
 class Standby:

@@ -11,7 +11,7 @@ from daemon.timefmt import fmt_eta
 _PROGRESS_FIELDS = ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s", "eta_s", "gpu_mem_gib")
 
 
-def report(ev: dict, job: Job, current: dict, status: StatusWriter, notifier=None) -> None:
+def report(ev: dict, job: Job, current: dict, status: StatusWriter) -> None:
     """Log one event and update `current` with it; an unknown event (from a newer trainer, say) is ignored."""
     try:
         kind = Event(ev.get("event"))
@@ -28,9 +28,6 @@ def report(ev: dict, job: Job, current: dict, status: StatusWriter, notifier=Non
         status.event("progress", f"job {job.id} step {ev['step']}/{ev['total_steps']} loss {ev['loss']:.4f} "
                      f"{ev['tokens_per_s']:.0f} tok/s ETA {fmt_eta(ev.get('eta_s'))}{gpu_txt}",
                      job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts")})
-        if notifier:
-            notifier.status(f"training job {job.id} ({job.adapter}): step {ev['step']}/{ev['total_steps']}, "
-                            f"loss {ev['loss']:.4f}, ETA {fmt_eta(ev.get('eta_s'))}")
     elif kind == Event.FIRST_STEP:
         status.event("first_step", f"job {job.id}: first optimizer step done (loss {ev['loss']:.4f})",
                      job_id=job.id, loss=ev["loss"])
@@ -43,10 +40,30 @@ def report(ev: dict, job: Job, current: dict, status: StatusWriter, notifier=Non
                      f"{ev['skipped']} skipped", job_id=job.id, examples=ev["examples"],
                      tokens=ev["tokens"], skipped=ev["skipped"])
     elif kind in (Event.CHECKPOINT, Event.RESUMED, Event.LOG, Event.PUBLISHED, Event.INVALID, Event.SAVING):
+        if kind == Event.SAVING:  # a checkpoint being written: what `status` and systemd show until it is done
+            current["saving_step"] = ev.get("step")
+        elif kind == Event.CHECKPOINT:
+            current.pop("saving_step", None)
         msg = {Event.CHECKPOINT: f"checkpoint at step {ev.get('step')}",
                Event.RESUMED: f"resumed from {ev.get('checkpoint')} (step {ev.get('step')})",
                Event.PUBLISHED: f"published version {ev.get('version')}",
                Event.INVALID: "input rejected by validation", Event.SAVING: f"saving at step {ev.get('step')}",
                }.get(kind, ev.get("message", ""))
-        status.event(kind.value, f"job {job.id}: {msg}", level="debug" if kind == Event.SAVING else "info",
-                     job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts", "message")})
+        # A log event may carry its level (a skipped non-finite step is a warning).
+        level = ev.get("level") or ("debug" if kind == Event.SAVING else "info")
+        status.event(kind.value, f"job {job.id}: {msg}", level=level, job_id=job.id,
+                     **{k: v for k, v in ev.items() if k not in ("event", "ts", "message", "level")})
+
+
+def describe_event(ev: dict | None) -> str:
+    """An event in a few words, for a stalled trainer's report: what it last said it was doing."""
+    if ev is None:
+        return "none: it never got past its imports"
+    words = [str(ev.get("event"))]
+    if ev.get("phase"):
+        words.append(str(ev["phase"]))
+    if ev.get("step") is not None:
+        words.append(f"at step {ev['step']}" + (f"/{ev['total_steps']}" if ev.get("total_steps") else ""))
+    if ev.get("message"):
+        words.append(repr(str(ev["message"])[:200]))
+    return " ".join(words)

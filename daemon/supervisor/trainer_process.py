@@ -36,6 +36,11 @@ class TrainerProcess:
         self._pump.start()
         self._stop_asked_at: float | None = None
         self._killed = False
+        # For the stall watchdog: when the trainer last said anything, what, and its slowest pace so far.
+        self.last_event: dict | None = None
+        self._last_event_at = time.monotonic()
+        self._last_progress_at: float | None = None
+        self._slowest_progress_gap = 0.0
 
     @classmethod
     def start(cls, job_dir: Path, micro_batch: int | None, grant: launch.Grant, *, root: Path, state_dir: Path,
@@ -78,7 +83,25 @@ class TrainerProcess:
             try:
                 events.append(self._events.get_nowait())
             except queue.Empty:
-                return events
+                break
+        now = time.monotonic()
+        self._last_event_at, self.last_event = now, events[-1]
+        if any(ev.get("event") == Event.PROGRESS for ev in events):
+            if self._last_progress_at is not None:
+                self._slowest_progress_gap = max(self._slowest_progress_gap, now - self._last_progress_at)
+            self._last_progress_at = now
+        return events
+
+    def stalled(self, timeout: float, start_timeout: float) -> float | None:
+        """Seconds the trainer has been silent, once that is past its allowance: `start_timeout` before its
+        first event (imports), then `timeout`, or three times its slowest pace between progress lines if that
+        is longer (a slow job is not a stalled one). None while it is within it, or once a stop was asked (the
+        stop has its own timeout)."""
+        if self._killed or self._stop_asked_at is not None:
+            return None
+        allowance = start_timeout if self.last_event is None else max(timeout, 3 * self._slowest_progress_gap)
+        silent = time.monotonic() - self._last_event_at
+        return silent if silent > allowance else None
 
     @property
     def done(self) -> bool:

@@ -25,9 +25,11 @@ from daemon import protocol
 from daemon import versions
 from daemon.base_model import resolve_base_model
 from daemon.config import from_dict
+from daemon.config_errors import ConfigError
 from daemon.paths import Layout
 from daemon.protocol import ErrorKind, Event
 from daemon.timefmt import now_iso
+from daemon.trainer.fingerprint import base_fingerprint
 from daemon.trainer.process import die_with_parent, emit, rank, wait_for_job, watch_lifeline, write_error
 
 # torch and the training modules are imported inside the steps that use them: a trainer whose stack cannot
@@ -69,12 +71,17 @@ def main(argv=None) -> int:
         # ENOSPC can come from anywhere (a library's save, report.json, the warm stop's checkpoint): it is a
         # full disk, not a bug.
         full = protocol.is_disk_full(e)
+        # Not about the job (the base model gone, a read-only disk): the daemon blocks the queue, counts nothing.
+        unavailable = protocol.unavailable_reason(e)
+        kind, code = ((ErrorKind.DISK_FULL, protocol.DISK_FULL) if full else
+                      (ErrorKind.UNAVAILABLE, protocol.UNAVAILABLE) if unavailable else
+                      (ErrorKind.ERROR, protocol.FAILED))
         try:
-            write_error(job_dir, ErrorKind.DISK_FULL if full else ErrorKind.ERROR, f"{type(e).__name__}: {e}")
+            write_error(job_dir, kind, unavailable or f"{type(e).__name__}: {e}")
         except OSError:
             pass  # the disk itself may be the problem: the exit status still tells the daemon
         traceback.print_exc()
-        return protocol.DISK_FULL if full else protocol.FAILED
+        return code
 
 
 # ---------------------------------------------------------------- one attempt at a job, step by step
@@ -96,6 +103,8 @@ class Attempt:
     adapter_dir: Path
     started_at: str = field(default_factory=now_iso)
     micro_batch: int | None = None  # at most this many examples per micro-batch (load_config sets it)
+    base_fingerprint: str | None = None  # the base model's identity by content (train sets it, before loading)
+    parent_notes: list[str] = field(default_factory=list)  # why a version was not trained on (choose_parent)
 
 
 def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
@@ -105,7 +114,10 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
     try:
         recover(attempt)
         cfg, snapshot = load_config(attempt, micro_batch)
-        base_dir = resolve_base_model(cfg.base_model)
+        try:
+            base_dir = resolve_base_model(cfg.base_model)
+        except ConfigError as e:  # it resolved when the daemon read the config: it has gone since
+            raise protocol.Unavailable("base model unavailable: " + "; ".join(i["message"] for i in e.errors)) from e
         report = validate(attempt, cfg, base_dir)
         recipe = train(attempt, cfg, snapshot, base_dir, report)
         if recipe.world.is_main:
@@ -162,7 +174,8 @@ def validate(attempt: Attempt, cfg, base_dir: Path):
     from daemon.trainer.data import validate_for_config
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=cfg.trust_remote_code)
-    report = validate_for_config(attempt.job_dir / "input.jsonl", tokenizer, cfg, keep_examples=True)
+    report = validate_for_config(attempt.job_dir / "input.jsonl", tokenizer, cfg, base_dir=base_dir,
+                                 keep_examples=True)
     report.file = attempt.job["original_name"]  # the user's name for it, not the job folder's copy
     if rank() == 0:  # every rank validates the same file alike
         durable.write_json(attempt.job_dir / "report.json", report.to_dict())
@@ -184,10 +197,11 @@ def train(attempt: Attempt, cfg, snapshot: dict, base_dir: Path, report):
 
     from daemon.trainer import checkpoint
     from daemon.trainer import distributed
-    from daemon.trainer.recipe import Diverged, LoRARecipe, StopRequested
+    from daemon.trainer.recipe import Diverged, LoRARecipe, NoSteps, StopRequested
 
     t = cfg.training
     train_ex, eval_ex = split_eval(report.examples_list, t, t.seed)
+    attempt.base_fingerprint = base_fingerprint(base_dir)
     parent = choose_parent(attempt, cfg, base_dir)
     emit({"event": Event.PHASE, "phase": "loading"})
     faults.check("load")
@@ -208,6 +222,8 @@ def train(attempt: Attempt, cfg, snapshot: dict, base_dir: Path, report):
         raise AttemptEnds(protocol.STOPPED) from None
     except Diverged as e:
         raise failed(attempt.job_dir, ErrorKind.DIVERGED, str(e), protocol.BAD_INPUT) from e
+    except NoSteps as e:
+        raise failed(attempt.job_dir, ErrorKind.NO_STEPS, str(e), protocol.BAD_INPUT) from e
     except torch.OutOfMemoryError as e:
         raise failed(attempt.job_dir, ErrorKind.OUT_OF_MEMORY,
                      f"out of memory at micro-batch {attempt.micro_batch}: {e}", protocol.OUT_OF_MEMORY) from e
@@ -231,7 +247,9 @@ def split_eval(examples: list, training, seed: int) -> tuple[list, list]:
 
 def choose_parent(attempt: Attempt, cfg, base_dir: Path) -> int | None:
     """The version to train on top of: the one an interrupted attempt's checkpoints started from; else, in mode
-    continue, the adapter's latest version when it was trained on the same base model; else none (the base)."""
+    continue, the adapter's newest sound version (damaged ones are skipped, said so) when it was trained on the
+    same base model, by path and by content; else none (the base). A version from before base fingerprints were
+    recorded is trusted on its path alone."""
     from daemon.trainer import checkpoint
 
     found = checkpoint.complete_checkpoints(attempt.job_dir / "resume")
@@ -240,13 +258,24 @@ def choose_parent(attempt: Attempt, cfg, base_dir: Path) -> int | None:
         return resumed_parent
     if cfg.training.mode != "continue":
         return None
-    latest = versions.latest_version(attempt.adapter_dir)
+
+    def note(message: str, level: str = "info") -> None:
+        attempt.parent_notes.append(message)
+        emit({"event": Event.LOG, "message": message, "level": level})
+
+    latest = versions.newest_sound_version(attempt.adapter_dir, lambda v, problems: note(
+        f"version v{v} of {attempt.job['adapter']} is damaged ({'; '.join(problems)}): skipped", "warning"))
     if latest is None:
         return None
     meta = versions.read_metadata(attempt.adapter_dir, latest)
     if meta.get("base_model_path") and Path(meta["base_model_path"]) != base_dir:
-        emit({"event": Event.LOG, "message": f"latest version v{latest} was trained on {meta['base_model_path']}, "
-                                             f"not {base_dir}: training from the base model instead"})
+        note(f"latest version v{latest} was trained on {meta['base_model_path']}, not {base_dir}: "
+             "training from the base model instead")
+        return None
+    if meta.get("base_model_fingerprint") not in (None, attempt.base_fingerprint):
+        note(f"latest version v{latest} was trained on another model than the one now at {base_dir} (base "
+             f"fingerprint {meta['base_model_fingerprint'][:12]}, now {attempt.base_fingerprint[:12]}): "
+             "training from the base model instead")
         return None
     return latest
 
@@ -261,12 +290,13 @@ def build_metadata(attempt: Attempt, recipe, cfg, base_dir: Path, report) -> dic
     device = torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})"
     return {
         "adapter": job["adapter"], "parent_version": p.parent_version, "base_model": cfg.base_model,
-        "base_model_path": str(base_dir), "job_id": job["id"], "source_file": job["original_name"],
+        "base_model_path": str(base_dir), "base_model_fingerprint": attempt.base_fingerprint,
+        "parent_notes": attempt.parent_notes, "job_id": job["id"], "source_file": job["original_name"],
         "source_sha256": job["sha256"], "examples_trained": len(recipe.train_examples),
         "eval_examples": len(recipe.eval_examples), "examples_skipped": report.skipped,
         "examples_truncated": report.truncated,
         "tokens_trained": summary["tokens_trained"], "trainable_tokens_trained": summary["trainable_tokens_trained"],
-        "epochs": t.epochs, "steps": summary["steps"],
+        "epochs": t.epochs, "steps": summary["steps"], "steps_skipped": summary["steps_skipped"],
         "first_train_loss": summary["first_train_loss"], "final_train_loss": summary["final_train_loss"],
         "eval_loss": summary["eval_loss"],
         "lora": cfg.lora.model_dump(), "optimizer": {"name": "adamw", "learning_rate": t.learning_rate,
@@ -284,7 +314,7 @@ def build_metadata(attempt: Attempt, recipe, cfg, base_dir: Path, report) -> dic
 
 def publish(attempt: Attempt, recipe, metadata: dict) -> None:
     """Rank 0: the trained adapter becomes the adapter's next version, and result.json tells the daemon so."""
-    emit({"event": Event.PHASE, "phase": "saving"})
+    emit({"event": Event.PHASE, "phase": "publishing"})
     faults.check("publish")
     try:
         version, path = publish_version(attempt, recipe, metadata)
