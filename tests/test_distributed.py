@@ -190,6 +190,7 @@ def assert_close(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the module's reference runs (3 trainer launches) count against this test's time
 def test_two_processes_train_the_adapter_one_process_trains(references):
     one, two = references[1], references[2]
     m1, m2 = metadata(one), metadata(two)
@@ -207,6 +208,7 @@ def test_two_processes_train_the_adapter_one_process_trains(references):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the module's reference runs (3 trainer launches) count against this test's time
 def test_two_processes_stopped_warm_resume_to_the_same_adapter(root, tiny_model_dir, references):
     configure(root, tiny_model_dir, 2)
     stopped_at = stop_mid_training(root)
@@ -260,6 +262,7 @@ def stop_mid_training(root) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the module's reference runs (3 trainer launches) count against this test's time
 def test_fsdp_on_two_processes_trains_and_resumes_to_the_same_adapter(root, tiny_model_dir, references):
     """FSDP2 (`fully_shard`) runs on CPU with gloo: forced on here, since on CPU nothing needs it."""
     configure(root, tiny_model_dir, 2, fsdp=True)

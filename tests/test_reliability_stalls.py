@@ -30,8 +30,9 @@ def _first_index(statuses: list[str], text: str) -> int:
 
 
 def test_a_hung_trainer_is_killed_as_stalled_and_the_next_file_trains(root, tiny_model_dir):
-    # start_timeout covers the imports on a loaded machine; the stall timeout is what the hang meets.
-    write_config(root, tiny_model_dir, limits={"max_attempts": 2, "min_free_disk_mb": 1, "stall_timeout_seconds": 8,
+    # start_timeout covers the imports on a loaded machine; the stall timeout is what the hang meets. It also
+    # covers validating and loading (no event between them): 20 s, not less, for a busy 2-core runner.
+    write_config(root, tiny_model_dir, limits={"max_attempts": 2, "min_free_disk_mb": 1, "stall_timeout_seconds": 20,
                                                "start_timeout_seconds": 300})
     inbox = Inbox(root)
     inbox.drop("hung.jsonl", chat_lines(4, "hung"))

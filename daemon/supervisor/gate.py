@@ -10,6 +10,7 @@ floor, and the trainer lock still held by an earlier daemon's trainer. No torch 
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import shutil
 import time
@@ -21,6 +22,11 @@ from daemon.supervisor import gpu, launch
 from daemon.timefmt import now_iso
 
 RECHECK_SECONDS = 10.0
+
+# What from_pretrained reads from a base folder: the config, the weights, the tokenizer.
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
+               "*.bin.index.json", "*.gguf", "tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json",
+               "added_tokens.json", "chat_template.*", "*.tiktoken", "spiece.model")
 
 
 def problem(cfg, layout: Layout) -> str | None:
@@ -39,6 +45,8 @@ def base_model_problem(value: str) -> str | None:
     except OSError as e:
         return f"base model unreadable: {folder}: {e.strerror}"
     for name in names:
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES):
+            continue  # a README or LICENSE the loader never reads must not stop the queue
         path = folder / name
         if path.is_symlink() and not path.exists():  # a Hugging Face cache snapshot links to its blobs
             return f"base model incomplete: {path} links to a file that is gone"
@@ -81,6 +89,7 @@ class Gate:
         self.layout, self.status = layout, status
         self.reason: str | None = None  # None: open
         self.since: str | None = None
+        self.confirmed = True  # whether problem() itself sees the cause the queue is blocked for
         self._next_check = 0.0
         self.disk_note: str | None = None  # how much space is left, while below the floor
         self._lock_wait_said = False
@@ -112,15 +121,18 @@ class Gate:
         cause = problem(cfg, self.layout)
         if cause is None:
             if self.shut:
-                self.status.event("unblocked", f"unblocked: {self.reason} - fixed; jobs start again",
-                                  reason=self.reason)
+                how = ("fixed; jobs start again" if self.confirmed else
+                       "the daemon's own checks see no problem; trying again")
+                self.status.event("unblocked", f"unblocked: {self.reason} - {how}", reason=self.reason)
                 self.reason = self.since = None
             return False
         self.shut_for(cause)
         return True
 
-    def shut_for(self, cause: str) -> None:
-        """No job starts until `cause` is gone (a job's trainer found it, or problem() did)."""
+    def shut_for(self, cause: str, confirmed: bool = True) -> None:
+        """No job starts until `cause` is gone (a job's trainer found it, or problem() did). `confirmed`: the
+        daemon's own checks see it too (else they cannot tell when it is gone: the next re-check tries again)."""
+        self.confirmed = confirmed
         if cause != self.reason:
             self.status.event("blocked", f"blocked, no job starts: {cause}; re-checked every {RECHECK_SECONDS:.0f}s "
                               "(`training-daemon resume` re-checks at once); no job fails meanwhile",

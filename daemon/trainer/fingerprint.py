@@ -2,7 +2,9 @@
 
 The fingerprint is a sha256 over what decides whether an adapter fits a base and means the same on it:
 config.json's bytes, each safetensors file's name, size and JSON header (every tensor's name, dtype, shape and
-offsets), the name and size of any other weight file, and the names and sizes of the tokenizer files. No
+offsets), the name and size of any other weight file (only when there is no safetensors file: from_pretrained
+loads safetensors first, so a .bin or .gguf added beside them later changes nothing), and the names and sizes of
+the tokenizer files. No
 weights are read: a 70B base costs a few small reads, not minutes of hashing. Two bases with the same
 architecture but different weights in files of identical layout are not told apart; a fine-tuned checkpoint
 re-saved by another tool usually is (its headers' metadata and offsets differ). No torch here.
@@ -30,13 +32,15 @@ def base_fingerprint(base_dir: Path) -> str:
             data = f if isinstance(f, bytes) else str(f).encode()
             digest.update(struct.pack("<Q", len(data)) + data)  # length-prefixed: no two field lists collide
 
-    for path in sorted(p for p in Path(base_dir).iterdir() if p.is_file()):
+    files = sorted(p for p in Path(base_dir).iterdir() if p.is_file())
+    has_safetensors = any(p.name.endswith(".safetensors") for p in files)
+    for path in files:
         name = path.name
         if name == "config.json":
             part("config", path.read_bytes())
         elif name.endswith(".safetensors"):
             part("safetensors", name, path.stat().st_size, safetensors_header(path))
-        elif _matches(name, OTHER_WEIGHT_FILES):
+        elif _matches(name, OTHER_WEIGHT_FILES) and not has_safetensors:
             part("weights", name, path.stat().st_size)
         elif _matches(name, TOKENIZER_FILES):
             part("tokenizer", name, path.stat().st_size)

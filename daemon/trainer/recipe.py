@@ -31,6 +31,8 @@ from daemon.trainer.model import load_for_training, prepare_model
 
 GIB = 1024**3
 
+PROGRESS_AT_LEAST_EVERY_SECONDS = 60.0  # well under limits.stall_timeout_seconds (20 min by default)
+
 
 class Diverged(Exception):
     """Loss or gradient norm stopped being finite: too many steps in a row, the last step, or the eval loss."""
@@ -176,8 +178,11 @@ class LoRARecipe:
                 if not first_step_emitted:
                     first_step_emitted = True
                     self.emit({"event": Event.FIRST_STEP, "step": p.step, "loss": loss})
-                if p.step % self.cfg.status.progress_every_steps == 0 or p.step == p.total_steps:
-                    elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window_start
+                # Every N steps, and at least once a minute: the daemon's stall watchdog hears from a run whose
+                # steps are slow (a big base, 4-bit, high accumulation) long before its timeout.
+                if (p.step % self.cfg.status.progress_every_steps == 0 or p.step == p.total_steps
+                        or elapsed >= PROGRESS_AT_LEAST_EVERY_SECONDS):
                     p.train_seconds += elapsed
                     self._emit_progress(loss, grad_norm, window_tokens / elapsed if elapsed > 0 else 0.0)
                     window_start, window_tokens = time.perf_counter(), 0
