@@ -66,6 +66,8 @@ def test_system_unit_has_the_service_contract(root):
     assert one(unit, "Service", "KillMode") == "mixed"
     assert one(unit, "Service", "KillSignal") == "SIGTERM"
     assert one(unit, "Service", "TimeoutStopSec") == "180s"
+    # Room for the trainer's descriptors; the status page takes at most a quarter (web_server.connection_bound).
+    assert one(unit, "Service", "LimitNOFILE") == "8192"
     assert one(unit, "Service", "User") == "alice"
     assert one(unit, "Service", "StateDirectory") == "training-daemon"
     exec_start = one(unit, "Service", "ExecStart").split()
@@ -105,6 +107,7 @@ def test_user_unit_leaves_out_what_an_unprivileged_systemd_cannot_do(root, monke
     unit = parse_unit(text)
     assert "--root " + str(root / "state-home" / "training-daemon") in one(unit, "Service", "ExecStart")
     assert one(unit, "Service", "Type") == "notify" and one(unit, "Service", "NoNewPrivileges") == "yes"
+    assert one(unit, "Service", "LimitNOFILE") == "8192"  # under a user manager's hard limit (524288)
     for absent in ("User", "DynamicUser", "ProtectSystem", "PrivateTmp", "DeviceAllow", "DevicePolicy"):
         assert absent not in unit["Service"], absent
     assert one(unit, "Install", "WantedBy") == "default.target"

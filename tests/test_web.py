@@ -156,7 +156,8 @@ def test_api_loss_follows_the_events_file(site):
     old = get_json(server, "/api/loss?job=2")
     assert old["source"] == "metadata" and len(old["train"]) == 8 and old["eval"] == [[4, 1.0], [8, 0.6]]
     assert get_json(server, "/api/loss?job=99")["train"] == []
-    assert "error" in get_json(server, "/api/loss?job=abc")
+    code, _, body = get(server.url + "api/loss?job=abc")
+    assert code == 400 and json.loads(body)["error"].startswith("job must be a whole number from 0 to")
 
 
 def test_metrics_read_the_files_at_every_scrape(site):

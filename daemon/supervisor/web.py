@@ -7,6 +7,8 @@ by default, where requests must also name a loopback Host (no DNS-rebinding read
 
 Routes: /  /api/status  /api/jobs[?state=&limit=]  /api/versions  /api/loss[?job=ID]  /metrics
         /plots/<adapter>/v<N>.png
+A query value that is not what the route takes is a 400 naming the parameter and what it accepts. The server
+itself (daemon/supervisor/web_server.py) bounds connections and their time, so the page cannot starve the daemon.
 """
 
 from __future__ import annotations
@@ -15,20 +17,27 @@ import ipaddress
 import json
 import os
 import re
-import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
+from daemon.config import WebConfig
 from daemon.durable import read_json
 from daemon.paths import ADAPTER_NAME, Layout
 from daemon.supervisor.job import JobStatus
 from daemon.supervisor.spool import Spool
 from daemon.supervisor.web_page import PAGE
+from daemon.supervisor.web_server import BoundedHTTPServer, BoundedHTTPServer6, serve
 from daemon.versions import damaged_versions, latest_version, problems, read_metadata, versions
 
 MAX_POINTS = 2000  # per series in one /api/loss answer; longer runs are thinned evenly
+MAX_LIMIT = 1_000_000  # /api/jobs?limit=: more jobs than any spool holds
+MAX_JOB_ID = 10**12
+# ASCII digits only: str.isdigit() also accepts "²" and "٣", and int() refuses numbers of more than 4,300 digits.
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,13}", re.ASCII)
+_PLOT = re.compile(r"/plots/([^/]+)/v([0-9]{1,9})\.png", re.ASCII)
 VERSION_FIELDS = ("adapter", "version", "job_id", "source_file", "base_model", "steps", "epochs", "first_train_loss",
                   "final_train_loss", "eval_loss", "tokens_trained", "examples_trained", "training_seconds",
                   "finished_at", "device", "peak_gpu_mem_gib", "parent_version", "mode")
@@ -205,8 +214,27 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a hung browser connection never blocks the daemon's exit
+class BadQuery(ValueError):
+    """A query value the route cannot take: answered 400 with this message."""
+
+
+def whole_number(query: dict, name: str, low: int, high: int) -> int | None:
+    """query[name] as an int in [low, high], None when absent; BadQuery for anything else."""
+    text = query.get(name)
+    if text is None:
+        return None
+    if not _WHOLE_NUMBER.fullmatch(text) or not low <= int(text) <= high:
+        shown = text if len(text) <= 20 else text[:20] + "..."
+        raise BadQuery(f"{name} must be a whole number from {low} to {high}, not {shown!r}")
+    return int(text)
+
+
+def one_of(query: dict, name: str, allowed: list[str]) -> str | None:
+    text = query.get(name)
+    if text is not None and text not in allowed:
+        shown = text if len(text) <= 20 else text[:20] + "..."
+        raise BadQuery(f"{name} must be one of {', '.join(allowed)}, not {shown!r}")
+    return text
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -232,24 +260,27 @@ class _Handler(BaseHTTPRequestHandler):
             if route == "/api/status":
                 return self._json(read_json(self.layout.status_json) or {})
             if route == "/api/jobs":
-                jobs = [job.to_dict() for job, _ in self.spool.list()
-                        if query.get("state") in (None, job.state.value)]
-                return self._json(jobs[-int(query["limit"]):] if query.get("limit", "").isdigit() else jobs)
+                state = one_of(query, "state", [s.value for s in JobStatus])
+                limit = whole_number(query, "limit", 1, MAX_LIMIT)
+                jobs = [job.to_dict() for job, _ in self.spool.list() if state in (None, job.state.value)]
+                return self._json(jobs[-limit:] if limit else jobs)
             if route == "/api/versions":
                 return self._json(list_versions(self.layout))
             if route == "/api/loss":
-                return self._json(self._loss(query.get("job")))
+                return self._json(self._loss(whole_number(query, "job", 0, MAX_JOB_ID)))
             if route == "/metrics":
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
                 return self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
-            m = re.fullmatch(r"/plots/([^/]+)/v(\d+)\.png", route)
+            m = _PLOT.fullmatch(route)
             if m and ADAPTER_NAME.match(m.group(1)) and ".." not in m.group(1):
                 png = self.layout.checkpoints / m.group(1) / f"v{int(m.group(2))}" / "loss.png"
                 if png.is_file():
                     return self._send(200, "image/png", png.read_bytes())
             return self._send(404, "application/json", b'{"error": "not found"}')
-        except (BrokenPipeError, ConnectionResetError):
+        except BadQuery as e:
+            self._json({"error": str(e)}, 400)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
         except Exception as e:  # one bad request must not take the page down
             try:
@@ -257,14 +288,10 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
 
-    def _loss(self, job: str | None) -> dict:
-        if job is not None and not job.isdigit():
-            return {"error": "job must be a number"}
-        if job is None:
+    def _loss(self, job_id: int | None) -> dict:
+        if job_id is None:
             cur = (read_json(self.layout.status_json) or {}).get("current") or {}
             job_id = cur.get("job_id")
-        else:
-            job_id = int(job)
         answer = self.index.points(job_id)
         if not answer["train"] and job_id is not None:
             answer = loss_from_metadata(self.layout, job_id) or answer
@@ -284,23 +311,29 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class WebServer:
-    def __init__(self, httpd: ThreadingHTTPServer, host: str):
+    def __init__(self, httpd: BoundedHTTPServer, host: str):
         self.httpd = httpd
         self.port: int = httpd.server_address[1]
         shown = "127.0.0.1" if host in ("", "0.0.0.0") else (f"[{host}]" if ":" in host else host)
         self.url = f"http://{shown}:{self.port}/"
-        self.thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="status-web", daemon=True)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=serve, args=(httpd, self.stopping), name="status-web", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
 
 
-def start_web(layout: Layout, host: str = "127.0.0.1", port: int = 0) -> WebServer:
-    """Serve the status page for `layout` on host:port (0 = any free port); returns once it listens."""
+def start_web(layout: Layout, host: str = "127.0.0.1", port: int = 0, *, limits: WebConfig | None = None,
+              report: Callable[[str], None] | None = None) -> WebServer:
+    """Serve the status page for `layout` on host:port (0 = any free port); returns once it listens.
+
+    limits: the connection bound and timeouts (status.web in the config; its defaults when None). report: how
+    the server tells of a problem it survives (EMFILE on accept, a full house), once each; stderr when None.
+    """
     from prometheus_client import CollectorRegistry
 
     spool = Spool(layout)
@@ -308,7 +341,9 @@ def start_web(layout: Layout, host: str = "127.0.0.1", port: int = 0) -> WebServ
     registry.register(FileCollector(spool))
     handler = type("Handler", (_Handler,), {"layout": layout, "spool": spool, "index": LossIndex(layout.events),
                                             "registry": registry, "check_host": _is_loopback(host or "0.0.0.0")})
-    server_cls = _Server
-    if ":" in host:
-        server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
-    return WebServer(server_cls((host, port), handler), host)
+    limits = limits or WebConfig()
+    server_cls = BoundedHTTPServer6 if ":" in host else BoundedHTTPServer
+    httpd = server_cls((host, port), handler, max_connections=limits.max_connections,
+                       idle_timeout=limits.idle_timeout_seconds, request_timeout=limits.request_timeout_seconds,
+                       report=report)
+    return WebServer(httpd, host)
