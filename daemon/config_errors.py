@@ -50,9 +50,60 @@ def issue(path: str, message: str, got: Any = None, allowed: str | None = None, 
             "line": line}
 
 
+SHOWN_CHARS = 80
+
+
+class _Enough(Exception):
+    """The preview is long enough: stop walking the value."""
+
+
 def _show(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
+    """`value` as JSON, cut at SHOWN_CHARS: built piece by piece and stopped there, so that a value of a
+    billion items, one that contains itself or one nested 20,000 deep costs no more than a short one."""
+    parts: list[str] = []
+    size = 0
+
+    def emit(text: str) -> None:
+        nonlocal size
+        parts.append(text)
+        size += len(text)
+        if size > SHOWN_CHARS:
+            raise _Enough
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            emit("{")
+            for i, (k, item) in enumerate(v.items()):
+                emit(", " if i else "")
+                emit(_scalar(str(k)) + ": ")
+                walk(item)
+            emit("}")
+        elif isinstance(v, (list, tuple)):
+            emit("[")
+            for i, item in enumerate(v):
+                emit(", " if i else "")
+                walk(item)
+            emit("]")
+        else:
+            emit(_scalar(v))
+
+    try:
+        walk(value)
+    except _Enough:
+        pass
+    text = "".join(parts)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, str):
+        return json.dumps(v[:SHOWN_CHARS + 1])
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"a number of about {int((abs(v).bit_length() - 1) * 0.30103) + 1} digits"  # str() of a huge int raises
+    try:
+        return json.dumps(v, default=str)[:SHOWN_CHARS + 1]
+    except (ValueError, TypeError):
+        return type(v).__name__
 
 
 def key_path(loc: tuple) -> str:

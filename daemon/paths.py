@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,52 @@ def check_adapter_name(name: str) -> str:
             "not starting with '.' or '-' and without '..'"
         )
     return name
+
+
+# Folders the system owns: a root here would scatter inbox/, queue/, state/ among system files (or, for /tmp, into a
+# folder every local user can create names in first). /proc, /sys and /dev are refused with everything below them.
+SYSTEM_FOLDERS = frozenset(["/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+                            "/media", "/mnt", "/opt", "/proc", "/run", "/sbin", "/srv", "/sys", "/tmp",
+                            "/usr", "/usr/bin", "/usr/lib", "/usr/lib64", "/usr/local", "/usr/sbin", "/usr/share",
+                            "/var", "/var/lib", "/var/log", "/var/tmp"])
+VIRTUAL_TREES = ("/proc", "/sys", "/dev")
+_KINDS = [(stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
+
+
+def file_kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def root_problem(root: str | os.PathLike) -> str | None:
+    """Why `root` cannot be a data root (a system folder, or something that is not a folder), or None."""
+    path = Path(root).expanduser().resolve()
+    text = str(path)
+    if text in SYSTEM_FOLDERS or any(text.startswith(tree + "/") for tree in VIRTUAL_TREES):
+        return f"{text} is a system folder: choose a folder of its own, like /var/lib/training-daemon"
+    if path.exists() and not path.is_dir():
+        return f"{text} is not a folder"
+    return None
+
+
+def check_root(root: str | os.PathLike) -> Path:
+    problem = root_problem(root)
+    if problem:
+        raise UserError(f"invalid data root: {problem}")
+    return Path(root)
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """Refuse a device, a FIFO or a socket before opening it: reading /dev/zero never ends, opening a FIFO blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{what} {os.fspath(path)} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {os.fspath(path)}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{what} {os.fspath(path)} is {file_kind(mode)}, not a regular file")
+    return Path(path)
 
 
 @dataclass(frozen=True)

@@ -405,3 +405,32 @@ def test_loading_never_imports_torch_and_is_fast(root, model):
     elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr
     assert elapsed < 1.0, f"loading the config took {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize("bomb, says", [
+    ("a: &a [x, x, x]\n" + "".join(f"a{i}: &a{i} [*a, *a]\n" for i in range(9)), "more than 16 aliases"),
+    ("loop: &l {self: *l}\n", "recursive alias"),
+    ("deep: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32 levels"),
+    (f"a: &a {'[' * 20}1{']' * 20}\nb: {'[' * 16}*a{']' * 16}\n", "aliases are expanded"),
+])
+def test_yaml_aliases_and_nesting_are_bounded(tmp_path, model, bomb, says):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"base_model: {model}\n{bomb}")
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert time.monotonic() - start < 2
+    assert len(e.value.errors) == 1 and says in e.value.errors[0]["message"]
+
+
+def test_a_shown_value_is_cut_without_serialising_it_whole():
+    from daemon.config_errors import issue
+
+    loop: list = [1]
+    loop.append(loop)
+    deep: list = []
+    for _ in range(50_000):
+        deep = [deep]
+    for value in (loop, deep, list(range(10**6)), "x" * 10**6, 10**5000):
+        got = issue("k", "bad", value)["got"]
+        assert len(got) <= 80

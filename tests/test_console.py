@@ -12,7 +12,8 @@ import pytest
 
 from daemon import durable
 from daemon.paths import Layout
-from daemon.supervisor.console import follow_job, follow_log, progress_bar, render_jobs, render_status
+from daemon.supervisor.console import (follow_job, follow_log, last_log_lines, progress_bar, render_jobs,
+                                      render_status)
 from daemon.supervisor.job import dir_name
 from daemon.supervisor.spool import Spool
 from daemon.supervisor.status import StatusWriter
@@ -233,3 +234,17 @@ def test_follow_job_gives_up_on_a_job_that_never_appears(root, missing_timeout):
     out = io.StringIO()
     assert follow_job(layout, 99, out, poll=0.02, missing_timeout=missing_timeout) == 1
     assert "job 99: not found" in out.getvalue()
+
+
+def test_names_and_errors_reach_the_terminal_escaped(tmp_path):
+    jobs = [{"id": 1, "state": "failed", "adapter": "a", "original_name": "x\x1b[31mRED\n.jsonl",
+             "error": "bad \u202egpj.jsonl\x9b"}]
+    table = render_jobs(jobs, NOW)
+    assert "x\\x1b[31mRED\\n.jsonl" in table and "bad \\u202egpj.jsonl\\x9b" in table
+    assert not any(c in table for c in "\x1b\u202e\x9b")
+    status = render_status({"current": {"job_id": 1, "file": "t\x07.jsonl", "adapter": "a"}}, jobs, NOW)
+    assert "t\\x07.jsonl" in status and "\x07" not in status
+    log = tmp_path / "status.log"
+    log.write_bytes(b"plain\nwritten by someone else \x1b]0;title\x07\n")
+    assert last_log_lines(log, 5) == ["plain", "written by someone else \\x1b]0;title\\x07"]
+    assert last_log_lines(tmp_path / "none.log") == []

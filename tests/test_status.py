@@ -148,3 +148,13 @@ def test_the_configs_log_level_filters_the_daemons_log(root, tiny_model_dir):
     failed = [line for line in lines(root / "status.log") if " ERROR " in line]
     assert any("broken.jsonl" in line or "job 1" in line for line in failed), failed
     assert any("invalid_json x1 (first: line 1)" in line for line in failed), failed
+
+
+def test_a_line_shows_control_characters_escaped_and_the_json_keeps_them(layout, capsys):
+    name = "x\x1b]0;pwned\x07\x1b[31mRED\u202e.jsonl"
+    StatusWriter(layout, echo=True).event("job_started", f"job 1 started: {name}", file=name)
+    log = layout.status_log.read_text()
+    assert "job 1 started: x\\x1b]0;pwned\\x07\\x1b[31mRED\\u202e.jsonl" in log
+    assert "\x1b" not in log and "\x1b" not in capsys.readouterr().out
+    record = json.loads(layout.events.read_text())
+    assert record["file"] == name and record["message"].endswith(name)

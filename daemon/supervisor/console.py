@@ -1,7 +1,8 @@
 """What a person sees in a terminal: `status`, `jobs`, `logs -f` and `submit --follow`.
 
 Everything here reads the files the daemon writes (status.json, job.json, status.log); nothing talks to
-the daemon, so these work the same whether it is running, stopped or on its way up.
+the daemon, so these work the same whether it is running, stopped or on its way up. Every line they print
+goes through daemon.textsafe: a file name, an adapter name or an error text cannot act on the terminal.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from daemon.durable import read_json
 from daemon.paths import Layout
 from daemon.supervisor.job import JobStatus
 from daemon.supervisor.spool import Spool
+from daemon.textsafe import for_terminal
 from daemon.timefmt import fmt_duration, fmt_eta
 
 STALE_SECONDS = 30  # status.json is rewritten every second while the daemon lives
@@ -131,7 +133,7 @@ def render_status(status: dict, jobs: list[dict], now: float | None = None) -> s
     else:
         rows.append(("gpu", "none visible (NVML unavailable)"))
     width = max(len(k) for k, _ in rows)
-    out = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    out = [f"{k.ljust(width)}  {for_terminal(v)}" for k, v in rows]
     recent = sorted(jobs, key=lambda j: j.get("id") or 0)[-5:]
     if recent:
         out += ["", "recent jobs:", *("  " + line for line in render_jobs(recent, now).splitlines())]
@@ -158,9 +160,10 @@ def render_jobs(jobs: list[dict], now: float | None = None) -> str:
             note = f"same bytes as job {j['duplicate_of']}"
         else:
             note = _first_line(j.get("note") or j.get("error"))
-        rows.append((str(j.get("id", "?")), str(j.get("state", "?")), str(j.get("adapter", "?")),
-                     f"v{j['version']}" if j.get("version") is not None else "-",
-                     _first_line(j.get("original_name", "?"), 40), _job_when(j, now), note))
+        cells = (str(j.get("id", "?")), str(j.get("state", "?")), str(j.get("adapter", "?")),
+                 f"v{j['version']}" if j.get("version") is not None else "-",
+                 _first_line(for_terminal(j.get("original_name", "?")), 40), _job_when(j, now), note)
+        rows.append(tuple(for_terminal(c) for c in cells))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
 
@@ -183,6 +186,20 @@ def _tail(f, n: int, block: int = 65536) -> list[bytes]:
     return lines[-n:] if n > 0 else []
 
 
+def _shown(line: bytes) -> str:
+    # The daemon escapes what it writes; a line someone else appended (or an older version wrote) is escaped here.
+    return for_terminal(line.decode("utf-8", "replace"))
+
+
+def last_log_lines(path, lines: int = 20) -> list[str]:
+    """The last `lines` lines of status.log as `logs` shows them; none if there is no log yet."""
+    try:
+        with open(path, "rb") as f:
+            return [_shown(line) for line in _tail(f, lines)]
+    except FileNotFoundError:
+        return []
+
+
 def follow_log(path, lines: int = 20, poll: float = 0.25):
     """`tail -F`: the last `lines` lines, then every new one; survives rename, delete and truncation."""
     path = Path(path)
@@ -202,14 +219,14 @@ def follow_log(path, lines: int = 20, poll: float = 0.25):
     reopen()
     if f:
         for line in _tail(f, lines):
-            yield line.decode("utf-8", "replace")
+            yield _shown(line)
     while True:
         chunk = f.read() if f else b""
         if chunk:
             partial += chunk
             *complete, partial = partial.split(b"\n")
             for line in complete:
-                yield line.decode("utf-8", "replace")
+                yield _shown(line)
             continue
         try:
             st = os.stat(path)
@@ -234,11 +251,12 @@ def follow_job(layout: Layout, job_id: int, out, poll: float = 0.5, missing_time
 
     def show(text: str, final: bool = False):
         nonlocal shown, shown_len, last_print
+        safe = for_terminal(text)
         if tty:
-            out.write("\r" + text.ljust(shown_len) + ("\n" if final else ""))
-            shown_len = 0 if final else len(text)
+            out.write("\r" + safe.ljust(shown_len) + ("\n" if final else ""))
+            shown_len = 0 if final else len(safe)
         else:
-            out.write(text + "\n")  # a pipe or a log file: plain lines, no carriage returns
+            out.write(safe + "\n")  # a pipe or a log file: plain lines, no carriage returns
         out.flush()
         shown, last_print = text, time.monotonic()
 

@@ -1,7 +1,8 @@
 """What the daemon tells people and machines: status.log, events.jsonl, status.json.
 
 status.log gets one human-readable line per event (made for `tail -f`), also echoed to stdout for
-journald; events.jsonl gets the same event as JSON; status.json is an atomic snapshot.
+journald; events.jsonl gets the same event as JSON; status.json is an atomic snapshot. What a line shows goes
+through daemon.textsafe (a file name's terminal escapes are written as `\\x1b`); the JSON keeps the raw text.
 
 The two logs are kept open and are safe under logrotate: before each write the path is checked against the
 open file's inode (a rename or delete means "start a new file"), and reopen() - for SIGHUP - lets go of the
@@ -18,6 +19,7 @@ import time
 
 from daemon import durable
 from daemon.paths import Layout
+from daemon.textsafe import for_terminal
 from daemon.timefmt import now_iso
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -36,7 +38,9 @@ def normalize_level(level: str) -> str:
 
 def one_line(text: str) -> str:
     """A log line stays one line: no newlines, and no carriage returns (progress bars) either."""
-    return " | ".join(part.strip() for part in str(text).replace("\r", "\n").splitlines() if part.strip())
+    # Split at \n and \r only: splitlines() would also split at \x1c-\x1e, \x85 and \u2028, which a file name may
+    # hold and which for_terminal shows escaped instead.
+    return " | ".join(part.strip() for part in str(text).replace("\r", "\n").split("\n") if part.strip())
 
 
 def _stdout_is_journal() -> bool:
@@ -117,7 +121,7 @@ class StatusWriter:
         if not self.enabled(level):
             return
         ts = now_iso()
-        text = one_line(message)
+        text = for_terminal(one_line(message))  # user text (file names, errors) never acts on a terminal
         line = f"{ts} {level.upper():5} {text}"
         record = {"ts": ts, "event": kind, "level": level, "message": message, **fields}
         with self._lock:
@@ -167,7 +171,7 @@ class StatusWriter:
         if str(path) not in self._reported_errors:  # once per failing spell, not once per event
             self._reported_errors.add(str(path))
             try:
-                print(f"training-daemon: cannot write {path}: {error}", file=sys.stderr, flush=True)
+                print(for_terminal(f"training-daemon: cannot write {path}: {error}"), file=sys.stderr, flush=True)
             except (OSError, ValueError):
                 pass
 

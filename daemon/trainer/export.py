@@ -14,15 +14,16 @@ import shutil
 from pathlib import Path
 
 from daemon import durable
-from daemon.paths import Layout, UserError
+from daemon.paths import VIRTUAL_TREES, Layout, UserError
 from daemon.timefmt import now_iso
 
 
 def export_merged(layout: Layout, spec: str, out: Path) -> Path:
     from daemon.trainer.generate import resolve_version
 
-    version_dir, meta = resolve_version(layout.checkpoints, spec)
     out = Path(out).expanduser().absolute()
+    _check_destination(out)
+    version_dir, meta = resolve_version(layout.checkpoints, spec)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not an empty folder; choose a new one")
     base = meta.get("base_model_path")
@@ -34,8 +35,13 @@ def export_merged(layout: Layout, spec: str, out: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # The base's own dtype (e.g. bf16): the merged model is the size of the base, not twice it.
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    # The base's own dtype (e.g. bf16): the merged model is the size of the base, not twice it. A base that ships
+    # its own code is loaded with the library's code for its type (trust_remote_code stays off here).
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the base model {base}: {(str(e).strip().splitlines() or [''])[0][:300]}") \
+            from None
     model = PeftModel.from_pretrained(model, version_dir)
     merged = model.merge_and_unload()
     has_tokenizer = (version_dir / "tokenizer_config.json").exists()
@@ -61,8 +67,21 @@ def export_merged(layout: Layout, spec: str, out: Path) -> Path:
         if out.exists():
             out.rmdir()  # empty (checked above): rename cannot replace a folder on every filesystem
         durable.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the merged model to {out}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_destination(out: Path) -> None:
+    """Refuse, before minutes of loading, a folder that cannot hold the model (/proc/out, a read-only place)."""
+    real = out.resolve()
+    if any(real == Path(tree) or Path(tree) in real.parents for tree in VIRTUAL_TREES):
+        raise UserError(f"cannot write the merged model to {out}: {real} is in a system folder")
+    parent = next(p for p in real.parents if p.exists())  # the folder mkdir would create it in
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the merged model to {out}: {parent} is not a folder this user can write to")
 

@@ -7,13 +7,21 @@ import sys
 from pathlib import Path
 
 
-def load(base_dir: Path, adapter_dir: Path | None = None):
+def load(base_dir: Path, adapter_dir: Path | None = None, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from daemon.paths import UserError
+
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base_dir)
+    try:
+        # Said outright: left unset, transformers asks on stdin whether to run a model's own code, and fails.
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = "" if trust_remote_code else " (a model that ships its own code needs trust_remote_code: true)"
+        raise UserError(f"cannot load the model at {base_dir}: {first[:300]}{hint}") from None
     if adapter_dir is not None:
         from peft import PeftModel
 
