@@ -211,14 +211,52 @@ def test_duplicate_policy(layout, policy):
         intake.stop()
     again, other = jobs
     assert other.adapter == "other" and other.state == JobStatus.PENDING and other.duplicate_of is None
-    if policy == "skip":
-        assert again.state == JobStatus.DONE and again.duplicate_of == original.id
-        assert again.note == f"duplicate of job {original.id} (same sha256); not trained again"
-        assert Spool(layout).get(again.id)[1].parent.name == "done"
-        assert len(events(layout, "duplicate")) == 1
+    if policy == "skip":  # the original has not trained yet: the copy waits for its outcome
+        assert again.state == JobStatus.PENDING and again.duplicate_of == original.id
+        assert "skipped if that one succeeds" in events(layout, "job_queued")[1]["message"]
     else:
         assert again.state == JobStatus.PENDING and again.duplicate_of is None
         assert f"same bytes as job {original.id}" in events(layout, "job_queued")[1]["message"]
+
+
+@pytest.mark.parametrize("outcome", [JobStatus.DONE, JobStatus.FAILED])
+def test_a_duplicate_waits_for_its_original_and_trains_if_that_one_did_not(layout, outcome):
+    intake = make_intake(layout, duplicate_policy="skip")
+    spool = Spool(layout)
+    try:
+        drop(layout.inbox, "first.jsonl", b"same bytes\n")
+        (original,) = poll_for(intake, 1)
+        drop(layout.inbox, "again.jsonl", b"same bytes\n")
+        (again,) = poll_for(intake, 1)
+        assert intake.poll(0) == []  # the original is still pending: nothing is decided
+        spool.move(original, outcome)  # what the daemon does once it trained it, or once it was cancelled
+        settled = intake.poll(0)
+    finally:
+        intake.stop()
+    job, folder = spool.get(again.id)
+    if outcome == JobStatus.DONE:
+        assert [j.id for j in settled] == [again.id] and folder.parent.name == "done"
+        assert job.duplicate_of == original.id
+        assert job.note == f"duplicate of job {original.id} (same sha256); not trained again"
+        assert len(events(layout, "duplicate")) == 1
+    else:
+        assert settled == [] and folder.parent.name == "pending" and job.duplicate_of is None
+        assert job.note == f"same bytes as job {original.id}, which failed or was cancelled: trained"
+
+
+def test_a_done_original_makes_a_duplicate_done_at_once(layout):
+    intake = make_intake(layout, duplicate_policy="skip")
+    spool = Spool(layout)
+    try:
+        drop(layout.inbox, "first.jsonl", b"same bytes\n")
+        (original,) = poll_for(intake, 1)
+        spool.move(original, JobStatus.DONE)
+        drop(layout.inbox, "again.jsonl", b"same bytes\n")
+        (again,) = poll_for(intake, 1)
+    finally:
+        intake.stop()
+    assert again.state == JobStatus.DONE and again.duplicate_of == original.id
+    assert spool.get(again.id)[1].parent.name == "done"
 
 
 def test_the_same_name_dropped_twice_is_two_jobs(layout, intake):
@@ -349,3 +387,27 @@ def test_poll_is_safe_from_another_thread_writing_files(layout, intake):
     thread.join()
     assert sorted(j.original_name for j in jobs) == [f"f{i:02d}.jsonl" for i in range(20)]
     assert [j.id for j in jobs] == list(range(1, 21))
+
+
+def test_a_hard_linked_file_becomes_a_private_copy(layout, intake, tmp_path):
+    outside = tmp_path / "outside.jsonl"
+    outside.write_bytes(b"claimed bytes\n")
+    layout.inbox.mkdir(parents=True, exist_ok=True)
+    os.link(outside, layout.inbox / "linked.jsonl")
+    (job,) = poll_for(intake, 1)
+    outside.write_bytes(b"edited later, through the twin\n")
+    stored = Spool(layout).job_dir(job) / "input.jsonl"
+    assert stored.read_bytes() == b"claimed bytes\n" and os.stat(stored).st_nlink == 1
+    assert job.sha256 == hashlib.sha256(b"claimed bytes\n").hexdigest()
+    assert outside.read_bytes() == b"edited later, through the twin\n"  # the twin keeps its own bytes
+
+
+def test_a_file_that_changed_after_it_settled_is_put_back(layout):
+    from daemon.supervisor.claimed_input import StillChanging
+
+    src = drop(layout.inbox, "growing.jsonl", b"first part\n")
+    st = src.stat()
+    with pytest.raises(StillChanging, match="changed after it settled"):
+        Spool(layout).claim(src, "default", "growing.jsonl", settled=(st.st_size - 1, st.st_mtime_ns))
+    assert src.read_bytes() == b"first part\n"  # back in the inbox, to settle again
+    assert not list(layout.queue.glob("*/*"))

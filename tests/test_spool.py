@@ -95,6 +95,9 @@ def test_a_symlink_becomes_a_failed_job_holding_the_link_unread(layout, tmp_path
 def test_duplicates_skip_goes_straight_to_done(layout):
     spool = Spool(layout)
     original = claim(spool, layout, "a.jsonl", b"same\n")
+    waiting = claim(spool, layout, "w.jsonl", b"same\n", duplicates="skip")  # the original has not trained yet
+    assert waiting.state == JobStatus.PENDING and waiting.duplicate_of == original.id
+    spool.move(original, JobStatus.DONE)
     dup = claim(spool, layout, "b.jsonl", b"same\n", duplicates="skip")
     other_adapter = claim(spool, layout, "c.jsonl", b"same\n", adapter="other", duplicates="skip")
     trained_again = claim(spool, layout, "d.jsonl", b"same\n", duplicates="train")

@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from daemon.supervisor.claimed_input import StillChanging
 from daemon.supervisor.inbox_watcher import InboxWatcher
 from daemon.supervisor.job import JobStatus
+from daemon.supervisor.spool import DUPLICATE_NOTE
 from daemon.paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
+from daemon.textsafe import for_terminal
+from daemon.timefmt import now_iso
 
 HINT_QUIET_SECONDS = 0.2  # after a "closed"/"moved in" event: no change for this long, then take the file
 CLAIM_BUDGET_SECONDS = 1.0  # claim (hash) for at most this long per poll; the rest waits for the next one
@@ -34,6 +38,7 @@ class Candidate:
     adapter: str
     original_name: str
     first_seen: float = 0.0  # wall-clock time the scan first saw it (arrival order)
+    settled: tuple[int, int] | None = None  # (size, mtime_ns) it kept for settle_seconds: the claim checks it
 
 
 @dataclass
@@ -63,7 +68,7 @@ class ScanState:
 
 def show(name: str | os.PathLike) -> str:
     """A file name fit for a one-line log: control characters (newlines!) and undecodable bytes escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in os.fspath(name))
+    return for_terminal(os.fspath(name))
 
 
 def scan_inbox(layout: Layout, settle_seconds: float, ignore_suffixes, state: ScanState | None = None,
@@ -98,7 +103,8 @@ def scan_inbox(layout: Layout, settle_seconds: float, ignore_suffixes, state: Sc
             seen.hinted = True
         need = min(settle_seconds, HINT_QUIET_SECONDS) if seen.hinted else settle_seconds
         if now - seen.changed_at >= need:
-            ready.append((seen.first_seen, st.st_mtime_ns, name, Candidate(path, adapter, name, seen.first_seen)))
+            ready.append((seen.first_seen, st.st_mtime_ns, name,
+                          Candidate(path, adapter, name, seen.first_seen, ident[:2])))
         else:
             state.next_due = min(state.next_due, seen.changed_at + need)
     state.hints.clear()
@@ -178,6 +184,7 @@ class Intake:
         self._next_rescan = 0.0  # the first poll scans at once
         self._broken: dict[Path, tuple[tuple, float]] = {}
         self.claim_failures: set[Path] = set()  # files left in the inbox because taking them failed
+        self._waiting_duplicates: set[int] | None = None  # pending jobs whose original has not ended yet
 
     def start(self) -> None:
         self._watching = True
@@ -198,6 +205,9 @@ class Intake:
         """Wait up to `timeout` for a hint or a due scan; then scan and claim. Returns the new jobs
         (queued ones, and also duplicates finished into done/ and symlinks failed at once)."""
         try:
+            settled = self._settle_duplicates()
+            if settled:
+                return settled  # the loop learns of them before it picks the next pending job
             self._check_watcher()
             deadline = time.monotonic() + max(0.0, timeout)
             woken = self._take_hints()
@@ -277,7 +287,13 @@ class Intake:
         policy = str(getattr(self.cfg, "duplicate_policy", "skip"))
         try:
             job = self.spool.claim(cand.path, cand.adapter, cand.original_name,
-                                   duplicates=policy, submitted_at=_iso(cand.first_seen))
+                                   duplicates=policy, submitted_at=_iso(cand.first_seen), settled=cand.settled)
+        except StillChanging as e:
+            # Put back by the claim: a writer is still at it. It is taken whole once it settles again.
+            self.state.seen.pop(cand.path, None)
+            self._event("file_changing", f"inbox: {show(cand.original_name)} is still being written ({e}); "
+                        "it is taken once it settles again", level="warning", path=str(cand.path))
+            return None
         except Exception as e:
             seen = self.state.seen.get(cand.path)
             self._broken[cand.path] = (seen.ident if seen else None, time.monotonic() + RETRY_BROKEN_SECONDS)
@@ -296,6 +312,12 @@ class Intake:
         if job.state == JobStatus.FAILED:
             self._event("file_rejected", f"job {job.id} failed at once: {show(job.error)}", level="error",
                         reason="symlink", error=job.error, **fields)
+        elif job.duplicate_of is not None and job.state == JobStatus.PENDING:
+            self._waiting_duplicates = (self._waiting_duplicates or set()) | {job.id}
+            self._event("job_queued", f"job {job.id} queued: {name} -> adapter {job.adapter} ({_size(job.size)}, "
+                        f"sha256 {job.sha256[:12]}); same bytes as job {job.duplicate_of}, not finished yet: "
+                        "skipped if that one succeeds, trained if it fails or is cancelled",
+                        sha256=job.sha256, size=job.size, duplicate_of=job.duplicate_of, **fields)
         elif job.duplicate_of is not None:
             self._event("duplicate", f"job {job.id}: {name} is a duplicate of job {job.duplicate_of} (same sha256, "
                         f"adapter {job.adapter}); not trained again", duplicate_of=job.duplicate_of,
@@ -307,6 +329,40 @@ class Intake:
             self._event("job_queued", f"job {job.id} queued: {name} -> adapter {job.adapter} ({_size(job.size)}, "
                         f"sha256 {job.sha256[:12]}){same}", sha256=job.sha256, size=job.size, **fields)
         return job
+
+    def _settle_duplicates(self) -> list:
+        """A pending job whose bytes equal those of an earlier job not yet ended waits for it: once that one is
+        done, this one is done too, as its duplicate; once it failed or was cancelled, this one is trained."""
+        if self._waiting_duplicates is None:  # first poll: a restart must not forget the waiting ones
+            self._waiting_duplicates = {job.id for job, _ in self.spool.list(JobStatus.PENDING)
+                                        if job.duplicate_of is not None}
+        finished = []
+        for job_id in sorted(self._waiting_duplicates):
+            found = self.spool.get(job_id)
+            if found is None or found[0].state != JobStatus.PENDING or found[0].duplicate_of is None:
+                self._waiting_duplicates.discard(job_id)  # cancelled, or taken by someone else's decision
+                continue
+            job, job_dir = found
+            original = self.spool.get(job.duplicate_of)
+            ended = original[0].state if original is not None else JobStatus.FAILED
+            if ended in (JobStatus.PENDING, JobStatus.RUNNING):
+                continue
+            self._waiting_duplicates.discard(job_id)
+            fields = {"job_id": job.id, "adapter": job.adapter, "file": job.original_name}
+            if ended == JobStatus.DONE:
+                job.finished_at, job.note = now_iso(), DUPLICATE_NOTE.format(job.duplicate_of)
+                self.spool.move(job, JobStatus.DONE)
+                self._event("duplicate", f"job {job.id}: {show(job.original_name)} is a duplicate of job "
+                            f"{job.duplicate_of} (same sha256, adapter {job.adapter}), which succeeded; not trained "
+                            "again", duplicate_of=job.duplicate_of, sha256=job.sha256, **fields)
+                finished.append(job)
+            else:
+                original_id, job.duplicate_of = job.duplicate_of, None
+                job.note = f"same bytes as job {original_id}, which failed or was cancelled: trained"
+                job.save(job_dir)
+                self._event("job_queued", f"job {job.id}: same bytes as job {original_id}, which {ended.value} "
+                            "without training them: this one is trained", sha256=job.sha256, **fields)
+        return finished
 
     def _flush_notices(self, level: str | None = None) -> None:
         notices, self.state.notices = self.state.notices, []

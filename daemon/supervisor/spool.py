@@ -11,7 +11,6 @@ unreadable.py), and only the daemon sets it aside (set_aside()).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import stat
@@ -21,6 +20,8 @@ from daemon import durable, faults
 from daemon.paths import Layout
 from daemon.config import LimitsConfig
 from daemon.supervisor import unreadable
+from daemon.supervisor.claimed_input import copy_across_filesystems, unshare
+from daemon.supervisor.claimed_input import hash_and_sync as _hash_and_sync  # a name tests replace
 from daemon.supervisor.job import INPUT, Job, JobStatus, ManifestError, dir_name, parse_dir_name
 from daemon.supervisor.outcome import Outcome, OutcomeKind
 from daemon.supervisor.policy import decide
@@ -30,6 +31,7 @@ CLAIM_PREFIX = ".claim-"
 # A symlink dropped in the inbox is kept under this name, never as input.jsonl: a retry of its failed
 # job must not make the trainer follow the link.
 SYMLINK_INPUT = "input.symlink"
+DUPLICATE_NOTE = "duplicate of job {} (same sha256); not trained again"
 RESTART_REASON = "daemon restarted while the job was running; it resumes from its last checkpoint"
 
 
@@ -69,12 +71,15 @@ class Spool:
 
     # ---------------------------------------------------------------- claim
     def claim(self, src: Path, adapter: str, original_name: str, *, duplicates: str = "train",
-              submitted_at: str | None = None) -> Job | None:
+              submitted_at: str | None = None, settled: tuple[int, int] | None = None) -> Job | None:
         """Move the file `src` into a new job; None if it vanished first.
 
-        duplicates="skip": if a done/pending/running job of this adapter has the same sha256, the new job is
-        completed straight into done/ with duplicate_of set (in the same atomic step, so a crash cannot
-        leave it queued for training). A symlink becomes a failed job holding the link itself, unread.
+        duplicates="skip": if a done job of this adapter has the same sha256, the new job is completed straight
+        into done/ with duplicate_of set (in the same atomic step, so a crash cannot leave it queued for
+        training); if that job is still pending or running, the new one waits in pending with duplicate_of set
+        and Intake settles it once the original ends. A symlink becomes a failed job holding the link itself, unread.
+        settled: the (size, mtime_ns) the inbox scan saw settle; a file that differs, or changes while it is
+        hashed, is put back (StillChanging) to settle again. A file with another hard link becomes a private copy.
         """
         src = Path(src)
         job = Job(id=self.next_id(), adapter=adapter, original_name=original_name,
@@ -84,6 +89,7 @@ class Spool:
         tmp.mkdir(mode=0o755)
         # The manifest goes first so a crash after the move below still knows the adapter and the name.
         job.save(tmp)
+        copied = False
         try:
             durable.rename(src, tmp / INPUT)
         except FileNotFoundError:
@@ -93,18 +99,21 @@ class Spool:
             try:
                 if e.errno != errno.EXDEV:
                     raise
-                _copy_across_filesystems(src, tmp / INPUT)
+                copy_across_filesystems(src, tmp / INPUT)
+                copied = True
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         try:
             faults.check("claim", job_id=job.id)  # the bytes are in the half-made job folder
-            return self._complete(tmp, job, duplicates)
+            if copied or unshare(tmp / INPUT, settled):
+                settled = None  # a copy has an mtime of its own: the source was checked against it instead
+            return self._complete(tmp, job, duplicates, settled)
         except BaseException:
             self._give_back(tmp, src)
             raise
 
-    def _complete(self, tmp: Path, job: Job, duplicates: str) -> Job:
+    def _complete(self, tmp: Path, job: Job, duplicates: str, settled: tuple[int, int] | None = None) -> Job:
         """Hash the input (from inside the job folder, so nobody can swap it), decide the state, rename into place."""
         info = os.lstat(tmp / INPUT)
         if stat.S_ISLNK(info.st_mode):
@@ -116,12 +125,15 @@ class Spool:
             job.state, job.finished_at = JobStatus.FAILED, now_iso()
             job.error = f"not a regular file: {job.original_name}"
         else:
-            job.sha256, job.size = _hash_and_sync(tmp / INPUT)
+            job.sha256, job.size = _hash_and_sync(tmp / INPUT, settled)
             self._digests[job.id] = (job.sha256, job.adapter)
             original = self.find_by_sha256(job.sha256, job.adapter) if duplicates == "skip" else None
-            if original is not None:
+            if original is not None and original.state == JobStatus.DONE:
                 job.state, job.finished_at, job.duplicate_of = JobStatus.DONE, now_iso(), original.id
-                job.note = f"duplicate of job {original.id} (same sha256); not trained again"
+                job.note = DUPLICATE_NOTE.format(original.id)
+            elif original is not None:  # trained only if the original does not succeed (cancelled, failed)
+                job.duplicate_of = original.id
+                job.note = f"same bytes as job {original.id}, not finished yet: skipped if it succeeds"
         job.queued_at = now_iso()
         job.save(tmp)
         durable.rename(tmp, self.layout.state_dir(job.state) / job.dir_name)
@@ -347,32 +359,3 @@ def _read(path: Path, state: JobStatus) -> Job | None:
     except OSError as e:
         reason = f"job.json cannot be opened: {e.strerror or e}"
     return unreadable.stand_in(parse_dir_name(path.name), state, reason)
-
-
-def _copy_across_filesystems(src: Path, dst: Path) -> None:
-    """A filesystem mounted inside the inbox: copy, then let go of the original (links stay links)."""
-    info = os.lstat(src)
-    if stat.S_ISLNK(info.st_mode):
-        os.symlink(os.readlink(src), dst)
-    elif stat.S_ISREG(info.st_mode):
-        durable.copy_file(src, dst)
-    else:
-        raise OSError(errno.EINVAL, f"not a regular file: {src}")
-    os.unlink(src)
-    durable.fsync_dir(dst.parent)
-
-
-def _hash_and_sync(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
-    """sha256 and size of a file, and fsync it: the user may never have, and the job must not outlive its bytes."""
-    digest = hashlib.sha256()
-    # O_NOFOLLOW | O_NONBLOCK: whatever is there now, never follow a link or hang on a FIFO.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        size = 0
-        while block := os.read(fd, chunk):
-            digest.update(block)
-            size += len(block)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return digest.hexdigest(), size
