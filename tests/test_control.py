@@ -168,3 +168,40 @@ def test_a_job_whose_manifest_cannot_be_read_is_neither_cancelled_nor_retried(sp
     with pytest.raises(UserError, match=f"^cancel: job {job_id} cannot be changed now: job.json is not valid JSON"):
         control.apply(spool, "cancel", job_id)
     assert (spool.get(job_id)[1] / "job.json").read_text() == "{"
+
+
+def no_config(_adapter):
+    raise AssertionError("pause, resume and cancel never read the config")
+
+
+def test_a_command_without_a_daemon_applies_what_a_stopped_daemon_left_first(spool):
+    control.request(spool.layout, "pause")  # asked of a daemon that stopped before taking it
+    said = control.command(spool.layout, "resume", current=no_config)
+    assert said.splitlines() == ["first, an earlier pause request the daemon stopped before taking: paused: no new "
+                                 "job starts; a running job checkpoints and waits", "resumed"]
+    assert not control.is_paused(spool.layout) and not control.take(spool.layout)
+
+
+def test_with_a_daemon_running_a_cancel_it_would_refuse_is_refused_at_once(spool):
+    daemon = control.DaemonLock(spool.layout).acquire()
+    try:
+        with pytest.raises(UserError, match="^cancel: no job 999$"):
+            control.command(spool.layout, "cancel", 999, current=no_config)
+        job_id = queue(spool)
+        assert control.command(spool.layout, "cancel", job_id, current=no_config) == (
+            "cancel requested; the daemon applies it within a second")
+        control.cancel_job(spool, job_id)
+        with pytest.raises(UserError, match=f"^cancel: job {job_id} is failed, not pending or running$"):
+            control.command(spool.layout, "cancel", job_id, current=no_config)
+        assert [r["action"] for r in control.take(spool.layout)] == ["cancel"]  # only the one it could do
+    finally:
+        daemon.release()
+
+
+def test_commands_take_turns_and_one_that_waits_too_long_says_so(spool):
+    with control.turn(spool.layout):
+        with pytest.raises(UserError, match="has not finished in 0s; try again$"):
+            with control.turn(spool.layout, wait=0.2):
+                pass
+    with control.turn(spool.layout, wait=0.2):  # free again once the first is done
+        pass

@@ -4,6 +4,12 @@ A request is a small JSON file written durably; the daemon takes each one in ord
 daemon running, the CLI takes the daemon lock and applies the request itself, so a request is never lost
 and never applied by two processes. Both apply it through apply(), the one place that says what each does.
 
+Control commands take turns (state/control.lock, see turn()), and a daemon takes its lock only in a turn too:
+so a command that finds the daemon lock held knows a daemon holds it, never a racing command, and writes a
+request only for a running daemon. Requests are applied in the order they were made: one left by a daemon
+that stopped before taking it is applied by whoever holds the daemon lock next (a command, before its own
+request, or the next daemon at its start), so a later command never comes before an earlier one.
+
 `retry` gives the job the config a job of its adapter would get if it started now (the config file and the
 adapter's override as they are now), recording in the job's history which keys changed; `retry --same-config`
 keeps the job's config.json snapshot. A retry request carries that choice to the daemon.
@@ -16,7 +22,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from daemon import durable
@@ -25,6 +32,7 @@ from daemon.supervisor import policy
 from daemon.supervisor.job import INPUT, UNKNOWN, Job, JobStatus
 from daemon.supervisor.outcome import Outcome, OutcomeKind
 from daemon.supervisor.spool import SYMLINK_INPUT, Spool
+from daemon.supervisor.status import StatusWriter
 from daemon.timefmt import now_iso
 
 SNAPSHOT = "config.json"  # the job's effective config, as the trainer reads it
@@ -83,14 +91,46 @@ def take(layout: Layout) -> list[dict]:
     return out
 
 
+TURN_LOCK = "control.lock"  # in state/: held by one control command at a time, and by a daemon taking its lock
+TURN_WAIT_SECONDS = 60.0  # a `retry` reads the config in its turn: seconds on a loaded machine, never a minute
+
+
+@contextmanager
+def turn(layout: Layout, wait: float = TURN_WAIT_SECONDS) -> Iterator[None]:
+    """This process's turn among control commands and daemon starts on the root: waits (at most `wait` s) while
+    another has it. UserError if it does not come."""
+    layout.state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layout.state / TURN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"another training-daemon command on {layout.root} has not finished in "
+                                    f"{wait:.0f}s; try again") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
 class DaemonLock:
     """One daemon per root: an flock held for the life of the process (released by the kernel on death)."""
 
     def __init__(self, layout: Layout):
+        self.layout = layout
         self.path = layout.lock
         self.fd: int | None = None
 
     def acquire(self) -> "DaemonLock":
+        """The daemon's lock, for its life; taken in a turn (a control command finishes first)."""
+        with turn(self.layout):
+            return self._take()
+
+    def _take(self) -> "DaemonLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -106,8 +146,9 @@ class DaemonLock:
         return self
 
     def try_acquire(self) -> bool:
+        """For a control command in its turn(): whether no daemon runs (the lock is then ours until release)."""
         try:
-            self.acquire()
+            self._take()
             return True
         except UserError:
             return False
@@ -121,13 +162,61 @@ class DaemonLock:
 def daemon_pid(layout: Layout) -> int | None:
     """The running daemon's pid, or None if no daemon holds the lock."""
     lock = DaemonLock(layout)
-    if lock.try_acquire():
-        lock.release()
-        return None
+    with turn(layout):  # the probe takes the lock for a moment: a control command must not take that for a daemon
+        if lock.try_acquire():
+            lock.release()
+            return None
     try:
         return int(layout.lock.read_text().strip())
     except (OSError, ValueError):
         return -1
+
+
+def command(layout: Layout, action: str, job_id: int | None = None, *, current: CurrentConfig,
+            same_config: bool = False) -> str:
+    """A control command from the CLI, in its turn. With no daemon running it is applied here, under the daemon
+    lock, after any request a stopped daemon left (in order); else it is checked as the daemon would check it,
+    so a refusal is the user's one-line error now, and handed to the daemon as a request. `current`: the config
+    a retried job takes (current_config()), unless `same_config`. What was done, in words; UserError if refused.
+    """
+    spool = Spool(layout)
+    config = None if same_config else current
+    lock = DaemonLock(layout)
+    with turn(layout):
+        if not lock.try_acquire():
+            check(spool, action, job_id, config)
+            request(layout, action, job_id, same_config=same_config)
+            return f"{action} requested; the daemon applies it within a second"
+        try:
+            status = StatusWriter(layout, echo=False)  # status.log tells what happened to the queue, whoever did it
+            said = apply_left_over(spool, status, current)
+            message = apply(spool, action, job_id, config=config)
+            status.event(event_name(action), message, job_id=job_id, by="cli")
+        finally:
+            lock.release()
+    return "\n".join(said + [message])
+
+
+def apply_left_over(spool: Spool, status: StatusWriter, current: CurrentConfig) -> list[str]:
+    """Requests left by a daemon that stopped before taking them, applied as it would have, in the order they
+    were made (by a command that found no daemon, before its own); what each came to, in words."""
+    said = []
+    for req in take(spool.layout):
+        action = req.get("action")
+        config = None if req.get("same_config") else current
+        message = apply(spool, action, req.get("job_id"), config=config, status=status)
+        said.append(f"first, an earlier {action} request the daemon stopped before taking: "
+                    + (message or "not applied (status.log says why)"))
+    return said
+
+
+def check(spool: Spool, action: str, job_id: int | None, config: CurrentConfig | None) -> None:
+    """Refuse now, where the user sees it, what the running daemon would refuse: a cancel of a job that is
+    neither pending nor running, a retry of a job that cannot be queued again."""
+    if action == "cancel":
+        _job_in(spool, job_id, (JobStatus.PENDING, JobStatus.RUNNING), "cancel")
+    elif action == "retry":
+        check_retry(spool, job_id, config)
 
 
 def apply(spool: Spool, action: str, job_id: int | None = None, *, config: CurrentConfig | None = None,
@@ -231,13 +320,19 @@ def retry_job(spool: Spool, job_id: int, config: CurrentConfig | None = None) ->
 def _refresh_snapshot(folder: Path, fresh: dict) -> list[str]:
     """Write `fresh` as the job's config.json; the keys that differ from the old one, as "key: old -> new".
 
-    A changed config also drops the job's resume checkpoints: they hold a run of the old settings (another LoRA
-    rank, other batches), which the new one must not continue."""
+    A change to how the job trains (base model, training, LoRA) also drops the job's resume checkpoints: they
+    hold a run of the old settings (another LoRA rank, other batches), which the new one must not continue. Any
+    other change (a longer stall timeout, more attempts) keeps them: that is what a user raises to let a job
+    that failed on them finish."""
+    from daemon.config import OVERRIDABLE
+
     old = durable.read_json(folder / SNAPSHOT)
-    changes = (["config.json: none before"] if not isinstance(old, dict)
-               else [f"{key}: {_show(a)} -> {_show(b)}" for key, a, b in _differences(old, fresh)])
-    if changes:
+    differences = _differences(old, fresh) if isinstance(old, dict) else None
+    changes = (["config.json: none before"] if differences is None
+               else [f"{key}: {_show(a)} -> {_show(b)}" for key, a, b in differences])
+    if differences is None or any(key.split(".")[0] in OVERRIDABLE for key, _, _ in differences):
         shutil.rmtree(folder / "resume", ignore_errors=True)
+    if changes:
         durable.write_json(folder / SNAPSHOT, fresh)
     return changes
 
@@ -271,7 +366,8 @@ _ACTIONS = {
 _WITHOUT_DAEMON = {"pause": "paused (no daemon is running; it starts paused)"}
 
 
-def _job_in(spool: Spool, job_id: int, state: JobStatus, action: str) -> Job:
+def _job_in(spool: Spool, job_id: int, state: JobStatus | tuple[JobStatus, ...], action: str) -> Job:
+    states = state if isinstance(state, tuple) else (state,)
     found = spool.get(job_id)
     if found is None:
         raise UserError(f"{action}: no job {job_id}")
@@ -279,6 +375,6 @@ def _job_in(spool: Spool, job_id: int, state: JobStatus, action: str) -> Job:
     if job.unreadable:
         raise UserError(f"{action}: job {job_id} cannot be changed now: {job.unreadable}; the daemon sets it aside "
                         "in queue/failed/ when it next starts or reaches it")
-    if job.state != state:
-        raise UserError(f"{action}: job {job_id} is {job.state}, not {state}")
+    if job.state not in states:
+        raise UserError(f"{action}: job {job_id} is {job.state}, not {' or '.join(states)}")
     return job

@@ -253,7 +253,8 @@ class Ranks:
 
 
 def start(cmd: list[str], g: Grant, base_env: dict, job_dir: Path, *, pass_fds: tuple[int, ...], cwd: Path) -> Ranks:
-    """Start every rank of a job; rank 0's stdout is a pipe for its events, each rank's stderr its own log."""
+    """Start every rank of a job; rank 0's stdout is a pipe for its events, each rank's stderr its own log.
+    OSError if rank 0 cannot be started (its interpreter or the project gone)."""
     port = free_port() if g.processes > 1 else 0
     procs: list[subprocess.Popen] = []
     for rank in range(g.processes):

@@ -35,6 +35,7 @@ class TrainerProcess:
         self._pump = threading.Thread(target=_pump_events, args=(ranks.stdout, self._events), daemon=True)
         self._pump.start()
         self._stop_asked_at: float | None = None
+        self._stop_signalled = False
         self._killed = False
         # For the stall watchdog: when the trainer last said anything, what, and its slowest pace so far.
         self.last_event: dict | None = None
@@ -86,6 +87,8 @@ class TrainerProcess:
                 break
         now = time.monotonic()
         self._last_event_at, self.last_event = now, events[-1]
+        if self._stop_asked_at is not None and not self._stop_signalled:
+            self._signal_stop()  # the stop asked before the trainer was ready for it (warm_stop)
         if any(ev.get("event") == Event.PROGRESS for ev in events):
             if self._last_progress_at is not None:
                 self._slowest_progress_gap = max(self._slowest_progress_gap, now - self._last_progress_at)
@@ -122,12 +125,21 @@ class TrainerProcess:
 
     # -------------------------------------------------------------- stops
     def warm_stop(self) -> bool:
-        """Ask every rank to checkpoint and exit (SIGUSR1); True the first time, False once asked."""
+        """Ask every rank to checkpoint and exit (SIGUSR1); True the first time, False once asked.
+
+        Before the trainer's first event the signal is held back and sent with that event (poll_events): the
+        trainer sets its handler before it says anything, and until then SIGUSR1 would kill it (a pause a
+        moment after the job started must still be a warm stop). The stop timeout runs from the ask."""
         if self._stop_asked_at is not None:
             return False
-        self.ranks.send_signal(signal.SIGUSR1)
         self._stop_asked_at = time.monotonic()
+        if self.last_event is not None:
+            self._signal_stop()
         return True
+
+    def _signal_stop(self) -> None:
+        self._stop_signalled = True
+        self.ranks.send_signal(signal.SIGUSR1)
 
     def stop_overdue(self, timeout: float) -> bool:
         """A warm stop was asked more than `timeout` seconds ago and the trainer has not been killed yet."""
