@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 
 from daemon import __version__
-from daemon.paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name
+from daemon.crash_report import DEBUG_ENV, one_line_error, traceback_hint
+from daemon.paths import DEFAULT_ADAPTER, Layout, UserError, check_adapter_name, check_regular_file, check_root
+from daemon.textsafe import for_terminal
 from daemon.supervisor.job import JobStatus
 
 
@@ -24,7 +26,7 @@ def _load(root: str | None, config: str | None, need_config: bool = True):
     path = Path(config) if config else default_config_path(Path(root) if root else Path.cwd())
     cfg = load_config(path, Path(root) if root else None) if need_config else None
     chosen = root or (cfg.root if cfg is not None and cfg.root else None) or "."
-    return cfg, path, Layout.at(chosen)
+    return cfg, path, Layout.at(check_root(chosen))
 
 
 def common(f):
@@ -60,49 +62,20 @@ def run(root, config, once, quiet):
 
 @cli.command()
 @common
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option("--adapter", default=DEFAULT_ADAPTER, show_default=True, help="Adapter to train.")
 @click.option("--follow", is_flag=True, help="Show a live progress bar until the job ends; exit with its result.")
 def submit(root, config, file, adapter, follow):
     """Copy FILE into the inbox atomically (the daemon takes it once it is complete)."""
-    from daemon import durable
     from daemon.supervisor.console import follow_job
     from daemon.supervisor.spool import Spool
+    from daemon.supervisor.submit import submit_file, wait_for_job
 
-    _, _, layout = _load(root, config, need_config=False)
-    check_adapter_name(adapter)
-    src = Path(file)
-    folder = layout.inbox if adapter == DEFAULT_ADAPTER else layout.inbox / adapter
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{src.name}.{os.getpid()}.part"
-    sha = durable.copy_file(src, tmp)
-    dest = folder / src.name
-    n = 1
-    while True:  # never replace a file already waiting under that name: link() fails if it exists
-        try:
-            os.link(tmp, dest)
-            break
-        except FileExistsError:
-            n += 1
-            dest = folder / f"{src.stem} ({n}){src.suffix}"
-    os.unlink(tmp)
-    durable.fsync_dir(folder)
-    click.echo(f"submitted {src} -> {dest} (sha256 {sha[:12]})")
+    cfg, _, layout = _load(root, config)
+    dest, sha = submit_file(layout, Path(file), adapter, cfg.intake)
+    click.echo(for_terminal(f"submitted {file} -> {dest} (sha256 {sha[:12]})"))
     if follow:
-        job_id = _wait_for_job(Spool(layout), dest.name, sha)
-        sys.exit(follow_job(layout, job_id, sys.stdout))
-
-
-def _wait_for_job(spool, name: str, sha: str, timeout: float = 3600) -> int:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for job, _ in reversed(spool.list()):
-            if job.sha256 == sha and job.original_name == name:
-                return job.id
-        time.sleep(0.5)
-    raise UserError("the daemon has not taken the file yet: is `training-daemon run` running on this root?")
+        sys.exit(follow_job(layout, wait_for_job(Spool(layout), dest.name, sha), sys.stdout))
 
 
 @cli.command()
@@ -152,6 +125,7 @@ def validate(root, config, file, as_json, adapter):
     from daemon.config import adapter_config
     from daemon.trainer.data import validate_command
 
+    check_regular_file(file, "data file")  # before anything is opened: /dev/zero never ends, a FIFO blocks
     cfg, path, _ = _load(root, config)
     sys.exit(validate_command(Path(file), adapter_config(cfg, check_adapter_name(adapter), path), as_json))
 
@@ -186,33 +160,21 @@ def logs(root, config, follow, lines):
         except KeyboardInterrupt:
             return
     else:
-        text = layout.status_log.read_text(errors="replace").splitlines() if layout.status_log.exists() else []
-        click.echo("\n".join(text[-lines:]))
+        from daemon.supervisor.console import last_log_lines
+
+        click.echo("\n".join(last_log_lines(layout.status_log, lines)))
 
 
 def _control(root, config, action, job_id=None, same_config=False):
     from daemon.supervisor import control
-    from daemon.supervisor.spool import Spool
-    from daemon.supervisor.status import StatusWriter
 
     _, path, layout = _load(root, config, need_config=False)
     layout.ensure()
     root = root or os.environ.get("TRAINING_DAEMON_ROOT")
     # The config a retried job takes, read as the daemon reads it: the same file, the same root override.
-    current = None if same_config else control.current_config(path, root)
-    lock = control.DaemonLock(layout)
-    if lock.try_acquire():  # no daemon: apply it here, under the daemon's lock
-        try:
-            msg = control.apply(Spool(layout), action, job_id, config=current)
-            # status.log tells what happened to the queue, whoever did it
-            StatusWriter(layout, echo=False).event(control.event_name(action), msg, job_id=job_id, by="cli")
-        finally:
-            lock.release()
-    else:
-        if action == "retry":  # refuse now what the daemon would refuse later, where the user can see it
-            control.check_retry(Spool(layout), job_id, current)
-        control.request(layout, action, job_id, same_config=same_config)
-        msg = f"{action} requested; the daemon applies it within a second"
+    current = control.current_config(path, root)
+    # Applied here under the daemon's lock when no daemon runs, else checked now and requested (control.command).
+    msg = control.command(layout, action, job_id, current=current, same_config=same_config)
     click.echo(msg)
 
 
@@ -257,7 +219,7 @@ def export(root, config, spec, out):
     from daemon.trainer.export import export_merged
 
     _, _, layout = _load(root, config, need_config=False)
-    click.echo(f"merged model written to {export_merged(layout, spec, Path(out))}")
+    click.echo(for_terminal(f"merged model written to {export_merged(layout, spec, Path(out))}"))
 
 
 @cli.command("install-service")
@@ -287,9 +249,9 @@ def ask(root, config, question, spec, max_new_tokens):
     cfg, _, layout = _load(root, config)
     if spec:
         path, meta = resolve_version(layout.checkpoints, spec)
-        model, tok = load(Path(meta["base_model_path"]), path)
+        model, tok = load(Path(meta["base_model_path"]), path, cfg.trust_remote_code)
     else:
-        model, tok = load(resolve_base_model(cfg.base_model))
+        model, tok = load(resolve_base_model(cfg.base_model), trust_remote_code=cfg.trust_remote_code)
     click.echo(answer(model, tok, question, max_new_tokens))
 
 
@@ -300,7 +262,7 @@ def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="training-daemon", standalone_mode=False)
     except UserError as e:
-        click.echo(f"Error: {e}", err=True)
+        click.echo("\n".join(for_terminal(line) for line in f"Error: {e}".split("\n")), err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
@@ -310,4 +272,9 @@ def main(argv=None) -> None:
         sys.exit(e.exit_code)
     except SystemExit:
         raise
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen OS error: one line, the traceback kept aside
+        if os.environ.get(DEBUG_ENV):
+            raise
+        click.echo(for_terminal(f"Error: {one_line_error(e)} ({traceback_hint(e)})"), err=True)
+        sys.exit(1)
 

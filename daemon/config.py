@@ -19,8 +19,9 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from daemon.base_model import BASE_MODEL_ALLOWED, base_model_kind, resolve_base_model
-from daemon.config_errors import ConfigError, issue, key_path, line_of, validation_issues
-from daemon.paths import PROJECT_DIR, UserError, check_adapter_name
+from daemon.config_errors import ConfigError, issue, line_of, validation_issues
+from daemon.config_yaml import read_yaml
+from daemon.paths import PROJECT_DIR, UserError, check_adapter_name, root_problem
 
 SHIPPED_CONFIG = PROJECT_DIR / "config" / "daemon.yaml"
 OVERRIDABLE = ("base_model", "training", "lora")
@@ -52,6 +53,7 @@ class IntakeConfig(Section):
     polling: bool = False
     duplicate_policy: Literal["skip", "train"] = "skip"
     max_line_bytes: Int(1024, 1 << 31) = 16 * 1024 * 1024
+    max_file_bytes: Int(1024, 1 << 44) = 16 * 1024 ** 3  # `submit` refuses larger files (and stops reading there)
     ignore_suffixes: list[Annotated[str, Field(min_length=1)]] = [".tmp", ".part"]
 
 
@@ -129,6 +131,11 @@ class WebConfig(Section):
     enabled: bool = True
     host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
     port: Int(0, 65535) = 8765
+    # The page may never starve the daemon: connections beyond this get a 503 (and the server also keeps it
+    # under a quarter of the process's open-file limit); a silent or dribbling client is dropped.
+    max_connections: Int(1, 4096) = 64
+    idle_timeout_seconds: Num(0.5, 3600) = 10.0
+    request_timeout_seconds: Num(1, 3600) = 30.0
 
 
 class StatusConfig(Section):
@@ -160,6 +167,14 @@ class DaemonConfig(Section):
     def source_path(self) -> Path | None:
         return self._source
 
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v):
+        problem = root_problem(v) if v else None
+        if problem:  # `root: /` would create /inbox, /queue, /state and /checkpoints
+            raise ValueError(problem)
+        return v
+
     @field_validator("trainer_prestart", mode="before")
     @classmethod
     def _prestart_word(cls, v):
@@ -177,53 +192,7 @@ class DaemonConfig(Section):
         raise ValueError("must be `all`, a number of GPUs (1 or more), or a non-empty list of GPU indices like [0, 1]")
 
 
-# ------------------------------------------------------------------ reading YAML
-def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
-    """The mapping in `path` and the line of every key; duplicate keys are errors, not silently last-wins."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([issue("", f"config file {path} does not exist: pass --config FILE, or create "
-                                      "ROOT/config/daemon.yaml (the shipped config/daemon.yaml is a commented "
-                                      "starting point)")], path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([issue("", f"cannot read {path}: {e}")], path) from None
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError([issue("", f"YAML syntax error{where}: {problem}")], path) from None
-    finally:
-        loader.dispose()
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError([issue("", "the file must be a mapping of keys (like `base_model: ...`)",
-                                  data, line=1)], path)
-    lines: dict[tuple, int] = {}
-    dupes: list[dict] = []
-    _walk(node, (), lines, dupes)
-    if dupes:
-        raise ConfigError(dupes, path)
-    return data, lines
-
-
-def _walk(node, loc: tuple, lines: dict, dupes: list) -> None:
-    if not isinstance(node, yaml.MappingNode):
-        return
-    for key_node, value_node in node.value:
-        loc2 = loc + (key_node.value,)
-        if loc2 in lines:
-            dupes.append(issue(key_path(loc2), f"given twice (first at line {lines[loc2]})",
-                                line=key_node.start_mark.line + 1))
-        lines[loc2] = key_node.start_mark.line + 1
-        _walk(value_node, loc2, lines, dupes)
-
-
+# ------------------------------------------------------------------ paths in the file
 def _absolutize(data: dict, folder: Path) -> None:
     """Relative `root:` and folder `base_model:` are relative to the config file that names them."""
     if isinstance(data.get("root"), str) and data["root"]:
@@ -260,7 +229,7 @@ def default_config_path(root: Path | None) -> Path:
 def load_config(path: Path | None = None, root: Path | None = None) -> DaemonConfig:
     """Read, validate and check a daemon config; raises ConfigError listing every problem. `root` overrides `root:`."""
     path = Path(path if path is not None else default_config_path(root)).expanduser().resolve()
-    data, lines = _read_yaml(path)
+    data, lines = read_yaml(path)
     _absolutize(data, path.parent)
     if root is not None:
         data["root"] = str(Path(root).expanduser().resolve())
@@ -281,7 +250,7 @@ def adapter_config(cfg: DaemonConfig, adapter: str, config_path: Path | None = N
     if file is None or not file.is_file():
         return cfg.model_copy(deep=True)
     file = file.resolve()
-    data, lines = _read_yaml(file)
+    data, lines = read_yaml(file)
     stray = [issue(k, f"cannot be set per adapter (only {', '.join(OVERRIDABLE)})", data[k], line=lines.get((k,)))
              for k in data if k not in OVERRIDABLE]
     if stray:

@@ -29,6 +29,7 @@ from daemon.supervisor.status import LEVEL_ENV, StatusWriter
 from daemon.supervisor.status_line import status_line
 from daemon.supervisor.trainer_process import TrainerProcess
 from daemon.timefmt import fmt_duration, now_iso
+from daemon.textsafe import for_terminal
 
 
 @dataclass
@@ -198,8 +199,13 @@ class Supervisor:
                               level="info" if grant.processes > 1 else "debug", job_id=job.id,
                               processes=grant.processes, devices=grant.devices)
         standby, self.standby = self.standby, None
-        trainer = TrainerProcess.start(job_dir, job.micro_batch_size, grant, root=self.layout.root,
-                                       state_dir=self.layout.state, standby=standby)
+        try:
+            trainer = TrainerProcess.start(job_dir, job.micro_batch_size, grant, root=self.layout.root,
+                                           state_dir=self.layout.state, standby=standby)
+        except OSError as e:  # its interpreter or the project gone: this attempt fails with why, the daemon goes on
+            write_error(job_dir, ErrorKind.ERROR, f"the trainer could not be started: {e}")
+            self._end_attempt(protocol.FAILED)
+            return
         self.attempt.trainer = trainer
         if trainer.early_pid is not None:
             self.status.event("launch", f"job {job.id}: trainer started early (pid {trainer.early_pid})",
@@ -290,7 +296,7 @@ class Supervisor:
             self.results.append(decision.state == JobStatus.DONE)
         decision_log.say(self.status, job, job_dir, outcome, decision, micro_batch, point)
         if decision.verdict == Verdict.BLOCKED:
-            self.gate.shut_for(outcome.first_line)
+            self.gate.shut_for(outcome.first_line, confirmed=not job.attempts[-1].get("unconfirmed"))
             self.state = "blocked"
 
     # ------------------------------------------------------------- control
@@ -329,7 +335,8 @@ class Supervisor:
         try:
             from daemon.supervisor.web import start_web
 
-            self.web = start_web(self.layout, web.host, web.port)
+            self.web = start_web(self.layout, web.host, web.port, limits=web,
+                                 report=lambda message: self.status.event("web", message, level="warning"))
             self.status.event("web", f"status page at {self.web.url}", url=self.web.url)
         except OSError as e:
             self.status.event("web", f"status page not started ({web.host}:{web.port}): {e}", level="warning")
@@ -368,10 +375,10 @@ class Supervisor:
     def _show_status(self) -> None:
         """STATUS= for systemd, whenever what the daemon does changes (notify.Notifier.show sends only news)."""
         if self.notifier and self.notifier.enabled:
-            self.notifier.show(status_line(
+            self.notifier.show(for_terminal(status_line(  # a file name's newline must not forge a notify field
                 self.state, self.current, pending=0 if self.current else self.spool.count(JobStatus.PENDING),
                 reason=self.gate.reason if self.state == "blocked" else self.gate.disk_note,
-                inbox=str(self.layout.inbox)))
+                inbox=str(self.layout.inbox))))
 
     def snapshot(self, force: bool = False) -> None:
         self._show_status()

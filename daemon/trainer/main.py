@@ -9,6 +9,7 @@ publish.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
     die_with_parent(args.parent_pid)
     if args.lifeline_fd is not None:
         watch_lifeline(args.lifeline_fd)
+    faults.check("trainer_start")
+    # Before any event: the daemon holds a warm stop back until our first event (trainer_process.py), so a
+    # SIGUSR1 never meets its default action (death) before this handler is set.
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda *_: _stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides what a Ctrl-C means
@@ -177,6 +181,12 @@ def validate(attempt: Attempt, cfg, base_dir: Path):
     report = validate_for_config(attempt.job_dir / "input.jsonl", tokenizer, cfg, base_dir=base_dir,
                                  keep_examples=True)
     report.file = attempt.job["original_name"]  # the user's name for it, not the job folder's copy
+    # Checked after the read that training uses: what trains is exactly what job.json's sha256 names.
+    if changed := input_changed(attempt.job_dir / "input.jsonl", attempt.job):
+        durable.write_json(attempt.job_dir / "error.json", {"kind": ErrorKind.BAD_INPUT, "message": changed,
+                                                            "at": now_iso()})
+        emit({"event": Event.INVALID, "message": changed})
+        raise AttemptEnds(protocol.BAD_INPUT)
     if rank() == 0:  # every rank validates the same file alike
         durable.write_json(attempt.job_dir / "report.json", report.to_dict())
     if not report.ok:
@@ -188,6 +198,19 @@ def validate(attempt: Attempt, cfg, base_dir: Path):
     if _stop.is_set() and "WORLD_SIZE" not in os.environ:  # ranks agree on a stop only once they can talk (recipe)
         raise AttemptEnds(protocol.STOPPED) from None
     return report
+
+
+def input_changed(path: Path, job: dict) -> str | None:
+    """Why input.jsonl is not the file the daemon claimed (a writer that kept it open appended to it), or None."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        size = f.tell()
+    if digest == job.get("sha256"):
+        return None
+    claimed = str(job.get("sha256"))[:12]
+    return (f"input.jsonl changed after it was claimed: it was {job.get('size')} B (sha256 {claimed}), it is now "
+            f"{size} B (sha256 {digest[:12]}); something kept writing to it after it settled. Drop the complete "
+            "file again")
 
 
 def train(attempt: Attempt, cfg, snapshot: dict, base_dir: Path, report):
