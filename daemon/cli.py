@@ -71,8 +71,20 @@ def submit(root, config, file, adapter, follow):
     from daemon.supervisor.spool import Spool
     from daemon.supervisor.submit import submit_file, wait_for_job
 
-    cfg, _, layout = _load(root, config)
-    dest, sha = submit_file(layout, Path(file), adapter, cfg.intake)
+    from daemon.config import ConfigError, IntakeConfig
+
+    try:
+        cfg, _, layout = _load(root, config)
+        intake = cfg.intake
+    except ConfigError as e:
+        # Only the intake limits matter here: a config the daemon must fix (a base model not on this machine yet)
+        # is no reason to refuse the file.
+        _, _, layout = _load(root, config, need_config=False)
+        intake = IntakeConfig()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+        click.echo(for_terminal(f"warning: the config could not be loaded ({first}); "
+                                "submitting with the default intake limits"), err=True)
+    dest, sha = submit_file(layout, Path(file), adapter, intake)
     click.echo(for_terminal(f"submitted {file} -> {dest} (sha256 {sha[:12]})"))
     if follow:
         sys.exit(follow_job(layout, wait_for_job(Spool(layout), dest.name, sha), sys.stdout))

@@ -204,3 +204,14 @@ def test_retry_takes_the_current_config_or_keeps_the_snapshot(run_cli, root, con
 def test_retry_help_names_same_config(run_cli):
     r = run_cli("retry", "--help", with_root=False)
     assert r.code == 0 and "--same-config" in r.out
+
+
+def test_submit_needs_no_loadable_base_model_only_the_intake_limits(run_cli, root, tmp_path):
+    """The daemon's config may name a base model this shell cannot see yet: the file is still submitted."""
+    write_config(root, tmp_path / "not-downloaded-yet")
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(chat_lines(3)))
+    r = run_cli("submit", str(src))
+    assert r.code == 0, r.err
+    assert "submitted" in r.out and "warning: the config could not be loaded" in r.err
+    assert (root / "inbox" / "chats.jsonl").read_bytes() == src.read_bytes()
