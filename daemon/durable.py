@@ -38,14 +38,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may take fewer bytes than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -73,9 +78,7 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = 1 << 
         try:
             while block := fin.read(chunk):
                 digest.update(block)
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, block)
             os.fsync(fd)
         finally:
             os.close(fd)

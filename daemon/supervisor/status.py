@@ -75,9 +75,7 @@ class LogFile:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, durable.FILE_MODE)
             st = os.fstat(self.fd)
             self.ident = (st.st_dev, st.st_ino)
-        view = memoryview((line.rstrip("\n") + "\n").encode("utf-8", "replace"))
-        while view:
-            view = view[os.write(self.fd, view):]
+        durable.write_all(self.fd, (line.rstrip("\n") + "\n").encode("utf-8", "replace"))
 
     def close(self) -> None:
         if self.fd is not None:

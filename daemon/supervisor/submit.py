@@ -90,9 +90,7 @@ def _copy_bounded(fd: int, tmp: Path, max_bytes: int, src: Path, chunk: int = 1 
                     raise UserError(f"{for_terminal(src)} grew past intake.max_file_bytes ({max_bytes}) while it "
                                     "was copied; nothing was submitted")
                 digest.update(block)
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(out, view):]
+                durable.write_all(out, block)
             os.fsync(out)
         finally:
             os.close(out)
