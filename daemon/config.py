@@ -20,11 +20,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from daemon.base_model import BASE_MODEL_ALLOWED, base_model_kind, resolve_base_model
 from daemon.config_errors import ConfigError, issue, line_of, validation_issues
+from daemon.config_hooks import HookConfig
+from daemon.config_versions import VersionsConfig
 from daemon.config_yaml import read_yaml
 from daemon.paths import PROJECT_DIR, UserError, check_adapter_name, root_problem
 
 SHIPPED_CONFIG = PROJECT_DIR / "config" / "daemon.yaml"
-OVERRIDABLE = ("base_model", "training", "lora")
+OVERRIDABLE = ("base_model", "training", "lora", "versions")
 
 
 # ------------------------------------------------------------------ the schema
@@ -142,6 +144,8 @@ class StatusConfig(Section):
     progress_every_steps: Int(ge=1) = 10
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     web: WebConfig = WebConfig()
+    # TensorBoard event files per job under checkpoints/<adapter>/tensorboard/job-<id> (needs `tensorboard`).
+    tensorboard: bool = False
 
 
 class DaemonConfig(Section):
@@ -153,6 +157,8 @@ class DaemonConfig(Section):
     lora: LoraConfig = LoraConfig()
     limits: LimitsConfig = LimitsConfig()
     status: StatusConfig = StatusConfig()
+    versions: VersionsConfig = VersionsConfig()
+    hooks: list[HookConfig] = []
     gpus: Union[str, int, list[int]] = Field(
         "all", json_schema_extra={"allowed": "all, a number of GPUs like 2, or a list of GPU indices like [0, 1]"})
     # Without a visible GPU a job still trains on one process unless this asks for more (gloo on CPU): what
@@ -200,6 +206,9 @@ def _absolutize(data: dict, folder: Path) -> None:
     bm = data.get("base_model")
     if isinstance(bm, str) and base_model_kind(bm) == "folder":
         data["base_model"] = str((folder / Path(bm).expanduser()).resolve())
+    versions = data.get("versions")
+    if isinstance(versions, dict) and isinstance(versions.get("eval_file"), str) and versions["eval_file"]:
+        versions["eval_file"] = str((folder / Path(versions["eval_file"]).expanduser()).resolve())
 
 
 def _validate(data: dict, lines: dict, source: Path | None, check_base_model: bool) -> DaemonConfig:
@@ -213,6 +222,10 @@ def _validate(data: dict, lines: dict, source: Path | None, check_base_model: bo
             resolve_base_model(data["base_model"])
         except ConfigError as e:
             issues += [dict(i, line=line_of(lines, ("base_model",))) for i in e.errors]
+    eval_file = (data.get("versions") or {}).get("eval_file") if isinstance(data.get("versions"), dict) else None
+    if check_base_model and isinstance(eval_file, str) and eval_file and not Path(eval_file).is_file():
+        issues.append(issue("versions.eval_file", "must be an existing JSONL file (the standing eval set)",
+                            eval_file, line=line_of(lines, ("versions", "eval_file"))))
     if issues:  # in the order a reader meets them in the file
         raise ConfigError(sorted(issues, key=lambda i: i["line"] or 1 << 30), source)
     cfg._source = source
