@@ -73,8 +73,9 @@ def staging_dir(adapter_dir: Path, job_id: int) -> Path:
     return tmp
 
 
-def publish(adapter_dir: Path, staged: Path, metadata: dict) -> tuple[int, Path]:
-    """Give the staged folder the next version number, atomically, and point `latest` at it."""
+def publish(adapter_dir: Path, staged: Path, metadata: dict, promote: bool = True) -> tuple[int, Path]:
+    """Give the staged folder the next version number, atomically, and point `latest` at it when `promote`
+    (the promotion gate passed; a held version is published but `latest` stays)."""
     version = next_version(adapter_dir)
     metadata = {**metadata, "version": version, "files": file_digests(staged)}
     durable.write_json(staged / "metadata.json", metadata)
@@ -86,8 +87,18 @@ def publish(adapter_dir: Path, staged: Path, metadata: dict) -> tuple[int, Path]
     final = adapter_dir / f"v{version}"
     durable.rename(staged, final)
     faults.check("published")  # in place, `latest` not yet swapped and the job not yet done
-    durable.swap_symlink(adapter_dir / "latest", final.name)
+    if promote:
+        durable.swap_symlink(adapter_dir / "latest", final.name)
     return version, final
+
+
+def promoted_version(adapter_dir: Path) -> int | None:
+    """The version `latest` points at: what `continue` trains on and what is served (a held version is newer)."""
+    link = adapter_dir / "latest"
+    m = VERSION.match(os.readlink(link)) if link.is_symlink() else None
+    if m and (adapter_dir / m.group(0) / "metadata.json").exists():
+        return int(m.group(1))
+    return latest_version(adapter_dir)
 
 
 def file_digests(folder: Path) -> dict[str, dict]:
