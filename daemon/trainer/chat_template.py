@@ -22,9 +22,10 @@ class TemplateShape:
 _shapes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def render(tokenizer, messages: list[dict], generation: bool = False) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation)
+def render(tokenizer, messages: list[dict], generation: bool = False, tools: list[dict] | None = None) -> str:
+    plain = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+    extra = {"tools": tools} if tools else {}  # some templates test `tools is defined`, not its truth
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation, **extra)
 
 
 def template_shape(tokenizer) -> TemplateShape | None:
@@ -53,16 +54,19 @@ def template_shape(tokenizer) -> TemplateShape | None:
     return shape
 
 
-def assistant_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int, int]] | None:
-    """(start, end, message index) in characters of `full` for each assistant message: content + end marker.
+def assistant_spans(tokenizer, messages: list[dict], full: str,
+                    tools: list[dict] | None = None) -> list[tuple[int, int, int]] | None:
+    """(start, end, message index) in characters of `full` for each assistant message: content (and the tool
+    calls the template writes for it) + end marker.
 
     Fast path, one render: each assistant content must appear right after the generation prompt and be
     followed by the end marker (both learned from a probe). Templates that rewrite contents (trimming,
     reasoning removal, default system prompts in odd places) fail that check and take the prefix method:
     render messages[:i] with the generation prompt and messages[:i+1], both prefixes of the full text, the
-    span between them. That costs O(turns^2) rendering, so it is only the fallback.
+    span between them. That costs O(turns^2) rendering, so it is only the fallback. Tool calls are written
+    in each template's own way, so conversations with tool calls always take the prefix method.
     """
-    shape = template_shape(tokenizer)
+    shape = None if any(m.get("tool_calls") for m in messages) else template_shape(tokenizer)
     if shape is not None:
         spans, cursor = [], 0
         for i, m in enumerate(messages):
@@ -84,8 +88,8 @@ def assistant_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[in
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], True)
-        upto = render(tokenizer, messages[:i + 1]).rstrip()
+        before = render(tokenizer, messages[:i], True, tools)
+        upto = render(tokenizer, messages[:i + 1], tools=tools).rstrip()
         if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
             return None
         spans.append((len(before), len(upto), i))

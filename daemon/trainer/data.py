@@ -8,8 +8,9 @@ without a tokenizer.
 Masks: labels are aligned with input_ids (HF convention, the loss shifts) and hold -100 where nothing is
 trained. Chat-like examples are rendered with the tokenizer's chat template; by default only assistant
 messages are trained, each with the end-of-turn marker that follows it (e.g. <|im_end|>) so that the model
-learns to stop. Assistant spans are found in characters of the rendered text, then mapped to tokens through
-the fast tokenizer's offsets (daemon/trainer/chat_template.py).
+learns to stop; the tool calls a template writes into an assistant message are part of it, tool results and
+the `tools` the template writes into its prompt are not. Assistant spans are found in characters of the
+rendered text, then mapped to tokens through the fast tokenizer's offsets (daemon/trainer/chat_template.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from daemon.trainer import chat_template, model_fit
+from daemon.trainer import chat_template, model_fit, tool_template
 from daemon.trainer.formats import Example, RecordReader, Rejection, check_record, detect_format
+from daemon.trainer.formats_chat import uses_tools
 
 IGNORE = -100
 MAX_LISTED_ERRORS = 100
@@ -68,8 +70,8 @@ def _plan(tokenizer, ex: Example, train_on_inputs: bool) -> _Plan | Rejection:
             return _Plan(ex, text, [(0 if train_on_inputs else len(prompt), len(text))], [], add_eos=True)
         return model_fit.no_chat_template(ex.format, ex.line)
     try:
-        full = chat_template.render(tokenizer, ex.messages)
-        spans = chat_template.assistant_spans(tokenizer, ex.messages, full)
+        full = chat_template.render(tokenizer, ex.messages, tools=ex.tools)
+        spans = chat_template.assistant_spans(tokenizer, ex.messages, full, ex.tools)
     except Exception as e:  # jinja raises for conversations a template forbids (e.g. roles not alternating)
         return Rejection(ex.line, "template_error", f"line {ex.line}: the model's chat template refused this "
                          f"conversation: {str(e)[:200]}")
@@ -281,6 +283,7 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
     pending: list[Example | Rejection] = []
     pending_bytes = 0
     fit_checked = tokenizer is None
+    tools_checked = [tokenizer is None] * 2  # the template renders tool results / tools and tool calls
 
     def flush() -> None:
         nonlocal pending_bytes
@@ -308,9 +311,17 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
                 continue
             if not fit_checked and isinstance(item, Example):
                 fit_checked = True
-                misfit = model_fit.check(tokenizer, item.format, model_vocab_size)
+                # tools and sharegpt lines are messages to the template; their tool use is checked below
+                fmt = item.format if item.format in model_fit.CHAT_FORMATS or item.messages is None else "messages"
+                misfit = model_fit.check(tokenizer, fmt, model_vocab_size)
                 if misfit:
                     flush()  # the lines before it still count
+                    report._set_fatal(misfit)
+                    break
+            if isinstance(item, Example) and item.messages is not None:
+                misfit = _check_tools_once(tokenizer, item, tools_checked)
+                if misfit:
+                    flush()
                     report._set_fatal(misfit)
                     break
             pending.append(item)
@@ -330,6 +341,17 @@ def validate_file(path, tokenizer=None, *, max_length: int = 2048, max_line_byte
     return report
 
 
+def _check_tools_once(tokenizer, ex: Example, checked: list[bool]) -> Rejection | None:
+    """The template check for the first example that uses tool results, and again for the first with tool calls."""
+    for k, needed in enumerate(uses_tools(ex)):
+        if needed and not checked[k]:
+            checked[k] = True
+            misfit = tool_template.check(tokenizer, calls=k == 1)
+            if misfit:
+                return misfit
+    return None
+
+
 def validate_for_config(path, tokenizer, cfg, *, base_dir: Path | None = None,
                         keep_examples: bool = False) -> Report:
     """validate_file with the settings of a daemon config and the base model in `base_dir`: what the trainer and
@@ -341,8 +363,9 @@ def validate_for_config(path, tokenizer, cfg, *, base_dir: Path | None = None,
                          model_vocab_size=model_fit.embedding_rows(base_dir) if base_dir else None)
 
 
-def validate_command(path: Path, cfg, as_json: bool) -> int:
-    """`training-daemon validate FILE`: check a file exactly as the trainer would; 0 when it is usable."""
+def validate_command(path: Path, cfg, as_json: bool, show: int | None = None) -> int:
+    """`training-daemon validate FILE`: check a file exactly as the trainer would; 0 when it is usable.
+    `show`: also print what that line renders to, the trained tokens marked (show.py)."""
     from daemon.base_model import resolve_base_model
     from daemon.paths import UserError
 
@@ -354,5 +377,13 @@ def validate_command(path: Path, cfg, as_json: bool) -> int:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of the base model {base_dir}: {e}") from e
     report = validate_for_config(path, tokenizer, cfg, base_dir=base_dir)
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if as_json else report.render())
+    shown = None
+    if show is not None:
+        from daemon.trainer.show import render_shown, show_line
+
+        shown = show_line(path, tokenizer, cfg, show)
+    if as_json:
+        print(json.dumps({**report.to_dict(), **({"show": shown} if shown else {})}, indent=2, ensure_ascii=False))
+    else:
+        print(report.render() + (f"\n\n{render_shown(shown)}" if shown else ""))
     return 0 if report.ok else 1

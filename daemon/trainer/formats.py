@@ -4,11 +4,14 @@ No tokenizer and no torch here: the daemon process can check a file with this mo
 
 A file holds one format, decided by the first line whose keys name one:
   messages           {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight": 0|1}, ...]}
+  tools              messages with tool use: "tools", assistant "tool_calls", "tool" messages (formats_chat.py);
+                     a file may mix such lines with plain messages lines, and is then in format tools
+  sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|"tool"|..., "value": str}, ...]}
   prompt_completion  {"prompt": str, "completion": str}
   alpaca             {"instruction": str, "input": str (optional), "output": str}
   text               {"text": str}
 Other keys on a line are ignored (ids, metadata). Every record becomes an `Example` holding either a list of
-chat messages (the three chat-like formats) or a plain text.
+chat messages (every format but text) or a plain text.
 """
 
 from __future__ import annotations
@@ -20,17 +23,18 @@ from typing import BinaryIO, Iterator
 # The keys that name each format; a line with keys of two formats is ambiguous.
 FORMAT_KEYS = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
 }
-ROLES = ("system", "user", "assistant")
 BOM = b"\xef\xbb\xbf"
 SKIP_CHUNK = 1 << 20  # how much of an over-long line is read at a time while skipping it
 
 # Fatal codes reject the whole file; the others reject one line, which is then skipped.
 FATAL_CODES = frozenset({"invalid_utf8", "nul_byte", "not_jsonl", "mixed_formats", "no_chat_template",
-                         "too_few_examples", "vocab_mismatch", "tokenizer_encodes_nothing", "chat_template_error"})
+                         "too_few_examples", "vocab_mismatch", "tokenizer_encodes_nothing", "chat_template_error",
+                         "chat_template_no_tools"})
 JSONL_HINT = ("JSONL means one JSON object per line, each line a complete training example, "
               'e.g. {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}')
 
@@ -51,12 +55,13 @@ class Rejection:
 
 @dataclass
 class Example:
-    """A structurally valid record, normalised: chat `messages` ({role, content, weight?}) or plain `text`."""
+    """A structurally valid record, normalised: chat `messages` (formats_chat.py says their keys) or plain `text`."""
 
     line: int
     format: str
     messages: list[dict] | None = None
     text: str | None = None
+    tools: list[dict] | None = None  # function specs for apply_chat_template(tools=...)
     size: int = 0  # bytes of its line: batches of examples are bounded by size too
 
 
@@ -156,19 +161,23 @@ def parse_line(text: str, number: int) -> dict | Rejection:
 def detect_format(obj: dict, number: int) -> str | Rejection:
     found = [fmt for fmt, keys in FORMAT_KEYS.items() if any(k in obj for k in keys)]
     if len(found) == 1:
-        return found[0]
+        return "tools" if found[0] == "messages" and "tools" in obj else found[0]
     if not found:
         keys = ", ".join(repr(k) for k in list(obj)[:10]) or "none"
         return Rejection(number, "unknown_format", f"line {number}: no known format (keys: {keys}); expected "
-                         "'messages', 'prompt'+'completion', 'instruction'+'output' or 'text'")
+                         "'messages', 'conversations', 'prompt'+'completion', 'instruction'+'output' or 'text'")
     return Rejection(number, "unknown_format", f"line {number}: ambiguous, has keys of formats "
                      f"{' and '.join(found)}; use one format per line")
 
 
 def check_record(obj: dict, fmt: str, number: int, train_on_inputs: bool = False) -> Example | Rejection:
     """Normalise a parsed line of a known format into an Example, or say what is wrong with it."""
-    if fmt == "messages":
-        result = _check_messages(obj.get("messages"), number)
+    from daemon.trainer import formats_chat  # it builds on this module's Rejection and Example
+
+    if fmt in ("messages", "tools"):
+        result = formats_chat.check_messages(obj, number)
+    elif fmt == "sharegpt":
+        result = formats_chat.check_sharegpt(obj, number)
     elif fmt == "text":
         text = obj.get("text")
         result = _need_str(text, "text", number) or Example(number, fmt, text=text)
@@ -176,7 +185,8 @@ def check_record(obj: dict, fmt: str, number: int, train_on_inputs: bool = False
         result = _check_pair(obj, fmt, number)
     if isinstance(result, Rejection):
         return result
-    result.format = fmt
+    # a messages line that uses tools is in format tools, with or without a "tools" key
+    result.format = "tools" if fmt == "messages" and any(formats_chat.uses_tools(result)) else fmt
     if result.messages is not None and not _any_trained(result.messages, train_on_inputs):
         return Rejection(number, "no_trainable_tokens", f"line {number}: every assistant message has weight 0, "
                          "so nothing would be trained")
@@ -207,40 +217,6 @@ def _check_pair(obj: dict, fmt: str, number: int) -> Example | Rejection:
                 user = f"{user}\n\n{extra}"
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return Example(number, fmt, messages=messages)
-
-
-def _check_messages(messages, number: int) -> Example | Rejection:
-    if not isinstance(messages, list):
-        return Rejection(number, "bad_field_type", f"line {number}: 'messages' must be a list, "
-                         f"got {_json_type(messages)}")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"line {number}: messages[{i}]"
-        if not isinstance(m, dict):
-            return Rejection(number, "bad_field_type", f"{where} must be an object, got {_json_type(m)}")
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str):
-            return Rejection(number, "bad_field_type", f"{where}.role must be a string, got {_json_type(role)}")
-        if role not in ROLES:
-            return Rejection(number, "unknown_role", f"{where}: unknown role {role[:40]!r}; use "
-                             "'system', 'user' or 'assistant'")
-        if role == "system" and i > 0:
-            return Rejection(number, "system_not_first", f"{where}: a system message may only come first")
-        bad = _need_str(content, "content", number, where=where)
-        if bad:
-            return bad
-        msg = {"role": role, "content": content}
-        if "weight" in m:
-            w = m["weight"]
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
-                return Rejection(number, "bad_weight", f"{where}.weight must be 0 or 1, got {json.dumps(w)[:40]}")
-            if role != "assistant":
-                return Rejection(number, "bad_weight", f"{where}: weight is only allowed on assistant messages")
-            msg["weight"] = int(w)
-        out.append(msg)
-    if not any(m["role"] == "assistant" for m in out):
-        return Rejection(number, "missing_assistant", f"line {number}: no assistant message (nothing to train on)")
-    return Example(number, "messages", messages=out)
 
 
 def _any_trained(messages: list[dict], train_on_inputs: bool) -> bool:
@@ -316,10 +292,12 @@ class RecordReader:
             return fmt
         if self.format is None:
             self.format, self.format_line = fmt, number
-        elif fmt != self.format:
+        elif fmt != self.format and {fmt, self.format} != {"messages", "tools"}:
             return Rejection(number, "mixed_formats", f"line {number} is in format {fmt!r} but the file is in "
                              f"format {self.format!r} (decided by line {self.format_line}); use one format per file")
         result = check_record(obj, fmt, number, self.train_on_inputs)
         if isinstance(result, Example):
             result.size = len(text)
+            if result.format == "tools":
+                self.format = "tools"  # plain messages lines beside tool-using ones: a tools file
         return result
