@@ -18,7 +18,7 @@ from daemon import __version__, durable, faults, protocol
 from daemon.config import DaemonConfig, adapter_config, effective_dict
 from daemon.paths import Layout, UserError
 from daemon.protocol import ErrorKind, Event
-from daemon.supervisor import control, decision_log, gate, gpu, launch, policy, trainer_events
+from daemon.supervisor import control, decision_log, gate, gpu, hooks, launch, policy, trainer_events, web_start
 from daemon.supervisor.intake import Intake
 from daemon.supervisor.job import Job, JobStatus
 from daemon.supervisor.outcome import Outcome, OutcomeKind, describe_exit, resume_point, write_error
@@ -76,11 +76,12 @@ class Supervisor:
         self.status.event("daemon_started",
                           f"training-daemon {__version__} started on {self.layout.root} (pid {os.getpid()})",
                           pid=os.getpid(), root=str(self.layout.root))
+        self.hooks = hooks.start_hooks(self.cfg, self.layout, self.status)  # read once: editing hooks needs a restart
         self._set_aside_unreadable(self.spool.list())
         for line in self.spool.sweep(self.cfg.limits.max_attempts):
             self.status.event("sweep", line, level="warning")
         self._clean_publish_leftovers()
-        self._start_web()
+        self.web = web_start.start(self.cfg, self.layout, self.status)
         self.intake.start()
         self._prestart()
         self.state = "paused" if control.is_paused(self.layout) else "idle"
@@ -101,6 +102,7 @@ class Supervisor:
             if self.standby is not None:
                 self.standby.discard()
             self.snapshot(force=True)
+            self.hooks.close(wait_while=lambda: self.once and not self.signals)  # else 5 s, then abandoned
             self.status.event("daemon_stopped", "training-daemon stopped")
             self.lock.release()
         if self.once:
@@ -328,19 +330,6 @@ class Supervisor:
         if hasattr(self.status, "reopen"):
             signal.signal(signal.SIGHUP, lambda *_: self.status.reopen())
 
-    def _start_web(self) -> None:
-        web = self.cfg.status.web
-        if not web.enabled:
-            return
-        try:
-            from daemon.supervisor.web import start_web
-
-            self.web = start_web(self.layout, web.host, web.port, limits=web,
-                                 report=lambda message: self.status.event("web", message, level="warning"))
-            self.status.event("web", f"status page at {self.web.url}", url=self.web.url)
-        except OSError as e:
-            self.status.event("web", f"status page not started ({web.host}:{web.port}): {e}", level="warning")
-
     def _end_paused_once(self) -> None:
         waiting = self.spool.count(JobStatus.PENDING)
         if waiting or self._inbox_has_files():
@@ -363,7 +352,8 @@ class Supervisor:
             for adapter_dir in self.layout.checkpoints.iterdir():
                 if adapter_dir.is_dir():
                     clean_staging(adapter_dir)
-                    repair_latest(adapter_dir)
+                    for note in repair_latest(adapter_dir):
+                        self.status.event("latest_repaired", f"{adapter_dir.name}: {note}", adapter=adapter_dir.name)
 
     def _config_for(self, job: Job):
         """The job's config, for the checks before it starts: its adapter may name its own base model."""

@@ -108,6 +108,8 @@ class StatusWriter:
         self._journal = _stdout_is_journal()
         self._last_progress_echo: dict = {}
         self._reported_errors: set = set()
+        self._listeners: list = []
+        self._in_listener = threading.local()  # what a listener logs is not handed to listeners again
 
     def enabled(self, level: str) -> bool:
         try:
@@ -115,13 +117,35 @@ class StatusWriter:
         except ValueError:
             return True  # an unknown level is never silently dropped
 
+    def add_listener(self, listener) -> None:
+        """listener(kind, record) after each event, whatever the log level (hooks must fire even when
+        log_level hides the line); record is what events.jsonl gets. It must return at once."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def event(self, kind: str, message: str, level: str = "info", **fields) -> None:
-        if not self.enabled(level):
-            return
         ts = now_iso()
+        record = {"ts": ts, "event": kind, "level": level, "message": message, **fields}
+        if self.enabled(level):
+            self._emit(kind, level, ts, message, record)
+        if self._listeners and not getattr(self._in_listener, "active", False):
+            self._in_listener.active = True
+            try:
+                for listener in list(self._listeners):
+                    try:
+                        listener(kind, record)
+                    except Exception as e:  # a listener's bug must never reach the loop that logged the event
+                        self.event("listener_error", f"event listener failed on {kind}: {e!r}", level="error",
+                                   on=kind)
+            finally:
+                self._in_listener.active = False
+
+    def _emit(self, kind: str, level: str, ts: str, message: str, record: dict) -> None:
         text = for_terminal(one_line(message))  # user text (file names, errors) never acts on a terminal
         line = f"{ts} {level.upper():5} {text}"
-        record = {"ts": ts, "event": kind, "level": level, "message": message, **fields}
         with self._lock:
             if self._reopen:
                 self._reopen = False
@@ -129,7 +153,7 @@ class StatusWriter:
                 self._events.close()
             self._write(self._log, line)
             self._write(self._events, json.dumps(record, default=str, ensure_ascii=False))
-        if self.echo and self._echo_now(kind, fields):
+        if self.echo and self._echo_now(kind, record):
             out = f"<{_JOURNAL_PRIORITY.get(level, 6)}>{text}" if self._journal else line
             try:
                 print(out, file=sys.stdout, flush=True)
