@@ -98,10 +98,12 @@ def status(root, config, as_json):
     from daemon.durable import read_json
     from daemon.supervisor.console import render_status
     from daemon.supervisor.control import daemon_pid
+    from daemon.version_states import summary
 
     _, _, layout = _load(root, config, need_config=False)
     snap = read_json(layout.status_json) or {}
     snap.setdefault("daemon", {})["running"] = daemon_pid(layout) is not None
+    snap["adapters"] = summary(layout.checkpoints)  # latest, newest and held versions, read from checkpoints/
     if as_json:
         click.echo(json.dumps(snap, indent=2))
     else:
@@ -124,7 +126,9 @@ def jobs(root, config, as_json, state):
 def _jobs(layout: Layout, state: str | None = None) -> list[dict]:
     from daemon.supervisor.spool import Spool
 
-    return [job.to_dict() for job, _ in Spool(layout).list(state)]
+    from daemon.version_states import annotate_jobs
+
+    return annotate_jobs(layout.checkpoints, [job.to_dict() for job, _ in Spool(layout).list(state)])
 
 
 @cli.command()
@@ -132,14 +136,16 @@ def _jobs(layout: Layout, state: str | None = None) -> list[dict]:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--adapter", default=DEFAULT_ADAPTER, help="Validate with this adapter's config overrides.")
-def validate(root, config, file, as_json, adapter):
+@click.option("--show", type=click.IntRange(min=1), metavar="N",
+              help="Also print line N as the model sees it, the trained tokens marked ⟦like this⟧.")
+def validate(root, config, file, as_json, adapter, show):
     """Check FILE as the daemon would (formats, per-line errors, token counts) without training."""
     from daemon.config import adapter_config
     from daemon.trainer.data import validate_command
 
     check_regular_file(file, "data file")  # before anything is opened: /dev/zero never ends, a FIFO blocks
     cfg, path, _ = _load(root, config)
-    sys.exit(validate_command(Path(file), adapter_config(cfg, check_adapter_name(adapter), path), as_json))
+    sys.exit(validate_command(Path(file), adapter_config(cfg, check_adapter_name(adapter), path), as_json, show))
 
 
 @cli.group("config")
@@ -224,14 +230,66 @@ def retry(root, config, job_id, same_config):
 
 @cli.command()
 @common
-@click.argument("spec", metavar="ADAPTER[@VERSION]")
-@click.option("--merge", "out", required=True, type=click.Path(), help="Write a merged full model to this folder.")
-def export(root, config, spec, out):
-    """Merge an adapter version into its base model and save the full model."""
-    from daemon.trainer.export import export_merged
+@click.argument("spec", metavar="ADAPTER@VERSION")
+def promote(root, config, spec):
+    """Make ADAPTER@VERSION `latest` by hand (a version the promotion gate held, or an older one), atomically;
+    it must be whole and trained on the same base model. Works with or without a running daemon."""
+    from daemon.supervisor.latest_commands import promote as promote_version
+    from daemon.trainer.generate import check_same_base
 
     _, _, layout = _load(root, config, need_config=False)
-    click.echo(for_terminal(f"merged model written to {export_merged(layout, spec, Path(out))}"))
+    click.echo(for_terminal(promote_version(layout, spec, check_same_base)))
+
+
+@cli.command()
+@common
+@click.argument("adapter")
+def rollback(root, config, adapter):
+    """Move ADAPTER's `latest` back to the version that was latest before it (skipping any damaged since)."""
+    from daemon.supervisor.latest_commands import rollback as roll_back
+
+    _, _, layout = _load(root, config, need_config=False)
+    click.echo(for_terminal(roll_back(layout, adapter)))
+
+
+@cli.command()
+@common
+@click.argument("spec_a", metavar="ADAPTER@VERSION")
+@click.argument("spec_b", metavar="ADAPTER@VERSION")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def compare(root, config, spec_a, spec_b, as_json):
+    """Two versions side by side from their metadata (no model is loaded): source, job, the gate's decision,
+    standing and own eval loss, and each probe's answers."""
+    from daemon.supervisor.compare import compare_command
+
+    _, _, layout = _load(root, config, need_config=False)
+    click.echo(compare_command(layout, spec_a, spec_b, as_json))
+
+
+@cli.command()
+@common
+@click.argument("spec", metavar="ADAPTER[@VERSION]")
+@click.option("--merge", "merge_out", type=click.Path(), help="Write a merged full model (safetensors) to this folder.")
+@click.option("--gguf", "gguf_out", type=click.Path(), help="Write the merged model as one GGUF file, with an Ollama "
+              "Modelfile, to this folder (llama.cpp, Ollama; llama and qwen2 models).")
+@click.option("--quant", type=click.Choice(["f16", "bf16", "q8_0"]), help="GGUF weight type (default f16).")
+def export(root, config, spec, merge_out, gguf_out, quant):
+    """Merge an adapter version into its base model and save the full model (--merge), or a GGUF file for
+    llama.cpp and Ollama (--gguf)."""
+    if bool(merge_out) == bool(gguf_out):
+        raise UserError("choose one of --merge OUT or --gguf OUT")
+    if quant and not gguf_out:
+        raise UserError("--quant goes with --gguf")
+    _, _, layout = _load(root, config, need_config=False)
+    if gguf_out:
+        from daemon.trainer.gguf_export import export_gguf
+
+        path = export_gguf(layout, spec, Path(gguf_out), quant or "f16")
+        click.echo(for_terminal(f"GGUF written to {path} (Modelfile beside it)"))
+        return
+    from daemon.trainer.export import export_merged
+
+    click.echo(for_terminal(f"merged model written to {export_merged(layout, spec, Path(merge_out))}"))
 
 
 @cli.command("install-service")

@@ -1,7 +1,8 @@
 """Published adapter versions: checkpoints/<adapter>/v<N>/ and the `latest` link.
 
 A version folder is built under a temporary name and renamed into place only when complete, so a reader
-never sees half a version; `latest` is swapped atomically afterwards. Its metadata.json records the size and
+never sees half a version; `latest` moves afterwards, and only when the promotion gate passed (which version
+`latest` is, and moving it by hand: daemon/promotion.py). Its metadata.json records the size and
 sha256 of every file beside it, so a version damaged later (a truncated copy, a disk error, a file deleted by
 hand) is recognised before it is trained on or exported (`problems`, `newest_sound_version`). This module does
 not import torch: the daemon and the CLI read versions too.
@@ -74,31 +75,41 @@ def staging_dir(adapter_dir: Path, job_id: int) -> Path:
 
 
 def publish(adapter_dir: Path, staged: Path, metadata: dict, promote: bool = True) -> tuple[int, Path]:
-    """Give the staged folder the next version number, atomically, and point `latest` at it when `promote`
-    (the promotion gate passed; a held version is published but `latest` stays)."""
-    version = next_version(adapter_dir)
-    metadata = {**metadata, "version": version, "files": file_digests(staged)}
-    durable.write_json(staged / "metadata.json", metadata)
+    """Give the staged folder the next version number, atomically, and make it `latest` when `promote` (the
+    promotion gate passed; a held version is published but `latest` stays). Under the adapter's `latest` lock
+    (daemon/promotion.py), so a `promote` or `rollback` by hand never interleaves; the record of `latest` is made
+    whole before the rename, so a crash after it never makes a held version `latest`."""
+    from daemon import promotion
+
+    files = file_digests(staged)
     for f in staged.iterdir():
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    faults.check("version_write")  # staged and complete, not yet renamed into place
-    final = adapter_dir / f"v{version}"
-    durable.rename(staged, final)
-    faults.check("published")  # in place, `latest` not yet swapped and the job not yet done
-    if promote:
-        durable.swap_symlink(adapter_dir / "latest", final.name)
+    with promotion.locked(adapter_dir):
+        record, _ = promotion.prepared(adapter_dir)
+        version = next_version(adapter_dir)
+        metadata = {**metadata, "version": version, "files": files}
+        if isinstance(metadata.get("promotion"), dict):  # only here is the number known, under the lock
+            metadata["promotion"] = {**metadata["promotion"],
+                                     "latest_after": version if promote else record["version"]}
+        durable.write_json(staged / "metadata.json", metadata)
+        faults.check("version_write")  # staged and complete, not yet renamed into place
+        final = adapter_dir / f"v{version}"
+        durable.rename(staged, final)
+        faults.check("published")  # in place, `latest` not yet moved and the job not yet done
+        if promote:
+            reason = (metadata.get("promotion") or {}).get("reason")
+            promotion.move(adapter_dir, record, version, "gate", metadata.get("job_id"), reason)
     return version, final
 
 
 def promoted_version(adapter_dir: Path) -> int | None:
-    """The version `latest` points at: what `continue` trains on and what is served (a held version is newer)."""
-    link = adapter_dir / "latest"
-    m = VERSION.match(os.readlink(link)) if link.is_symlink() else None
-    if m and (adapter_dir / m.group(0) / "metadata.json").exists():
-        return int(m.group(1))
-    return latest_version(adapter_dir)
+    """The version `latest` is (checkpoints/<adapter>/latest.json, see daemon/promotion.py): what `continue`
+    trains on and what is served; a held version is newer. Without a record (an older install): the newest."""
+    from daemon import promotion
+
+    return promotion.promoted(adapter_dir)
 
 
 def file_digests(folder: Path) -> dict[str, dict]:
@@ -156,14 +167,12 @@ def newest_sound_version(adapter_dir: Path, on_damaged) -> int | None:
     return None
 
 
-def repair_latest(adapter_dir: Path) -> None:
-    """After a crash between rename and link swap, point `latest` at the newest complete version."""
-    newest = latest_version(adapter_dir)
-    link = adapter_dir / "latest"
-    if newest is None:
-        return
-    if not link.is_symlink() or os.readlink(link) != f"v{newest}":
-        durable.swap_symlink(link, f"v{newest}")
+def repair_latest(adapter_dir: Path) -> list[str]:
+    """After a crash: `latest` made to follow its record (latest.json), a promotion the crash left unrecorded
+    recorded. What was repaired, in words (empty when nothing was)."""
+    from daemon import promotion
+
+    return promotion.repair(adapter_dir)
 
 
 def clean_staging(adapter_dir: Path) -> None:

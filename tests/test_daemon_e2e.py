@@ -26,7 +26,9 @@ def test_drop_train_publish_versions(root, tiny_model_dir):
     assert first.read_text() == "\n".join(chat_lines(8, "apple")) + "\n"
 
     default = root / "checkpoints" / "default"
-    assert sorted(p.name for p in default.iterdir() if not p.name.startswith(".")) == ["latest", "v1", "v2"]
+    # latest.json (which version `latest` is), its lock and the eval pool sit beside the versions
+    assert sorted(p.name for p in default.iterdir()
+                  if not p.name.startswith(".") and p.suffix not in (".json", ".jsonl")) == ["latest", "v1", "v2"]
     assert (default / "latest").resolve() == (default / "v2").resolve()
     meta1 = json.loads((default / "v1" / "metadata.json").read_text())
     meta2 = json.loads((default / "v2" / "metadata.json").read_text())

@@ -17,6 +17,7 @@ from daemon.paths import Layout
 from daemon.supervisor.job import JobStatus
 from daemon.supervisor.spool import Spool
 from daemon.textsafe import for_terminal
+from daemon.version_states import annotate_jobs
 from daemon.timefmt import fmt_duration, fmt_eta
 
 STALE_SECONDS = 30  # status.json is rewritten every second while the daemon lives
@@ -125,6 +126,8 @@ def render_status(status: dict, jobs: list[dict], now: float | None = None) -> s
     if q is None:  # no snapshot yet: count the folders
         q = {s.value: sum(1 for j in jobs if j.get("state") == s) for s in JobStatus}
     rows.append(("queue", "  ".join(f"{q.get(s.value, 0)} {s}" for s in JobStatus)))
+    for name, a in sorted((status.get("adapters") or {}).items()):
+        rows.append(("adapter", adapter_line(name, a)))
     g = status.get("gpu")
     if g:
         mem = f"{_num(g.get('mem_used_gib'), '.1f')} / {_num(g.get('mem_total_gib'), '.1f')} GiB"
@@ -161,11 +164,31 @@ def render_jobs(jobs: list[dict], now: float | None = None) -> str:
         else:
             note = _first_line(j.get("note") or j.get("error"))
         cells = (str(j.get("id", "?")), str(j.get("state", "?")), str(j.get("adapter", "?")),
-                 f"v{j['version']}" if j.get("version") is not None else "-",
+                 _version_cell(j),
                  _first_line(for_terminal(j.get("original_name", "?")), 40), _job_when(j, now), note)
         rows.append(tuple(for_terminal(c) for c in cells))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+def _version_cell(job: dict) -> str:
+    label = (job.get("promotion") or {}).get("label")  # version_states.annotate_jobs: "v5 (held: latest stays v4)"
+    if label:
+        return str(label)
+    return f"v{job['version']}" if job.get("version") is not None else "-"
+
+
+def adapter_line(name: str, a: dict) -> str:
+    """One adapter's `latest`, newest and held versions: "default: latest v4, newest v5, held v5"."""
+    def v(n):
+        return f"v{n}" if n is not None else "none"
+
+    text = f"{name}: latest {v(a.get('latest'))}"
+    if a.get("newest") != a.get("latest"):
+        text += f", newest {v(a.get('newest'))}"
+    if a.get("held"):
+        text += f", held {', '.join(v(n) for n in a['held'])}"
+    return text
 
 
 # ------------------------------------------------------------------ following
@@ -274,7 +297,8 @@ def follow_job(layout: Layout, job_id: int, out, poll: float = 0.5, missing_time
             job, state = found[0], found[0].state
             if state == JobStatus.DONE:
                 where = layout.checkpoints / job.adapter / f"v{job.version}"
-                show(f"job {job_id} done: adapter {job.adapter} v{job.version} ({where})", final=True)
+                shown_version = _version_cell(annotate_jobs(layout.checkpoints, [job.to_dict()])[0])
+                show(f"job {job_id} done: adapter {job.adapter} {shown_version} ({where})", final=True)
                 return 0
             if state == JobStatus.FAILED:
                 show(f"job {job_id} failed: {_first_line(job.error, 200) or 'see training-daemon jobs'}", final=True)

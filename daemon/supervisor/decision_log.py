@@ -16,8 +16,11 @@ def say(status: StatusWriter, job: Job, job_dir: Path, outcome: Outcome, decisio
     """job: already changed by the decision. micro_batch: what the attempt ran with."""
     verdict, n, limit = decision.verdict, decision.counted, decision.limit
     if verdict == Verdict.DONE:
-        status.event("job_done", f"job {job.id} done: {job.adapter} v{outcome.version} at {outcome.path}",
-                     job_id=job.id, version=outcome.version, path=outcome.path)
+        held = outcome.decision == "held"
+        stays = f" (held: latest stays {'v' + str(outcome.latest) if outcome.latest is not None else 'none'})"
+        status.event("job_done", f"job {job.id} done: {job.adapter} v{outcome.version} at {outcome.path}"
+                     + (stays if held else ""), job_id=job.id, version=outcome.version, path=outcome.path,
+                     decision=outcome.decision, latest=outcome.latest)
     elif verdict == Verdict.PAUSED:
         status.event("job_paused", f"job {job.id} back to pending: {job.note}", job_id=job.id,
                      resume_point=resume_point)

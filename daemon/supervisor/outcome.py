@@ -40,6 +40,9 @@ class Outcome:
     error: str | None = None
     version: int | None = None
     path: str | None = None
+    # The promotion gate's verdict on a done attempt's version (result.json; an older trainer's: promoted).
+    decision: str | None = None
+    latest: int | None = None
 
     @property
     def first_line(self) -> str:
@@ -57,7 +60,10 @@ def describe_exit(rc: int, job_dir: Path, *, stop_requested: bool, cancelled: bo
     if rc == protocol.DONE:
         result = read_json(job_dir / "result.json", {})
         if "version" in result:
-            return Outcome(OutcomeKind.DONE, version=result["version"], path=result.get("path"))
+            held = result.get("decision") == "held"
+            return Outcome(OutcomeKind.DONE, version=result["version"], path=result.get("path"),
+                           decision="held" if held else "promoted",
+                           latest=result.get("latest", None if held else result["version"]))
         return Outcome(OutcomeKind.FAILED, "trainer exited 0 without result.json")
     err = read_json(job_dir / "error.json", {})
     message = err.get("message") or ""

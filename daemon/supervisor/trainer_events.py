@@ -39,20 +39,39 @@ def report(ev: dict, job: Job, current: dict, status: StatusWriter) -> None:
         status.event("validated", f"job {job.id}: {ev['examples']} examples, {ev['tokens']} tokens, "
                      f"{ev['skipped']} skipped", job_id=job.id, examples=ev["examples"],
                      tokens=ev["tokens"], skipped=ev["skipped"])
-    elif kind in (Event.CHECKPOINT, Event.RESUMED, Event.LOG, Event.PUBLISHED, Event.INVALID, Event.SAVING):
+    elif kind == Event.PUBLISHED:
+        published(ev, job, status)
+    elif kind in (Event.CHECKPOINT, Event.RESUMED, Event.LOG, Event.INVALID, Event.SAVING):
         if kind == Event.SAVING:  # a checkpoint being written: what `status` and systemd show until it is done
             current["saving_step"] = ev.get("step")
         elif kind == Event.CHECKPOINT:
             current.pop("saving_step", None)
         msg = {Event.CHECKPOINT: f"checkpoint at step {ev.get('step')}",
                Event.RESUMED: f"resumed from {ev.get('checkpoint')} (step {ev.get('step')})",
-               Event.PUBLISHED: f"published version {ev.get('version')}",
                Event.INVALID: "input rejected by validation", Event.SAVING: f"saving at step {ev.get('step')}",
                }.get(kind, ev.get("message", ""))
         # A log event may carry its level (a skipped non-finite step is a warning).
         level = ev.get("level") or ("debug" if kind == Event.SAVING else "info")
         status.event(kind.value, f"job {job.id}: {msg}", level=level, job_id=job.id,
                      **{k: v for k, v in ev.items() if k not in ("event", "ts", "message", "level")})
+
+
+def published(ev: dict, job: Job, status: StatusWriter) -> None:
+    """The gate's verdict on a new version: event "published" when it became `latest`, "held" when it did not
+    (hooks tell the two apart by kind). A trainer from before the gate says neither: its versions were promoted."""
+    version, reason = ev.get("version"), ev.get("reason")
+    held = ev.get("decision") == "held"
+    latest = ev.get("latest", None if held else version)
+    fields = {k: w for k, w in ev.items() if k not in ("event", "ts", "message", "level")}
+    fields.update(job_id=job.id, adapter=job.adapter, version=version, decision="held" if held else "promoted",
+                  reason=reason, latest=latest)
+    if held:
+        stays = f"v{latest}" if latest is not None else "none"
+        status.event("held", f"job {job.id}: v{version} held: {reason or 'the promotion gate did not pass'}; "
+                     f"latest stays {stays}", level="warning", **fields)
+    else:
+        status.event("published", f"job {job.id}: published version {version}, now latest"
+                     + (f" ({reason})" if reason else ""), **fields)
 
 
 def describe_event(ev: dict | None) -> str:

@@ -5,7 +5,7 @@ checkpoints/*/v*/metadata.json) at request time, so nothing here can go stale or
 `training-daemon status`, and a slow browser cannot slow the daemon down. Read-only; bound to 127.0.0.1
 by default, where requests must also name a loopback Host (no DNS-rebinding reads from web pages).
 
-Routes: /  /api/status  /api/jobs[?state=&limit=]  /api/versions  /api/loss[?job=ID]  /metrics
+Routes: /  /api/status  /api/jobs[?state=&limit=]  /api/versions  /api/adapters  /api/loss[?job=ID]  /metrics
         /plots/<adapter>/v<N>.png
 A query value that is not what the route takes is a 400 naming the parameter and what it accepts. The server
 itself (daemon/supervisor/web_server.py) bounds connections and their time, so the page cannot starve the daemon.
@@ -30,7 +30,8 @@ from daemon.supervisor.job import JobStatus
 from daemon.supervisor.spool import Spool
 from daemon.supervisor.web_page import PAGE
 from daemon.supervisor.web_server import BoundedHTTPServer, BoundedHTTPServer6, serve
-from daemon.versions import damaged_versions, latest_version, problems, read_metadata, versions
+from daemon.version_states import adapter_state, annotate_jobs, page_view, summary
+from daemon.versions import damaged_versions, problems, read_metadata, versions
 
 MAX_POINTS = 2000  # per series in one /api/loss answer; longer runs are thinned evenly
 MAX_LIMIT = 1_000_000  # /api/jobs?limit=: more jobs than any spool holds
@@ -50,14 +51,17 @@ def list_versions(layout: Layout) -> list[dict]:
     for adapter_dir in sorted(layout.checkpoints.iterdir()):
         if not adapter_dir.is_dir() or not ADAPTER_NAME.match(adapter_dir.name):
             continue
-        newest = latest_version(adapter_dir)
+        state = adapter_state(adapter_dir)
         for v in reversed(versions(adapter_dir)):
             try:
                 meta = read_metadata(adapter_dir, v)
             except (OSError, ValueError):
                 continue
             row = {k: meta.get(k) for k in VERSION_FIELDS}
-            row.update(adapter=adapter_dir.name, version=v, latest=v == newest,
+            verdict = state["decisions"].get(v) or {}
+            row.update(adapter=adapter_dir.name, version=v, latest=v == state["latest"], held=v in state["held"],
+                       decision=verdict.get("decision") if verdict.get("judged") else None,
+                       reason=verdict.get("reason"),
                        loss_plot_url=f"/plots/{adapter_dir.name}/v{v}.png" if meta.get("loss_plot") else None,
                        damaged=problems(adapter_dir / f"v{v}", digests=False))  # names and sizes: cheap per request
             out.append(row)
@@ -194,11 +198,17 @@ class FileCollector:
                                       ("util_percent", "gpu_utilization_percent", "GPU busy percentage", 1)):
             if isinstance(gpu.get(key), (int, float)):
                 yield G(f"training_daemon_{name}", doc, value=gpu[key] * scale)
-        latest = G("training_daemon_adapter_latest_version", "Newest published version", labels=["adapter"])
-        for row in list_versions(self.layout):
-            if row["latest"]:
-                latest.add_metric([row["adapter"]], row["version"])
-        yield latest
+        latest = G("training_daemon_adapter_latest_version", "The version `latest` points at (promoted)",
+                   labels=["adapter"])
+        newest = G("training_daemon_adapter_newest_version", "Newest published version, held or not",
+                   labels=["adapter"])
+        held = G("training_daemon_adapter_held_versions", "Versions the promotion gate held and nobody promoted since",
+                 labels=["adapter"])
+        for name, a in summary(self.layout.checkpoints).items():
+            for gauge, value in ((latest, a["latest"]), (newest, a["newest"]), (held, len(a["held"]))):
+                if value is not None:
+                    gauge.add_metric([name], value)
+        yield from (latest, newest, held)
         damaged = G("training_daemon_adapter_damaged_versions", "Version folders with a file missing or of another "
                     "size than published, or no metadata.json (never trained on)", labels=["adapter"])
         for adapter_dir in sorted(self.layout.checkpoints.glob("*")):
@@ -257,13 +267,16 @@ class _Handler(BaseHTTPRequestHandler):
             route = url.path.rstrip("/") or "/"
             if route == "/":
                 return self._send(200, "text/html; charset=utf-8", PAGE.encode())
-            if route == "/api/status":
-                return self._json(read_json(self.layout.status_json) or {})
+            if route == "/api/status":  # with each adapter's latest, newest and held versions, as `status --json`
+                return self._json({**(read_json(self.layout.status_json) or {}),
+                                   "adapters": summary(self.layout.checkpoints)})
             if route == "/api/jobs":
                 state = one_of(query, "state", [s.value for s in JobStatus])
                 limit = whole_number(query, "limit", 1, MAX_LIMIT)
                 jobs = [job.to_dict() for job, _ in self.spool.list() if state in (None, job.state.value)]
-                return self._json(jobs[-limit:] if limit else jobs)
+                return self._json(annotate_jobs(self.layout.checkpoints, jobs[-limit:] if limit else jobs))
+            if route == "/api/adapters":
+                return self._json(page_view(self.layout.checkpoints))
             if route == "/api/versions":
                 return self._json(list_versions(self.layout))
             if route == "/api/loss":

@@ -48,6 +48,8 @@ PAGE = r"""<!doctype html>
   <h2 style="margin-top:14px">Queue</h2><div id="queue"></div>
  </section>
  <section class="wide"><h2>Jobs</h2><table><thead><tr><th>id</th><th>state</th><th>adapter</th><th>file</th><th>version</th><th>note</th></tr></thead><tbody id="jobs"></tbody></table></section>
+ <section class="wide"><h2>Adapters</h2><table><thead><tr><th>adapter</th><th>latest</th><th>newest</th><th>held</th><th>newest version's verdict</th></tr></thead><tbody id="adapters"></tbody></table>
+  <div id="probes"></div></section>
  <section class="wide"><h2>Versions</h2><table><thead><tr><th>adapter</th><th>version</th><th>job</th><th>file</th><th>steps</th><th>first loss</th><th>final loss</th><th>eval loss</th><th>time</th><th>finished</th><th>plot</th></tr></thead><tbody id="versions"></tbody></table></section>
 </main>
 <script>
@@ -141,7 +143,7 @@ function renderJobs(jobs) {
   jobs.slice().reverse().forEach(j => {
     const tr = document.createElement("tr"); if (j.id === selectedJob) tr.className = "sel";
     cell(tr, j.id); cell(tr, j.state, j.state === "failed" ? "failed" : ""); cell(tr, j.adapter); cell(tr, j.original_name);
-    cell(tr, j.version != null ? "v" + j.version : ""); cell(tr, ((j.state === "failed" ? j.error : j.note) || "").split("\n")[0], "muted");
+    cell(tr, j.promotion ? j.promotion.label : j.version != null ? "v" + j.version : ""); cell(tr, ((j.state === "failed" ? j.error : j.note) || "").split("\n")[0], "muted");
     tr.onclick = () => { selectedJob = (selectedJob === j.id ? null : j.id); poll(true); };
     tb.appendChild(tr);
   });
@@ -151,13 +153,40 @@ function renderVersions(vs) {
   const tb = $("versions"); tb.replaceChildren();
   vs.forEach(v => {
     const tr = document.createElement("tr");
-    cell(tr, v.adapter); cell(tr, "v" + v.version + (v.latest ? " (latest)" : "") + (v.damaged && v.damaged.length ? " (damaged: " + v.damaged.join("; ") + ")" : "")); cell(tr, v.job_id); cell(tr, v.source_file);
+    cell(tr, v.adapter); cell(tr, "v" + v.version + (v.latest ? " (latest)" : "") + (v.held ? " (held)" : "") + (v.damaged && v.damaged.length ? " (damaged: " + v.damaged.join("; ") + ")" : "")); cell(tr, v.job_id); cell(tr, v.source_file);
     cell(tr, v.steps); cell(tr, num(v.first_train_loss, 4)); cell(tr, num(v.final_train_loss, 4)); cell(tr, num(v.eval_loss, 4));
     cell(tr, fmtDur(v.training_seconds)); cell(tr, v.finished_at || "");
     const td = cell(tr, "");
     if (v.loss_plot_url) { const a = document.createElement("a"); a.href = v.loss_plot_url; a.textContent = "loss.png"; td.appendChild(a); }
     if (v.job_id != null) tr.onclick = (e) => { if (e.target.tagName !== "A") { selectedJob = v.job_id; poll(true); } };
     tb.appendChild(tr);
+  });
+}
+
+const vname = (n) => n == null ? "none" : "v" + n;
+// Per adapter: latest, newest, held; the newest version's probes side by side (incumbent | new | passed).
+function renderAdapters(list) {
+  const tb = $("adapters"), box = $("probes"); tb.replaceChildren(); box.replaceChildren();
+  list.forEach(a => {
+    const tr = document.createElement("tr"), j = a.newest_judgement;
+    cell(tr, a.adapter); cell(tr, vname(a.latest)); cell(tr, vname(a.newest));
+    cell(tr, a.held.length ? a.held.map(vname).join(", ") : "-", a.held.length ? "failed" : "");
+    cell(tr, j && j.judged ? vname(j.version) + " " + j.decision + (j.reason ? ": " + j.reason : "") : "-", "muted");
+    tb.appendChild(tr);
+    if (!j || !j.probes.length) return;
+    const h = document.createElement("h2"); h.style.marginTop = "10px";
+    h.textContent = "Probes of " + a.adapter + " " + vname(j.version) + " (beside " + vname(j.incumbent_version) + ")";
+    const t = document.createElement("table"); t.className = "probes";
+    const head = document.createElement("tr");
+    ["prompt", "incumbent " + vname(j.incumbent_version), "new " + vname(j.version), "passed"].forEach(x => { const th = document.createElement("th"); th.textContent = x; head.appendChild(th); });
+    t.appendChild(head);
+    j.probes.forEach(p => {
+      const r = document.createElement("tr");
+      cell(r, p.prompt + (p.required ? " (required)" : "")); cell(r, p.incumbent_answer ?? "-");
+      cell(r, p.answer ?? "-"); cell(r, p.passed == null ? "-" : p.passed ? "yes" : "NO", p.passed === false ? "failed" : "");
+      t.appendChild(r);
+    });
+    box.appendChild(h); box.appendChild(t);
   });
 }
 
@@ -172,6 +201,7 @@ async function poll(force) {
     if (force || tick % 5 === 0) {
       renderJobs(await getJSON("/api/jobs?limit=30"));
       renderVersions(await getJSON("/api/versions"));
+      renderAdapters(await getJSON("/api/adapters"));
     }
   } catch (e) {
     $("daemon-state").textContent = "status page unreachable (" + e.message + ")";
