@@ -40,4 +40,4 @@ def say(status: StatusWriter, job: Job, job_dir: Path, outcome: Outcome, decisio
     else:
         first_line = Outcome(outcome.kind, job.error).first_line
         status.event("job_failed", f"job {job.id} failed: {first_line} (details: {job_dir.name}/error.json)",
-                     level="error", job_id=job.id, error=job.error)
+                     level="error", job_id=job.id, adapter=job.adapter, error=job.error)
