@@ -273,18 +273,20 @@ def compare(root, config, spec_a, spec_b, as_json):
 @click.option("--gguf", "gguf_out", type=click.Path(), help="Write the merged model as one GGUF file, with an Ollama "
               "Modelfile, to this folder (llama.cpp, Ollama; llama and qwen2 models).")
 @click.option("--quant", type=click.Choice(["f16", "bf16", "q8_0"]), help="GGUF weight type (default f16).")
-def export(root, config, spec, merge_out, gguf_out, quant):
+@click.option("--lora", "lora", is_flag=True, help="With --gguf: the base model and the adapter as two GGUF files "
+              "(llama.cpp --lora, Ollama ADAPTER) instead of one merged file.")
+def export(root, config, spec, merge_out, gguf_out, quant, lora):
     """Merge an adapter version into its base model and save the full model (--merge), or a GGUF file for
     llama.cpp and Ollama (--gguf)."""
     if bool(merge_out) == bool(gguf_out):
         raise UserError("choose one of --merge OUT or --gguf OUT")
-    if quant and not gguf_out:
-        raise UserError("--quant goes with --gguf")
+    if (quant or lora) and not gguf_out:
+        raise UserError(f"{'--quant' if quant else '--lora'} goes with --gguf")
     _, _, layout = _load(root, config, need_config=False)
     if gguf_out:
         from daemon.trainer.gguf_export import export_gguf
 
-        path = export_gguf(layout, spec, Path(gguf_out), quant or "f16")
+        path = export_gguf(layout, spec, Path(gguf_out), quant or "f16", lora)
         click.echo(for_terminal(f"GGUF written to {path} (Modelfile beside it)"))
         return
     from daemon.trainer.export import export_merged
