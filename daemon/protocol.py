@@ -27,7 +27,8 @@ class Event(str, Enum):
     """The `event` field of each JSON line a trainer writes on stdout (rank 0 only)."""
 
     STANDBY = "standby"  # an early trainer has imported the stack and waits for its job on stdin
-    PHASE = "phase"  # validating | loading | training (with total_steps) | saving (a stop's checkpoint) | publishing
+    PHASE = "phase"  # validating | loading | training (with total_steps) | saving (a stop's checkpoint) | judging
+    #                  (the new version and `latest` measured, daemon/trainer/judge.py) | publishing
     VALIDATED = "validated"
     INVALID = "invalid"
     RESUMED = "resumed"

@@ -33,9 +33,12 @@ def load(base_dir: Path, adapter_dir: Path | None = None, trust_remote_code: boo
 def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:
     import torch
 
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    else:  # a base model without a chat template (trained on text or completions): the prompt as it is
+        ids = tokenizer(question, return_tensors="pt").to(model.device)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -44,10 +47,12 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:
 
 def resolve_version(adapter_root: Path, spec: str) -> tuple[Path, dict]:
     """ADAPTER or ADAPTER@VERSION (e.g. default@3) -> (version folder, its metadata), checked against the file
-    digests it was published with. A damaged version named outright is an error; without a number the newest
-    sound version is used, and each newer damaged one is named on stderr."""
+    digests it was published with. A damaged version named outright is an error; without a number the version
+    `latest` is (never a newer, held one), or the newest sound promoted one below it when it is damaged, and each
+    damaged one passed is named on stderr."""
     from daemon.paths import UserError, check_adapter_name
-    from daemon.versions import newest_sound_version, problems
+    from daemon.trainer.parent import promoted_sound_version
+    from daemon.versions import problems
 
     name, _, version = spec.partition("@")
     adapter_dir = adapter_root / check_adapter_name(name)
@@ -65,7 +70,7 @@ def resolve_version(adapter_root: Path, spec: str) -> tuple[Path, dict]:
             print(f"Warning: version {name}@{v} is damaged ({'; '.join(found)}): using an older one",
                   file=sys.stderr)
 
-        v = newest_sound_version(adapter_dir, skipped)
+        v = promoted_sound_version(adapter_dir, skipped)
         path = adapter_dir / f"v{v}"
     if v is None or not path.is_dir():
         raise UserError(f"no published version {spec!r} under {adapter_root}")

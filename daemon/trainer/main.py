@@ -12,8 +12,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
-import shutil
 import signal
 import sys
 import threading
@@ -30,6 +28,8 @@ from daemon.config_errors import ConfigError
 from daemon.paths import Layout
 from daemon.protocol import ErrorKind, Event
 from daemon.timefmt import now_iso
+from daemon.trainer import parent, publish_step
+from daemon.trainer.eval_pool import EvalFileError, StandingSet, load_standing_set
 from daemon.trainer.fingerprint import base_fingerprint
 from daemon.trainer.process import die_with_parent, emit, rank, wait_for_job, watch_lifeline, write_error
 
@@ -109,12 +109,16 @@ class Attempt:
     micro_batch: int | None = None  # at most this many examples per micro-batch (load_config sets it)
     base_fingerprint: str | None = None  # the base model's identity by content (train sets it, before loading)
     parent_notes: list[str] = field(default_factory=list)  # why a version was not trained on (choose_parent)
+    layout: Layout | None = None
+    tokenizer: object = None  # the base model's (validate loads it)
+    standing: StandingSet = field(default_factory=lambda: StandingSet("none"))  # what versions are judged on
+    replay: object = None  # replay.Replay: the earlier files' examples trained along (train)
 
 
 def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
     """One attempt at the job, step by step; a step that ends it early raises AttemptEnds with the exit status."""
     job = json.loads((job_dir / "job.json").read_text())
-    attempt = Attempt(job_dir, job, layout.adapter_dir(job["adapter"]))
+    attempt = Attempt(job_dir, job, layout.adapter_dir(job["adapter"]), layout=layout)
     try:
         recover(attempt)
         cfg, snapshot = load_config(attempt, micro_batch)
@@ -123,10 +127,15 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
         except ConfigError as e:  # it resolved when the daemon read the config: it has gone since
             raise protocol.Unavailable("base model unavailable: " + "; ".join(i["message"] for i in e.errors)) from e
         report = validate(attempt, cfg, base_dir)
+        load_standing(attempt, cfg, base_dir)
         recipe = train(attempt, cfg, snapshot, base_dir, report)
+        verdict = publish_step.judge_version(attempt, recipe, cfg)  # every rank: evaluation is a collective
         if recipe.world.is_main:
-            metadata = build_metadata(attempt, recipe, cfg, base_dir, report)
-            publish(attempt, recipe, metadata)
+            metadata = publish_step.build_metadata(attempt, recipe, cfg, base_dir, report, verdict)
+            try:
+                publish_step.publish(attempt, recipe, metadata)
+            except protocol.DiskFull as e:
+                raise failed(attempt.job_dir, ErrorKind.DISK_FULL, str(e), protocol.DISK_FULL) from e
         else:  # rank 0 publishes; a sharded adapter needs every rank to gather it
             recipe.save_adapter(None)
     except AttemptEnds as end:
@@ -152,9 +161,14 @@ def recover(attempt: Attempt) -> None:
         return
     if rank() == 0:
         path = attempt.adapter_dir / f"v{done}"
-        versions.repair_latest(attempt.adapter_dir)
-        durable.write_json(attempt.job_dir / "result.json", {"version": done, "path": str(path), "recovered": True})
-        emit({"event": Event.PUBLISHED, "version": done, "path": str(path)})
+        meta = versions.read_metadata(attempt.adapter_dir, done)
+        outcome = publish_step.published_fields(done, meta)
+        if outcome["decision"] != "held":  # the gate's verdict stands: a held version never becomes `latest` here
+            versions.repair_latest(attempt.adapter_dir)
+        outcome["latest"] = versions.promoted_version(attempt.adapter_dir)
+        durable.write_json(attempt.job_dir / "result.json", {"version": done, "path": str(path), "recovered": True,
+                                                             **outcome})
+        emit({"event": Event.PUBLISHED, "version": done, "path": str(path), **outcome})
     raise AttemptEnds(protocol.DONE)
 
 
@@ -177,7 +191,7 @@ def validate(attempt: Attempt, cfg, base_dir: Path):
 
     from daemon.trainer.data import validate_for_config
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = attempt.tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=cfg.trust_remote_code)
     report = validate_for_config(attempt.job_dir / "input.jsonl", tokenizer, cfg, base_dir=base_dir,
                                  keep_examples=True)
     report.file = attempt.job["original_name"]  # the user's name for it, not the job folder's copy
@@ -200,6 +214,19 @@ def validate(attempt: Attempt, cfg, base_dir: Path):
     return report
 
 
+def load_standing(attempt: Attempt, cfg, base_dir: Path) -> None:
+    """The standing eval set (versions.eval_file, else the adapter's eval pool as it is before this job), checked
+    and tokenized before training: a broken eval file fails the job at once, as a config error naming the file and
+    the line (retrying cannot help)."""
+    try:
+        attempt.standing = load_standing_set(cfg, attempt.adapter_dir, attempt.tokenizer, base_dir)
+    except EvalFileError as e:
+        emit({"event": Event.LOG, "level": "error", "message": str(e)})  # the job's own file is fine: not INVALID
+        raise failed(attempt.job_dir, ErrorKind.BAD_CONFIG, str(e), protocol.BAD_INPUT) from None
+    for message in attempt.standing.notes:
+        emit({"event": Event.LOG, "message": message})
+
+
 def input_changed(path: Path, job: dict) -> str | None:
     """Why input.jsonl is not the file the daemon claimed (a writer that kept it open appended to it), or None."""
     with open(path, "rb") as f:
@@ -220,23 +247,35 @@ def train(attempt: Attempt, cfg, snapshot: dict, base_dir: Path, report):
 
     from daemon.trainer import checkpoint
     from daemon.trainer import distributed
-    from daemon.trainer.recipe import Diverged, LoRARecipe, NoSteps, StopRequested
+    from daemon.trainer import replay
+    from daemon.trainer.dpo_recipe import recipe_for
+    from daemon.trainer.recipe import Diverged, NoSteps, StopRequested
 
     t = cfg.training
     train_ex, eval_ex = split_eval(report.examples_list, t, t.seed)
     attempt.base_fingerprint = base_fingerprint(base_dir)
     parent = choose_parent(attempt, cfg, base_dir)
+    # Chosen from the parent's lineage and the seed alone, and appended before the batches are planned: a
+    # resumed attempt trains exactly the same examples in the same order.
+    attempt.replay = replay.choose(cfg, attempt.layout, attempt.adapter_dir, parent, len(train_ex),
+                                   attempt.tokenizer, base_dir, preference=report.format == "preference")
+    for message in attempt.replay.notes:
+        emit({"event": Event.LOG, "message": f"replay: {message}"})
+    train_ex = train_ex + attempt.replay.examples
     emit({"event": Event.PHASE, "phase": "loading"})
     faults.check("load")
     checkpoint.check_free_space(attempt.job_dir, cfg.limits.min_free_disk_mb)
-    recipe = LoRARecipe(cfg, emit=emit, job_dir=attempt.job_dir, stop_flag=_stop.is_set)
+    tensorboard = attempt.adapter_dir / "tensorboard" if cfg.status.tensorboard else None
+    recipe = recipe_for(report.format)(cfg, emit=emit, job_dir=attempt.job_dir, stop_flag=_stop.is_set,
+                        tensorboard=(tensorboard, f"job-{attempt.job['id']}") if tensorboard else None)
     try:
         recipe.setup(train_ex, eval_ex, base_dir=base_dir,
                      adapter_dir=attempt.adapter_dir / f"v{parent}" if parent else None, config_snapshot=snapshot,
                      max_micro_batch=attempt.micro_batch)
         recipe.progress.parent_version = parent
         emit({"event": Event.PHASE, "phase": "training", "total_steps": recipe.progress.total_steps,
-              "examples": len(train_ex), "eval_examples": len(eval_ex), "plan": recipe.plan})
+              "examples": len(train_ex), "eval_examples": len(eval_ex), "replayed": len(attempt.replay.examples),
+              "plan": recipe.plan})
         recipe.train()
     except StopRequested:
         emit({"event": Event.PHASE, "phase": "saving"})
@@ -270,9 +309,10 @@ def split_eval(examples: list, training, seed: int) -> tuple[list, list]:
 
 def choose_parent(attempt: Attempt, cfg, base_dir: Path) -> int | None:
     """The version to train on top of: the one an interrupted attempt's checkpoints started from; else, in mode
-    continue, the adapter's newest sound version (damaged ones are skipped, said so) when it was trained on the
-    same base model, by path and by content; else none (the base). A version from before base fingerprints were
-    recorded is trusted on its path alone."""
+    continue, the version `latest` points at (never a newer, held one), or when that is damaged the newest sound
+    version that was promoted (each damaged one is skipped, said so), when it was trained on the same base model,
+    by path and by content; else none (the base). A version from before base fingerprints were recorded is
+    trusted on its path alone."""
     from daemon.trainer import checkpoint
 
     found = checkpoint.complete_checkpoints(attempt.job_dir / "resume")
@@ -286,7 +326,7 @@ def choose_parent(attempt: Attempt, cfg, base_dir: Path) -> int | None:
         attempt.parent_notes.append(message)
         emit({"event": Event.LOG, "message": message, "level": level})
 
-    latest = versions.newest_sound_version(attempt.adapter_dir, lambda v, problems: note(
+    latest = parent.promoted_sound_version(attempt.adapter_dir, lambda v, problems: note(
         f"version v{v} of {attempt.job['adapter']} is damaged ({'; '.join(problems)}): skipped", "warning"))
     if latest is None:
         return None
@@ -301,89 +341,6 @@ def choose_parent(attempt: Attempt, cfg, base_dir: Path) -> int | None:
              "training from the base model instead")
         return None
     return latest
-
-
-def build_metadata(attempt: Attempt, recipe, cfg, base_dir: Path, report) -> dict:
-    """metadata.json of the version: where it came from, how it was trained and how that went (publish_version
-    adds the rest)."""
-    import torch
-
-    job, t, p, summary = attempt.job, cfg.training, recipe.progress, recipe.summary()
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})"
-    return {
-        "adapter": job["adapter"], "parent_version": p.parent_version, "base_model": cfg.base_model,
-        "base_model_path": str(base_dir), "base_model_fingerprint": attempt.base_fingerprint,
-        "parent_notes": attempt.parent_notes, "job_id": job["id"], "source_file": job["original_name"],
-        "source_sha256": job["sha256"], "examples_trained": len(recipe.train_examples),
-        "eval_examples": len(recipe.eval_examples), "examples_skipped": report.skipped,
-        "examples_truncated": report.truncated,
-        "tokens_trained": summary["tokens_trained"], "trainable_tokens_trained": summary["trainable_tokens_trained"],
-        "epochs": t.epochs, "steps": summary["steps"], "steps_skipped": summary["steps_skipped"],
-        "first_train_loss": summary["first_train_loss"], "final_train_loss": summary["final_train_loss"],
-        "eval_loss": summary["eval_loss"],
-        "lora": cfg.lora.model_dump(), "optimizer": {"name": "adamw", "learning_rate": t.learning_rate,
-                                                    "weight_decay": t.weight_decay, "lr_scheduler": t.lr_scheduler,
-                                                    "warmup_ratio": t.warmup_ratio, "max_grad_norm": t.max_grad_norm,
-                                                    "micro_batch_size": summary["micro_batch_size"],
-                                                    "gradient_accumulation": summary["gradient_accumulation"]},
-        "mode": t.mode, "started_at": attempt.started_at,
-        "training_seconds": summary["training_seconds"], "device": device,
-        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if cuda else None,
-        "plan": summary["plan"], "libraries": library_versions(),
-        "loss_history": p.losses, "eval_history": p.evals,
-    }
-
-
-def publish(attempt: Attempt, recipe, metadata: dict) -> None:
-    """Rank 0: the trained adapter becomes the adapter's next version, and result.json tells the daemon so."""
-    emit({"event": Event.PHASE, "phase": "publishing"})
-    faults.check("publish")
-    try:
-        version, path = publish_version(attempt, recipe, metadata)
-    except protocol.DiskFull as e:
-        raise failed(attempt.job_dir, ErrorKind.DISK_FULL, str(e), protocol.DISK_FULL) from e
-    durable.write_json(attempt.job_dir / "result.json", {"version": version, "path": str(path), **recipe.summary()})
-    emit({"event": Event.PUBLISHED, "version": version, "path": str(path)})
-
-
-def publish_version(attempt: Attempt, recipe, metadata: dict) -> tuple[int, Path]:
-    """The adapter and its loss plot staged, then renamed into place whole (daemon/versions.py). The metadata
-    gets what only this step knows: whether the plot could be drawn, and when the version was complete."""
-    from daemon.trainer import checkpoint
-
-    checkpoint.check_free_space(attempt.adapter_dir.parent, recipe.cfg.limits.min_free_disk_mb)
-    staged = versions.staging_dir(attempt.adapter_dir, attempt.job["id"])
-    try:
-        recipe.save_adapter(staged)
-        loss_plot = draw_loss_plot(recipe.progress, staged / "loss.png",
-                                   f"{attempt.job['adapter']} job {attempt.job['id']}")
-        return versions.publish(attempt.adapter_dir, staged,
-                                {**metadata, "loss_plot": loss_plot, "finished_at": now_iso()})
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-
-
-def draw_loss_plot(progress, path: Path, title: str) -> str | None:
-    """The plot's file name, or None without matplotlib (an optional dependency: a version needs no plot)."""
-    try:
-        from daemon.trainer.plots import plot_loss
-
-        plot_loss(progress.losses, progress.evals, path, title)
-    except ImportError:
-        return None
-    return path.name
-
-
-def library_versions() -> dict:
-    import accelerate
-    import peft
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__}
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from daemon.trainer.checkpoint import Progress
 from daemon.trainer.distributed import World, accelerator_kwargs
 from daemon.trainer.loss import token_loss_sum
 from daemon.trainer.model import load_for_training, prepare_model
+from daemon.trainer.tracking import Tracker
 
 GIB = 1024**3
 
@@ -48,8 +49,10 @@ class StopRequested(Exception):
 
 class LoRARecipe:
     def __init__(self, cfg, *, emit: Callable[[dict], None] = lambda e: None, job_dir: Path | None = None,
-                 stop_flag: Callable[[], bool] = lambda: False):
+                 stop_flag: Callable[[], bool] = lambda: False, tensorboard: tuple[Path, str] | None = None):
+        """`tensorboard`: (folder, run name) for TensorBoard logs (status.tensorboard), written by rank 0."""
         self.cfg = cfg
+        self.tracker = Tracker(tensorboard, emit)
         self.t = cfg.training
         self.emit = emit
         self.job_dir = job_dir
@@ -66,9 +69,11 @@ class LoRARecipe:
 
         `max_micro_batch`: fewer examples per micro-batch than the config's (an out-of-memory retry)."""
         # Under RANK/WORLD_SIZE from the daemon this joins the job's process group (gloo on CPU, NCCL on GPUs).
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_kwargs())
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_kwargs(),
+                                       **self.tracker.accelerator_kwargs())
         self.device = self.accelerator.device
         self.world = World.from_accelerator(self.accelerator)
+        self.tracker.start(self.accelerator)
         self._seed(self.t.seed + self.world.rank)  # LoRA init is seeded on its own (model.py): the same on every rank
         if model is None:
             model, tokenizer, self.plan = load_for_training(base_dir, self.cfg, self.device, adapter_dir=adapter_dir,
@@ -113,6 +118,10 @@ class LoRARecipe:
         self.scheduler = scheduler
         self._resume()
         self.world.broadcast_(self.trainable)
+
+    def log_scalars(self, values: dict, step: int | None = None) -> None:
+        """Scalars for TensorBoard (nothing without status.tensorboard)."""
+        self.tracker.log(values, self.progress.step if step is None else step)
 
     def _plan_epoch(self, epoch: int) -> list[list[int]]:
         lengths = [len(ex.input_ids) for ex in self.train_examples]
@@ -197,6 +206,7 @@ class LoRARecipe:
         if eval_loss is not None:
             p.evals.append([p.step, eval_loss])
             self.emit({"event": Event.EVAL, "step": p.step, "eval_loss": eval_loss})
+            self.log_scalars({"eval/loss": eval_loss})
         return p
 
     def _check_trained(self) -> None:
@@ -307,19 +317,23 @@ class LoRARecipe:
         if torch.cuda.is_available():
             event["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
         self.emit(event)
+        self.log_scalars({f"train/{k}": event[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "gpu_mem_gib")
+                          if k in event})
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if not self.eval_examples:
+    def evaluate(self, examples: list | None = None) -> float | None:
+        """Mean token loss over `examples` (default: the job's held-out split), summed over every rank."""
+        examples = self.eval_examples if examples is None else examples
+        if not examples:
             return None
         self.model.eval()
         total, count = 0.0, 0
-        lengths = [len(ex.input_ids) for ex in self.eval_examples]
+        lengths = [len(ex.input_ids) for ex in examples]
         plan = packing.plan_micro_batches(lengths, token_budget=self.micro_batch_size * self.t.max_length,
                                           max_examples=self.micro_batch_size, packing=self.t.packing,
                                           seed=self.t.seed, epoch=0)
         for mb, counts in self.world.share(plan, equal=self.sharded):
-            batch = packing.collate([self.eval_examples[i] for i in mb], packing=self.t.packing, pad_id=self.pad_id)
+            batch = packing.collate([examples[i] for i in mb], packing=self.t.packing, pad_id=self.pad_id)
             n = batch["n_trainable"]
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss = float(token_loss_sum(self.model, batch))
@@ -369,6 +383,7 @@ class LoRARecipe:
 
     # --------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
+        self.tracker.end()
         for name in ("model", "optimizer", "scheduler"):
             if hasattr(self, name):
                 delattr(self, name)

@@ -1,0 +1,90 @@
+"""Replay against forgetting: in continue mode, examples of the adapter's earlier files train along.
+
+The real daemon and the tiny model: the replayed files and counts are in metadata.json, a run killed mid-way
+and resumed publishes bit-for-bit the adapter of an uninterrupted one (CPU, fp32) with replay on, and a done
+file deleted by hand is a note, never a failure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from accounting import Inbox, account, faults, resumes
+from helpers import chat_lines, cli, write_config
+
+pytestmark = pytest.mark.slow
+
+FIRST = chat_lines(8, "first")
+SECOND = chat_lines(16, "second")
+SETTINGS = {"mode": "continue", "packing": False, "micro_batch_size": 2, "gradient_accumulation": 1,
+            "checkpoint_every_steps": 2, "keep_checkpoints": 2, "precision": "fp32", "seed": 7,
+            "eval_fraction": 0.25, "eval_max_examples": 2}
+
+
+def configure(root: Path, model_dir: Path, fraction: float = 0.2) -> None:
+    write_config(root, model_dir, training=SETTINGS, versions={"replay_fraction": fraction})
+
+
+def run(root: Path, **env) -> None:
+    r = cli(root, "run", "--once", **env)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def metadata(root: Path, version: int) -> dict:
+    return json.loads((root / "checkpoints" / "default" / f"v{version}" / "metadata.json").read_text())
+
+
+def adapter(root: Path, version: int) -> dict[str, torch.Tensor]:
+    return load_file(str(root / "checkpoints" / "default" / f"v{version}" / "adapter_model.safetensors"))
+
+
+def two_jobs(root: Path, model_dir: Path, **env) -> Inbox:
+    configure(root, model_dir)
+    inbox = Inbox(root)
+    inbox.drop("first.jsonl", FIRST)
+    run(root)
+    inbox.drop("second.jsonl", SECOND)
+    run(root, **env)
+    return inbox
+
+
+def test_replay_is_recorded_and_a_killed_run_resumes_to_the_same_adapter(root, tiny_model_dir, tmp_path_factory):
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    two_jobs(reference, tiny_model_dir)
+
+    kill = {"point": "train_step", "kind": "kill", "step": 3, "once_file": str(root / "fired")}
+    inbox = two_jobs(root, tiny_model_dir, TRAINING_DAEMON_FAULTS=faults(kill))
+    job = account(root, inbox)["second.jsonl"]
+    assert [a["outcome"] for a in job["attempts"]] == ["failed", "done"]
+    assert [(e["checkpoint"], e["step"]) for e in resumes(root)] == [("step-000002", 2)]
+
+    v2 = metadata(root, 2)
+    # 14 new training examples (16 less the 2 held out), and round(0.2 / 0.8 * 14) = 4 replayed from
+    # first.jsonl's 6 training examples (its 2 held-out ones, the eval pool's, never).
+    assert v2["examples_trained"] == 14 + 4
+    assert v2["replay"] == {"fraction": 0.2, "examples": 4, "notes": [],
+                            "files": [{"job_id": 1, "source_file": "first.jsonl", "examples": 4,
+                                       "sha256": metadata(root, 1)["source_sha256"]}]}
+    assert v2["replay"] == metadata(reference, 2)["replay"]
+    expected, got = adapter(reference, 2), adapter(root, 2)
+    assert got.keys() == expected.keys()
+    assert not [n for n in expected if not torch.equal(got[n], expected[n])], "the resumed adapter differs"
+
+
+def test_a_deleted_done_file_is_a_note_and_the_rest_of_the_lineage_is_replayed(root, tiny_model_dir):
+    inbox = two_jobs(root, tiny_model_dir)
+    (root / "queue" / "done" / "j000001" / "input.jsonl").unlink()
+    inbox.files = [f for f in inbox.files if f.name != "first.jsonl"]  # its bytes are gone on purpose
+    inbox.drop("third.jsonl", chat_lines(8, "third"))
+    run(root)
+    v3 = metadata(root, 3)
+    assert v3["parent_version"] == 2
+    assert v3["replay"]["notes"] == ["job 1's file (first.jsonl, v1) is no longer in queue/done: not replayed"]
+    assert [(f["job_id"], f["source_file"]) for f in v3["replay"]["files"]] == [(2, "second.jsonl")]
+    assert v3["replay"]["examples"] == round(0.2 / 0.8 * 6) == 2
+    assert "replay: job 1's file (first.jsonl, v1) is no longer in queue/done" in (root / "status.log").read_text()
