@@ -92,6 +92,10 @@ class TrainingConfig(Section):
     micro_batch_tokens: Int(128, 1 << 20) | None = None
     # Liger's fused RMSNorm/SwiGLU/RoPE kernels, on a GPU where liger-kernel is installed.
     liger_kernels: bool = True
+    # Preference files (prompt/chosen/rejected) train with DPO: beta weighs the log-ratio to the job's starting
+    # point (higher: stay closer to it); loss sigmoid (DPO) or ipo (docs/dpo.md).
+    dpo_beta: Num(0.01, 10) = 0.1
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
 
     @field_validator("gradient_checkpointing", "fsdp", mode="before")
     @classmethod

@@ -87,6 +87,8 @@ def progress_line(cur: dict) -> str:
              f"step {cur.get('step') or 0}/{cur.get('total_steps') or '?'}"]
     if cur.get("loss") is not None:
         parts.append(f"loss {cur['loss']:.4f}")
+    if cur.get("reward_accuracy") is not None:  # a preference (DPO) job
+        parts.append(f"reward acc {cur['reward_accuracy']:.2f}")
     if cur.get("eval_loss") is not None:
         parts.append(f"eval {cur['eval_loss']:.4f}")
     if cur.get("tokens_per_s"):

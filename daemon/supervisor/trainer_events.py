@@ -8,7 +8,9 @@ from daemon.supervisor.job import Job
 from daemon.supervisor.status import StatusWriter
 from daemon.timefmt import fmt_eta
 
-_PROGRESS_FIELDS = ("step", "total_steps", "epoch", "loss", "lr", "tokens_per_s", "eta_s", "gpu_mem_gib")
+# reward_accuracy: preference (DPO) jobs only, the step's share of pairs whose chosen answer wins.
+_PROGRESS_FIELDS = ("step", "total_steps", "epoch", "loss", "reward_accuracy", "lr", "tokens_per_s", "eta_s",
+                    "gpu_mem_gib")
 
 
 def report(ev: dict, job: Job, current: dict, status: StatusWriter) -> None:
@@ -25,7 +27,8 @@ def report(ev: dict, job: Job, current: dict, status: StatusWriter) -> None:
     elif kind == Event.PROGRESS:
         current.update({k: ev.get(k) for k in _PROGRESS_FIELDS})
         gpu_txt = f" GPU {ev['gpu_mem_gib']:.2f} GiB" if ev.get("gpu_mem_gib") is not None else ""
-        status.event("progress", f"job {job.id} step {ev['step']}/{ev['total_steps']} loss {ev['loss']:.4f} "
+        reward = f" reward acc {ev['reward_accuracy']:.2f}" if ev.get("reward_accuracy") is not None else ""
+        status.event("progress", f"job {job.id} step {ev['step']}/{ev['total_steps']} loss {ev['loss']:.4f}{reward} "
                      f"{ev['tokens_per_s']:.0f} tok/s ETA {fmt_eta(ev.get('eta_s'))}{gpu_txt}",
                      job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts")})
     elif kind == Event.FIRST_STEP:
@@ -33,8 +36,13 @@ def report(ev: dict, job: Job, current: dict, status: StatusWriter) -> None:
                      job_id=job.id, loss=ev["loss"])
     elif kind == Event.EVAL:
         current["eval_loss"] = ev["eval_loss"]
-        status.event("eval", f"job {job.id}: eval loss {ev['eval_loss']:.4f}", job_id=job.id,
-                     step=ev.get("step"), eval_loss=ev["eval_loss"])
+        reward = ev.get("reward_accuracy")
+        if reward is not None:
+            current["eval_reward_accuracy"] = reward
+        status.event("eval", f"job {job.id}: eval loss {ev['eval_loss']:.4f}"
+                     + (f", held-out reward accuracy {reward:.2f}" if reward is not None else ""), job_id=job.id,
+                     step=ev.get("step"), eval_loss=ev["eval_loss"],
+                     **({"reward_accuracy": reward} if reward is not None else {}))
     elif kind == Event.VALIDATED:
         status.event("validated", f"job {job.id}: {ev['examples']} examples, {ev['tokens']} tokens, "
                      f"{ev['skipped']} skipped", job_id=job.id, examples=ev["examples"],

@@ -41,7 +41,7 @@ _WHOLE_NUMBER = re.compile(r"[0-9]{1,13}", re.ASCII)
 _PLOT = re.compile(r"/plots/([^/]+)/v([0-9]{1,9})\.png", re.ASCII)
 VERSION_FIELDS = ("adapter", "version", "job_id", "source_file", "base_model", "steps", "epochs", "first_train_loss",
                   "final_train_loss", "eval_loss", "tokens_trained", "examples_trained", "training_seconds",
-                  "finished_at", "device", "peak_gpu_mem_gib", "parent_version", "mode")
+                  "finished_at", "device", "peak_gpu_mem_gib", "parent_version", "mode", "method")
 
 
 def list_versions(layout: Layout) -> list[dict]:
@@ -184,6 +184,8 @@ class FileCollector:
                                ("total_steps", "current_total_steps", "Total steps of the current job"),
                                ("loss", "current_loss", "Latest training loss"),
                                ("eval_loss", "current_eval_loss", "Latest eval loss"),
+                               ("reward_accuracy", "current_reward_accuracy",
+                                "Latest step's reward accuracy (preference jobs): pairs whose chosen answer wins"),
                                ("lr", "current_learning_rate", "Current learning rate"),
                                ("tokens_per_s", "current_tokens_per_second", "Training throughput"),
                                ("eta_s", "current_eta_seconds", "Estimated seconds left"),

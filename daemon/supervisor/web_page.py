@@ -87,7 +87,7 @@ function renderStatus(st) {
     $("current-title").textContent = "job " + c.job_id + ": " + (c.file || "?") + " \u2192 " + (c.adapter || "?") + " (" + (c.phase || "training") + ")";
     $("bar").style.width = pct.toFixed(1) + "%";
     $("progress-text").textContent = "step " + (c.step || 0) + "/" + (c.total_steps || "?") + " (" + pct.toFixed(0) + "%)" + (c.epoch != null ? ", epoch " + (Number.isInteger(c.epoch) ? c.epoch + 1 : num(c.epoch, 2)) : "");
-    $("loss").textContent = num(c.loss, 4);
+    $("loss").textContent = num(c.loss, 4) + (c.reward_accuracy != null ? ", reward accuracy " + num(c.reward_accuracy, 2) : "");
     $("eval-loss").textContent = c.eval_loss == null ? "not yet" : num(c.eval_loss, 4);
     $("tps").textContent = c.tokens_per_s ? Math.round(c.tokens_per_s).toLocaleString("en-US") + " tok/s" : "?";
     $("eta").textContent = fmtEta(c.eta_s);

@@ -143,6 +143,10 @@ def tokenize_examples(tokenizer, examples: list[Example], max_length: int, train
     """Tokenize structurally valid examples in one batch; results in the same order."""
     if too_long not in ("skip", "truncate"):
         raise ValueError(f"too_long must be 'skip' or 'truncate', not {too_long!r}")
+    if examples and examples[0].format == "preference":  # a file holds one format: pairs, scored on answers only
+        from daemon.trainer.preference import tokenize_pairs
+
+        return tokenize_pairs(tokenizer, examples, max_length, too_long)
     plans = [_plan(tokenizer, ex, train_on_inputs) for ex in examples]
     ready = [p for p in plans if isinstance(p, _Plan)]
     encoded = iter(_encode(tokenizer, ready))
@@ -251,7 +255,7 @@ class Report:
                 self.errors.append({"line": item.line, "code": item.code, "message": item.message})
             return
         self.examples += 1
-        if isinstance(item, TokenizedExample):
+        if not isinstance(item, Example):  # tokenized: a TokenizedExample, or a preference pair (both answers)
             n = len(item.input_ids)
             self.tokens += n
             self.trainable_tokens += item.trainable

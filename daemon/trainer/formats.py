@@ -10,6 +10,8 @@ A file holds one format, decided by the first line whose keys name one:
   prompt_completion  {"prompt": str, "completion": str}
   alpaca             {"instruction": str, "input": str (optional), "output": str}
   text               {"text": str}
+  preference         {"prompt": str | messages, "chosen": str | message, "rejected": str | message} (DPO,
+                     preference.py; "prompt" alone is prompt_completion's)
 Other keys on a line are ignored (ids, metadata). Every record becomes an `Example` holding either a list of
 chat messages (every format but text) or a plain text.
 """
@@ -27,6 +29,7 @@ FORMAT_KEYS = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
+    "preference": ("chosen", "rejected"),
 }
 BOM = b"\xef\xbb\xbf"
 SKIP_CHUNK = 1 << 20  # how much of an over-long line is read at a time while skipping it
@@ -160,12 +163,15 @@ def parse_line(text: str, number: int) -> dict | Rejection:
 
 def detect_format(obj: dict, number: int) -> str | Rejection:
     found = [fmt for fmt, keys in FORMAT_KEYS.items() if any(k in obj for k in keys)]
+    if "preference" in found and "completion" not in obj:  # its "prompt" does not make it prompt_completion
+        found = [fmt for fmt in found if fmt != "prompt_completion"]
     if len(found) == 1:
         return "tools" if found[0] == "messages" and "tools" in obj else found[0]
     if not found:
         keys = ", ".join(repr(k) for k in list(obj)[:10]) or "none"
         return Rejection(number, "unknown_format", f"line {number}: no known format (keys: {keys}); expected "
-                         "'messages', 'conversations', 'prompt'+'completion', 'instruction'+'output' or 'text'")
+                         "'messages', 'conversations', 'prompt'+'completion', 'instruction'+'output', 'text' or "
+                         "'prompt'+'chosen'+'rejected'")
     return Rejection(number, "unknown_format", f"line {number}: ambiguous, has keys of formats "
                      f"{' and '.join(found)}; use one format per line")
 
@@ -178,6 +184,10 @@ def check_record(obj: dict, fmt: str, number: int, train_on_inputs: bool = False
         result = formats_chat.check_messages(obj, number)
     elif fmt == "sharegpt":
         result = formats_chat.check_sharegpt(obj, number)
+    elif fmt == "preference":
+        from daemon.trainer.preference import check_preference
+
+        result = check_preference(obj, number)
     elif fmt == "text":
         text = obj.get("text")
         result = _need_str(text, "text", number) or Example(number, fmt, text=text)
