@@ -130,12 +130,12 @@ def chain(history: list[dict]) -> list[int]:
 
 
 def promoted(adapter_dir: Path) -> int | None:
-    """The version `latest` is: the record's, when its folder is complete; without a record, the newest complete
-    version (the rule before records were kept); with the recorded folder gone, the one repair would choose."""
+    """The version `latest` is: the record's, when its folder is complete; without a record, the one its seed
+    would name (_seed); with the recorded folder gone, the one repair would choose."""
     adapter_dir = Path(adapter_dir)
     rec = read_record(adapter_dir)
     if rec is None:
-        return v.latest_version(adapter_dir)
+        return _seed(adapter_dir)[0]["version"]
     if rec["version"] is None or _complete(adapter_dir, rec["version"]):
         return rec["version"]
     return _present_below(adapter_dir, rec)
@@ -156,14 +156,38 @@ def _entry(version: int, by: str, job_id, reason: str | None) -> dict:
     return {"version": version, "at": now_iso(), "by": by, "job_id": job_id, "reason": reason}
 
 
-def _seed(adapter_dir: Path) -> dict:
-    """The record of an adapter that had none: every complete version was `latest` once, the newest is now."""
+def current_record(adapter_dir: Path) -> dict:
+    """latest.json, or without one the record its first change would seed (nothing written)."""
+    rec = read_record(Path(adapter_dir))
+    return rec if rec is not None else _seed(Path(adapter_dir))[0]
+
+
+def _linked(adapter_dir: Path) -> int | None:
+    """The version the `latest` link names, when it names a whole one (names and sizes)."""
+    link = adapter_dir / LINK
+    m = v.VERSION.match(os.readlink(link)) if link.is_symlink() else None
+    if m is None or not _complete(adapter_dir, int(m.group(1))) or v.problems(adapter_dir / m.group(0), False):
+        return None
+    return int(m.group(1))
+
+
+def _seed(adapter_dir: Path) -> tuple[dict, str]:
+    """The record of an adapter without one (from before records, or latest.json lost), and why it names its
+    version. Every complete version the gate did not hold was `latest` once; the link says which is now (a
+    rollback or a promote by hand may have moved it there), unless a newer version is from before the gate
+    (each of those became `latest` when published: an older daemon's crash before the link's swap)."""
+    metas = {n: metadata_summary(adapter_dir, n) for n in v.versions(adapter_dir)}
+    found = [n for n, meta in metas.items() if gate_verdict(meta or {})["decision"] != "held"]
+    current, why = _linked(adapter_dir), "what the latest link points at"
+    if current is None or any(n > current and meta is not None and not gate_verdict(meta)["judged"]
+                              for n, meta in metas.items()):
+        current, why = (found[-1] if found else None), "the newest complete version"
     history = []
-    for version in v.versions(adapter_dir):
-        meta = metadata_summary(adapter_dir, version) or {}
+    for version in [n for n in found if n != current] + ([current] if current is not None else []):
+        meta = metas.get(version) or {}
         history.append({**_entry(version, "repair", meta.get("job_id"),
                                  "published before latest.json was kept"), "at": meta.get("finished_at")})
-    return {"version": history[-1]["version"] if history else None, "history": history}
+    return {"version": current, "history": history}, why
 
 
 def prepared(adapter_dir: Path) -> tuple[dict, list[str]]:
@@ -172,9 +196,9 @@ def prepared(adapter_dir: Path) -> tuple[dict, list[str]]:
     what was repaired, in words."""
     rec, notes, changed = read_record(adapter_dir), [], False
     if rec is None:
-        rec, changed = _seed(adapter_dir), True
+        (rec, why), changed = _seed(adapter_dir), True
         if rec["history"]:
-            notes.append(f"latest.json started: latest is v{rec['version']} (the newest complete version)")
+            notes.append(f"latest.json started: latest is v{rec['version']} ({why})")
     known = max((e["version"] for e in rec["history"]), default=0)
     for version in v.versions(adapter_dir):
         meta = metadata_summary(adapter_dir, version)

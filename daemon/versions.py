@@ -78,7 +78,9 @@ def publish(adapter_dir: Path, staged: Path, metadata: dict, promote: bool = Tru
     """Give the staged folder the next version number, atomically, and make it `latest` when `promote` (the
     promotion gate passed; a held version is published but `latest` stays). Under the adapter's `latest` lock
     (daemon/promotion.py), so a `promote` or `rollback` by hand never interleaves; the record of `latest` is made
-    whole before the rename, so a crash after it never makes a held version `latest`."""
+    whole before the rename, so a crash after it never makes a held version `latest`. A version judged against
+    an incumbent (metadata's promotion.incumbent_version) that is no longer `latest` is held: a promote or
+    rollback done while the job trained or was judged is never undone by it."""
     from daemon import promotion
 
     files = file_digests(staged)
@@ -91,8 +93,12 @@ def publish(adapter_dir: Path, staged: Path, metadata: dict, promote: bool = Tru
         version = next_version(adapter_dir)
         metadata = {**metadata, "version": version, "files": files}
         if isinstance(metadata.get("promotion"), dict):  # only here is the number known, under the lock
-            metadata["promotion"] = {**metadata["promotion"],
-                                     "latest_after": version if promote else record["version"]}
+            verdict = dict(metadata["promotion"])
+            if promote and "incumbent_version" in verdict and verdict["incumbent_version"] != record["version"]:
+                # judged against a `latest` a promote or rollback has moved since: that choice stands
+                promote, verdict["decision"], verdict["reason"] = False, "held", moved_reason(
+                    verdict["incumbent_version"], record)
+            metadata["promotion"] = {**verdict, "latest_after": version if promote else record["version"]}
         durable.write_json(staged / "metadata.json", metadata)
         faults.check("version_write")  # staged and complete, not yet renamed into place
         final = adapter_dir / f"v{version}"
@@ -104,9 +110,16 @@ def publish(adapter_dir: Path, staged: Path, metadata: dict, promote: bool = Tru
     return version, final
 
 
+def moved_reason(incumbent: int | None, record: dict) -> str:
+    by = next((e.get("by") for e in reversed(record["history"]) if e["version"] == record["version"]), None)
+    how = f" (by {by})" if by in ("promote", "rollback") else ""
+    was, now = (f"v{n}" if n is not None else "none" for n in (incumbent, record["version"]))
+    return f"latest moved from {was} to {now} during the job{how}: not promoted; promote it by hand if wanted"
+
+
 def promoted_version(adapter_dir: Path) -> int | None:
     """The version `latest` is (checkpoints/<adapter>/latest.json, see daemon/promotion.py): what `continue`
-    trains on and what is served; a held version is newer. Without a record (an older install): the newest."""
+    trains on and what is served; a held version is newer. Without a record: what its seed would say."""
     from daemon import promotion
 
     return promotion.promoted(adapter_dir)

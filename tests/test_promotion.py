@@ -29,7 +29,7 @@ HELD_REASON = "standing eval loss 1.84 vs 1.21 for v1 (+52%)"
 
 
 def publish(root: Path, decision: str = "promoted", job_id: int = 1, reason: str | None = None,
-            fingerprint: str = "fp-a", adapter: str = "default", **extra) -> int:
+            fingerprint: str = "fp-a", adapter: str = "default", incumbent=..., **extra) -> int:
     """A version as the trainer publishes it: staged, its metadata with the gate's verdict, then versions.publish."""
     adapter_dir = root / "checkpoints" / adapter
     staged = versions.staging_dir(adapter_dir, job_id)
@@ -39,7 +39,8 @@ def publish(root: Path, decision: str = "promoted", job_id: int = 1, reason: str
             "base_model_fingerprint": fingerprint, "finished_at": "2026-11-30T09:00:00+00:00",
             "promotion": {"policy": "not_worse", "tolerance": 0.02, "decision": decision,
                           "reason": reason or ("no latest version yet" if decision == "promoted" else HELD_REASON),
-                          "incumbent_version": versions.promoted_version(adapter_dir)}, **extra}
+                          "incumbent_version": versions.promoted_version(adapter_dir) if incumbent is ...
+                          else incumbent}, **extra}
     version, _ = versions.publish(adapter_dir, staged, meta, promote=decision == "promoted")
     return version
 
@@ -209,6 +210,65 @@ def test_a_crash_between_the_rename_and_the_record_is_repaired_by_the_verdict(ro
         assert link(root) == "v2" and record(root)["history"][-1]["by"] == "repair"
     else:  # a held version never becomes latest by a repair
         assert notes == [] and link(root) == "v1" and record(root)["version"] == 1
+
+
+@pytest.mark.parametrize("by", ["rollback", "promote"])
+def test_a_gate_pass_never_undoes_a_rollback_or_promote_done_while_the_job_ran(root, by):
+    from daemon.trainer.publish_step import published_fields
+
+    publish(root, "promoted", 1)
+    publish(root, "promoted", 2)  # the bad one: job 3 trains on it and is judged against it
+    checkpoints, adapter = root / "checkpoints", root / "checkpoints" / "default"
+    if by == "rollback":
+        promotion.rollback(checkpoints, "default")
+    else:
+        promotion.promote(checkpoints, "default@1")
+    assert publish(root, "promoted", 3, incumbent=2) == 3  # the gate passed against v2; publish takes the lock
+    assert link(root) == "v1" and record(root)["version"] == 1 and versions.promoted_version(adapter) == 1
+    verdict = versions.read_metadata(adapter, 3)["promotion"]
+    reason = (f"latest moved from v2 to v1 during the job (by {by}): not promoted; promote it by hand if "
+              "wanted")
+    assert (verdict["decision"], verdict["reason"], verdict["latest_after"]) == ("held", reason, 1)
+    fields = published_fields(3, versions.read_metadata(adapter, 3))  # what result.json and the event say
+    assert (fields["decision"], fields["reason"], fields["latest"], fields["incumbent"]) == ("held", reason, 1, 2)
+    assert publish(root, "promoted", 4) == 4 and link(root) == "v4"  # judged against latest as it is: promoted
+
+
+def test_continue_never_trains_on_a_version_rolled_back_from(root):
+    from daemon.trainer.parent import promoted_sound_version
+
+    for job in (1, 2, 3):
+        publish(root, "promoted", job)
+    checkpoints, adapter = root / "checkpoints", root / "checkpoints" / "default"
+    assert promotion.rollback(checkpoints, "default")["version"] == 2
+    assert publish(root, "promoted", 4) == 4
+    (adapter / "v4" / "adapter_config.json").unlink()
+    assert promotion.chain(record(root)["history"]) == [1, 2, 4]
+    damaged = []
+    assert promoted_sound_version(adapter, lambda v, found: damaged.append(v)) == 2
+    assert damaged == [4]
+
+
+def test_a_lost_record_is_seeded_from_the_link_and_never_names_a_held_version(root):
+    publish(root, "promoted", 1)
+    publish(root, "promoted", 2)
+    publish(root, "held", 3)
+    adapter = root / "checkpoints" / "default"
+    (adapter / "latest.json").write_text("{}")
+    assert versions.promoted_version(adapter) == 2
+    assert versions.repair_latest(adapter) == ["latest.json started: latest is v2 (what the latest link points at)"]
+    assert link(root) == "v2" and record(root)["version"] == 2
+    assert promotion.chain(record(root)["history"]) == [1, 2] and versions.repair_latest(adapter) == []
+    (adapter / "latest.json").unlink()
+    (adapter / "latest").unlink()  # no link either: the newest version the gate did not hold
+    assert versions.promoted_version(adapter) == 2
+    assert versions.repair_latest(adapter) == ["latest.json started: latest is v2 (the newest complete version)"]
+    assert link(root) == "v2"
+    promotion.promote(root / "checkpoints", "default@3")  # held, then promoted by hand: the link says so
+    (adapter / "latest.json").write_text("not json")
+    assert versions.promoted_version(adapter) == 3
+    versions.repair_latest(adapter)
+    assert link(root) == "v3" and promotion.chain(record(root)["history"]) == [1, 2, 3]
 
 
 def test_a_promote_waits_for_a_publish_in_progress(root):

@@ -86,7 +86,9 @@ def publish(attempt, recipe, metadata: dict) -> None:
     # The pool grows only with promoted versions' data: a held file (a contradiction, garbage) must not become the
     # yardstick of the versions after it. Written before the version: a crash in between re-adds the same records
     # on the retry, which dedup makes a no-op. A full disk raises protocol.DiskFull for main.py to report.
-    metadata["eval_pool"] = update_pool(attempt, recipe) if promote else pool_as_is(attempt)
+    # A `latest` moved by hand since judging holds the version (versions.publish): its data stays out too.
+    grows = promote and versions.promoted_version(attempt.adapter_dir) == promotion.get("incumbent_version")
+    metadata["eval_pool"] = update_pool(attempt, recipe) if grows else pool_as_is(attempt)
     version, path = publish_version(attempt, recipe, metadata, promote)
     # Read back: publishing settles what `latest` is after it (under the adapter's lock).
     outcome = published_fields(version, versions.read_metadata(attempt.adapter_dir, version))
