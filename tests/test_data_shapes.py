@@ -142,7 +142,9 @@ SHAPE_ERRORS = [
     ("bad_tools", tool_chat(tools=[{"type": "function", "function": {"description": "no name"}}]),
      "'tools'[0] must be a function spec"),
     ("bad_tools", tool_chat(tools="[not json"), "'tools' is a string but not JSON"),
-    ("bad_tool_call", _msgs({"role": "assistant", "tool_calls": []}), "tool_calls must be a non-empty list"),
+    ("bad_tool_call", _msgs({"role": "assistant", "tool_calls": {}}), "tool_calls must be a non-empty list"),
+    ("bad_field_type", _msgs({"role": "assistant", "content": None, "tool_calls": []}),
+     "messages[1]: 'content' must be a string, got null"),  # [] is no call: the message must say something
     ("bad_tool_call", _msgs({"role": "assistant", "tool_calls": [call(arguments="{city")]}),
      "arguments is a string but not JSON"),
     ("bad_tool_call", _msgs({"role": "assistant", "tool_calls": [call(arguments=[1])]}),
@@ -170,6 +172,17 @@ def test_bad_shapes_are_reported_per_line_with_a_code(tmp_path, code, record, me
     assert report.ok and report.examples == 2 and len(report.errors) == 1, report.render()
     err = report.errors[0]
     assert (err["line"], err["code"]) == (2, code) and message in err["message"], err["message"]
+
+
+def test_an_empty_tool_calls_list_is_no_call_as_openai_exports_write_it(tmp_path):
+    from daemon.trainer.formats_chat import check_messages
+
+    exported = {"messages": [{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello", "tool_calls": [], "refusal": None}]}
+    ex = check_messages(exported, 1)
+    assert ex.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    report = validate_file(write(tmp_path / "f.jsonl", [exported] * 2))
+    assert report.ok and (report.format, report.examples, report.skipped) == ("messages", 2, 0), report.render()
 
 
 # --- rendering and loss masks -----------------------------------------------------------------------------------

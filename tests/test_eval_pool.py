@@ -51,9 +51,16 @@ def test_a_full_pool_keeps_a_share_of_every_file(root):
 def test_trim_gives_the_remainder_and_keeps_order():
     entries = [{"i": i, "_pool": {"job_id": j}} for i, j in enumerate([1] * 5 + [2] * 5 + [3] * 5)]
     kept = eval_pool.trim(entries, 7)
-    assert [e["_pool"]["job_id"] for e in kept] == [1, 1, 1, 2, 2, 3, 3]
+    assert [e["_pool"]["job_id"] for e in kept] == [1, 1, 2, 2, 3, 3, 3]  # the remainder goes to the newest file
+    assert [e["_pool"]["job_id"] for e in eval_pool.trim(entries, 8)] == [1, 1, 2, 2, 2, 3, 3, 3]
     assert eval_pool.trim(entries, 2) == [entries[5], entries[10]]  # more files than room: the newest keep one
     assert eval_pool.trim(entries, 100) == entries
+    # Newest is by job id, not by size: jobs 9 and 7 keep one each, job 4 (the largest) none.
+    mixed = [{"i": i, "_pool": {"job_id": j}} for i, j in enumerate([4] * 6 + [9] * 2 + [7])]
+    assert [e["_pool"]["job_id"] for e in eval_pool.trim(mixed, 2)] == [9, 7]
+    # job 7 keeps its 1, jobs 4 and 9 share 4, and the remainder (1) goes to job 9, the newest
+    assert [e["_pool"]["job_id"] for e in eval_pool.trim(mixed + [{"_pool": {"job_id": 9}}], 6)] == \
+        [4, 4, 9, 9, 7, 9]
 
 
 def config(model_dir, **versions):
@@ -76,6 +83,25 @@ def test_the_standing_set_is_the_pool_before_the_job_tokenized_with_its_settings
     off = eval_pool.load_standing_set(config(tiny_model_dir, eval_pool_max_examples=0), adapter_dir, tokenizer,
                                       tiny_model_dir)
     assert off.source == "none"
+
+
+def test_a_damaged_pool_line_is_left_out_with_a_note_and_the_rest_still_serves(root, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    adapter_dir = root / "checkpoints" / "default"
+    eval_pool.add_split(adapter_dir, records("a", 3), 1, "a.jsonl", limit=100)
+    path = adapter_dir / eval_pool.POOL
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + b'{"messages": [{"role": "us\x00\xff\n' + b"".join(lines[1:]))
+    standing = eval_pool.load_standing_set(config(tiny_model_dir), adapter_dir, tokenizer, tiny_model_dir)
+    assert (standing.source, len(standing.examples)) == ("pool", 3)
+    assert standing.notes == [f"1 eval pool line(s) are not JSON ({eval_pool.POOL} line 2): left out"]
+    assert eval_pool.add_split(adapter_dir, records("b", 1), 2, "b.jsonl", limit=100)["examples"] == 4
+    path.write_text("not json\n")
+    alone = eval_pool.load_standing_set(config(tiny_model_dir), adapter_dir, tokenizer, tiny_model_dir)
+    assert (alone.source, alone.notes) == ("none", [f"1 eval pool line(s) are not JSON ({eval_pool.POOL} line 1): "
+                                                    "left out"])
 
 
 def test_an_eval_file_is_the_standing_set_and_a_broken_one_names_its_line(root, tiny_model_dir):

@@ -165,6 +165,26 @@ def test_a_default_system_prompt_is_kept_and_a_foreign_template_is_left_out(root
     assert "Warning: the chat template is not ChatML and was not translated" in capsys.readouterr().err
 
 
+def test_a_chatml_template_that_writes_tools_its_own_way_is_left_out(tiny_model_dir):
+    from test_data_shapes import TOOLS_TEMPLATE  # Qwen2.5's template, shortened
+    from transformers import AutoTokenizer
+
+    from daemon.trainer.gguf_modelfile import chatml_default_system, modelfile
+    from tiny_model import CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    assert chatml_default_system(tokenizer) is None  # plain conversations render as ChatML: only tools differ
+    text, warning = modelfile(tokenizer, "m.gguf", "test")
+    assert warning and "writes tools, tool calls or tool results otherwise than plain ChatML" in warning
+    assert f"# No TEMPLATE: {warning}." in text and "\nFROM ./m.gguf\n" in text
+    assert not [line for line in text.splitlines() if line.startswith(("TEMPLATE", "PARAMETER"))]
+    # A template that mentions tools but writes them as plain ChatML keeps its TEMPLATE.
+    tokenizer.chat_template = "{%- if tools %}{%- endif %}" + CHAT_TEMPLATE
+    text, warning = modelfile(tokenizer, "m.gguf", "test")
+    assert warning is None and 'TEMPLATE """' in text
+
+
 def test_lora_export_is_the_base_plus_the_adapter_as_llama_cpp_applies_it(root, tiny_model_dir):
     import numpy as np
     import torch

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import os
 import signal
 import sys
 import threading
@@ -289,6 +290,67 @@ def test_a_hanging_command_is_killed_with_its_children_and_a_full_queue_drops_th
     assert len(receiver.got("/hang")) == 1 and receiver.got("/hang")[0][0]["X-Training-Daemon-Event"] == "held"
     abandoned = [e for e in events(root, "hook") if e.get("outcome") == "abandoned"]
     assert abandoned and abandoned[-1]["abandoned"] >= 3  # /hang: 1 in flight, 2 waiting; commands may be mid-kill
+
+
+def test_a_file_name_that_is_not_utf8_is_delivered_and_commands_get_no_signing_secret(root, receiver, monkeypatch):
+    layout = Layout.at(root).ensure()
+    status = StatusWriter(layout, echo=False)
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    monkeypatch.setenv("SOME_OTHER_SETTING", "kept")
+    out = root / "given.json"
+    dump = ("import json, os, sys; "
+            "json.dump({'stdin': sys.stdin.read(), 'env': dict(os.environ)}, open(sys.argv[1], 'w'))")
+    hooks = Hooks([HookConfig(on=["failed"], command=[sys.executable, "-c", dump, str(out)], retries=0),
+                   HookConfig(on=["failed"], url=receiver.url("/hook"), secret_env="HOOK_SECRET", retries=0)],
+                  layout, status).start()
+    name = "caf\udcff.jsonl"  # the byte 0xff in a file name, as Python reads it from a non-UTF-8 name
+    status.event("file_rejected", f"refused {name}", level="error", job_id=7, adapter="bot", file=name,
+                 path=str(root / "inbox" / name), error=f"{name}: not a regular file")
+    hooks.close(grace=30)
+    [(headers, body)] = receiver.got("/hook")
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-Training-Daemon-Signature"], expected)
+    event = json.loads(body)
+    assert (event["event"], event["file"], event["job_id"]) == ("failed", name, 7)
+    given = json.loads(out.read_text())
+    assert json.loads(given["stdin"]) == event and json.loads(given["env"]["TRAINING_DAEMON_EVENT_JSON"]) == event
+    assert given["env"]["TRAINING_DAEMON_PATH"] == str(root / "inbox" / name)
+    assert "HOOK_SECRET" not in given["env"] and given["env"]["SOME_OTHER_SETTING"] == "kept"
+    for hook in (1, 2):
+        assert [e["outcome"] for e in hook_events(root, hook)] == ["delivered"]
+    assert not events(root, "listener_error")
+
+
+def test_a_timed_out_command_leaves_no_pipe_open_while_its_grandchild_lives(root, monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+
+    pid_file = root / "grandchild.pid"
+    holder = ("import subprocess, time; p = subprocess.Popen(['sleep', '30'], start_new_session=True); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(30)")
+    hooks = SimpleNamespace(cwd=root, layout=SimpleNamespace(root=root), config_path=None, targets=[], refused=[])
+    target = hook_delivery.CommandTarget(1, HookConfig(on=["held"], command=[sys.executable], timeout_seconds=1),
+                                         hooks, [sys.executable, "-c", holder])
+    started, popen = [], subprocess.Popen
+
+    def recording(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(hook_delivery.subprocess, "Popen", recording)
+    try:
+        ok, detail, _ = target.attempt(hook_delivery.Delivery("held", {"event": "held"}))
+        assert not ok and detail.startswith("no exit within 1s: killed")
+        [proc] = started
+        # The grandchild (another session, not killed) still holds the pipe's other end: ours is closed anyway,
+        # and the command itself was waited for (no zombie).
+        assert proc.stdout.closed and proc.stdin.closed and proc.returncode == -signal.SIGKILL
+    finally:
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def test_hooks_written_as_the_shipped_config_shows_them_load(root, tiny_model_dir):

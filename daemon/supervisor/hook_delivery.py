@@ -63,12 +63,22 @@ def what(p: dict) -> str:
     return f"{p['event']} v{p.get('version')} of {p.get('adapter')} ({job})"
 
 
+def _env_text(value: str) -> str:
+    """An environment value the OS takes: a lone surrogate that is no undecodable byte becomes U+FFFD."""
+    try:
+        value.encode("utf-8", "surrogateescape")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 class Delivery:
     """One event for one target: the body is built once, so every attempt (and its signature) sends the same bytes."""
 
     def __init__(self, name: str, data: dict):
         self.name, self.payload, self.id = name, data, str(uuid.uuid4())
-        self.body = json.dumps(data, default=str, ensure_ascii=False).encode("utf-8")
+        # ASCII (\uXXXX escapes): a file name that is not UTF-8 holds lone surrogates, which UTF-8 cannot encode
+        self.body = json.dumps(data, default=str, ensure_ascii=True).encode("ascii")
 
 
 class Target:
@@ -176,12 +186,20 @@ class CommandTarget(Target):
         text = {k: "" if p.get(k) is None else str(p.get(k)) for k in ("adapter", "version", "path", "job_id")}
         # Linux refuses to start a program given one environment string over 128 KiB: a long error text must not
         # keep the hook from running, so past a bound the JSON is on stdin only.
-        whole = d.body.decode("utf-8") if len(d.body) <= MAX_ENV_JSON else ""
-        return {**os.environ, "TRAINING_DAEMON_EVENT": d.name, "TRAINING_DAEMON_EVENT_JSON": whole,
-                "TRAINING_DAEMON_ADAPTER": text["adapter"], "TRAINING_DAEMON_VERSION": text["version"],
-                "TRAINING_DAEMON_PATH": text["path"], "TRAINING_DAEMON_JOB_ID": text["job_id"],
-                "TRAINING_DAEMON_ROOT": str(self.hooks.layout.root),
-                **({"TRAINING_DAEMON_CONFIG": str(self.hooks.config_path)} if self.hooks.config_path else {})}
+        whole = d.body.decode("ascii") if len(d.body) <= MAX_ENV_JSON else ""
+        # A command is not given the signing secrets of the url hooks (the variables their secret_env names).
+        secrets = {h.secret_env for h in self._all_hooks() if h.secret_env}
+        inherited = {k: v for k, v in os.environ.items() if k not in secrets}
+        own = {"TRAINING_DAEMON_EVENT": d.name, "TRAINING_DAEMON_EVENT_JSON": whole,
+               "TRAINING_DAEMON_ADAPTER": text["adapter"], "TRAINING_DAEMON_VERSION": text["version"],
+               "TRAINING_DAEMON_PATH": text["path"], "TRAINING_DAEMON_JOB_ID": text["job_id"],
+               "TRAINING_DAEMON_ROOT": str(self.hooks.layout.root),
+               **({"TRAINING_DAEMON_CONFIG": str(self.hooks.config_path)} if self.hooks.config_path else {})}
+        return {**inherited, **{k: _env_text(v) for k, v in own.items()}}
+
+    def _all_hooks(self) -> list[HookConfig]:
+        hooks = self.hooks
+        return [t.hook for t in getattr(hooks, "targets", ())] + [h for _, h, _ in getattr(hooks, "refused", ())]
 
     def attempt(self, d: Delivery) -> tuple[bool, str, dict]:
         timeout = self.hook.timeout_seconds
@@ -199,6 +217,8 @@ class CommandTarget(Target):
                 out, _ = proc.communicate(timeout=2)
             except subprocess.TimeoutExpired:
                 out = b""
+            finally:
+                self._release(proc)
             last = tail(out)
             return False, f"no exit within {timeout:g}s: killed" + (f"; its output: {last}" if last else ""), {}
         finally:
@@ -210,6 +230,20 @@ class CommandTarget(Target):
             else f"exit status {code}"
         last = tail(out)
         return False, how + (f": {last}" if last else ""), {"exit_code": code}
+
+    @staticmethod
+    def _release(proc: subprocess.Popen) -> None:
+        """After a timeout: close the pipes (a grandchild may still hold their other ends) and reap the child."""
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        try:
+            proc.wait(timeout=5)  # killed with its group: this is at once, unless it is stuck in the kernel
+        except subprocess.TimeoutExpired:
+            pass
 
     def kill(self) -> None:
         proc = self.proc

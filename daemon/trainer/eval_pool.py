@@ -6,7 +6,8 @@ a "_pool" key (job, file, the record's sha256): other keys are ignored by every 
 version's copy of the set it was judged on (standing_eval.jsonl), stays a readable data file. Records are
 deduplicated by the sha256 of their canonical JSON, and the pool is bounded by versions.eval_pool_max_examples:
 when it overflows, each source file keeps an equal share (a file with fewer records keeps them all, the rest is
-shared by the others), so one big file never crowds out the earlier ones.
+shared by the others; a remainder goes one each to the newest files), so one big file never crowds out the
+earlier ones.
 """
 
 from __future__ import annotations
@@ -59,17 +60,24 @@ def raw_records(path: Path, lines: set[int], max_line_bytes: int) -> list[dict]:
     return out
 
 
-def read_pool(adapter_dir: Path) -> tuple[list[dict], bytes]:
-    """The pool's entries (raw records with their "_pool" key) and its bytes; empty when there is none."""
+def read_pool(adapter_dir: Path, unreadable: list[int] | None = None) -> tuple[list[dict], bytes]:
+    """The pool's entries (raw records with their "_pool" key) and its bytes; empty when there is none. A line
+    that is not JSON (a damaged disk block, a hand edit) is skipped, its 1-based number added to `unreadable`:
+    one bad line must not fail every later job of the adapter."""
     path = adapter_dir / POOL
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return [], b""
     entries = []
-    for line in data.splitlines():
+    for number, line in enumerate(data.splitlines(), 1):
         if line.strip():
-            obj = json.loads(line)
+            try:
+                obj = json.loads(line)
+            except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+                if unreadable is not None:
+                    unreadable.append(number)
+                continue
             if isinstance(obj, dict) and isinstance(obj.get("_pool"), dict):
                 entries.append(obj)
     return entries, data
@@ -86,8 +94,9 @@ def trim(entries: list[dict], limit: int) -> list[dict]:
     left, open_jobs = limit, sorted(by_job, key=lambda j: len(by_job[j]))
     while open_jobs:
         share = left // len(open_jobs)
-        if share == 0:  # more files than room: the newest files keep one each
-            for j in open_jobs[::-1]:
+        newest = sorted(open_jobs, key=_job_order, reverse=True)
+        if share == 0:  # more files than room: the newest files (by job id) keep one each
+            for j in newest:
                 quota[j] = 1 if left > 0 else 0
                 left -= quota[j]
             break
@@ -100,7 +109,7 @@ def trim(entries: list[dict], limit: int) -> list[dict]:
             for j in open_jobs:
                 quota[j] = share
             left -= share * len(open_jobs)
-            for j in open_jobs[:left]:  # the remainder, one each, to the files with the most records
+            for j in newest[:left]:  # the remainder, one each, to the newest files (by job id)
                 quota[j] += 1
             break
     kept: dict = {j: 0 for j in by_job}
@@ -111,6 +120,10 @@ def trim(entries: list[dict], limit: int) -> list[dict]:
             kept[j] += 1
             out.append(e)
     return out
+
+
+def _job_order(job_id) -> int:
+    return job_id if isinstance(job_id, int) and not isinstance(job_id, bool) else -1  # no job id: the oldest
 
 
 def add_split(adapter_dir: Path, records: list[dict], job_id: int, source_file: str, limit: int) -> dict:
@@ -145,9 +158,13 @@ def load_standing_set(cfg, adapter_dir: Path, tokenizer, base_dir: Path) -> Stan
         return _eval_file(cfg, Path(v.eval_file), tokenizer, base_dir)
     if v.eval_pool_max_examples == 0:
         return StandingSet("none", notes=["no eval pool (versions.eval_pool_max_examples: 0)"])
-    entries, data = read_pool(adapter_dir)
+    unreadable: list[int] = []
+    entries, data = read_pool(adapter_dir, unreadable)
+    skipped = ([f"{len(unreadable)} eval pool line(s) are not JSON ({POOL} line "
+                f"{', '.join(map(str, unreadable[:10]))}{', ...' if len(unreadable) > 10 else ''}): left out"]
+               if unreadable else [])
     if not entries:
-        return StandingSet("none")
+        return StandingSet("none", notes=skipped)
     from daemon.trainer.data import tokenize_examples
     from daemon.trainer.formats import Rejection, check_record, detect_format
 
@@ -167,7 +184,7 @@ def load_standing_set(cfg, adapter_dir: Path, tokenizer, base_dir: Path) -> Stan
             rejected += 1
         else:
             examples.append(ex)
-    notes = [f"{rejected} eval pool records do not fit this job's settings: left out"] if rejected else []
+    notes = skipped + ([f"{rejected} eval pool records do not fit this job's settings: left out"] if rejected else [])
     return StandingSet("pool", str(adapter_dir / POOL), hashlib.sha256(data).hexdigest(), data, examples, notes)
 
 

@@ -113,7 +113,8 @@ def check_sharegpt(obj: dict, number: int) -> Example | Rejection:
 def _check_message(m: dict, role: str, where: str, number: int, value_key: str = "content") -> dict | Rejection:
     content = m.get("content")
     msg: dict = {"role": role}
-    if role == "assistant" and m.get("tool_calls") is not None:
+    # `"tool_calls": []` (OpenAI exports write it on every assistant message) is no call: as if absent
+    if role == "assistant" and m.get("tool_calls") is not None and m["tool_calls"] != []:
         calls = _check_calls(m["tool_calls"], where, number)
         if isinstance(calls, Rejection):
             return calls
