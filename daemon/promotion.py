@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from daemon import durable
 from daemon import versions as v
+from daemon.flock import lock_within
 from daemon.paths import UserError, check_adapter_name
 from daemon.timefmt import now_iso
 
@@ -62,17 +62,9 @@ def locked(adapter_dir: Path, wait: float | None = None) -> Iterator[None]:
         if wait is None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         else:
-            deadline = time.monotonic() + wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise UserError(f"adapter {adapter_dir.name}: a version is being published right now "
-                                        f"(checkpoints/{adapter_dir.name}/{LOCK} held for {wait:.0f}s); "
-                                        "try again in a moment") from None
-                    time.sleep(0.1)
+            lock_within(fd, wait, f"adapter {adapter_dir.name}: a version is being published right now "
+                        f"(checkpoints/{adapter_dir.name}/{LOCK} held for {wait:.0f}s); try again in a moment",
+                        poll=0.1)
         yield
     finally:
         os.close(fd)

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from daemon import durable
+from daemon.flock import lock_within
 from daemon.paths import Layout, UserError
 from daemon.supervisor import policy
 from daemon.supervisor.job import INPUT, UNKNOWN, Job, JobStatus
@@ -102,16 +103,8 @@ def turn(layout: Layout, wait: float = TURN_WAIT_SECONDS) -> Iterator[None]:
     layout.state.mkdir(parents=True, exist_ok=True)
     fd = os.open(layout.state / TURN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise UserError(f"another training-daemon command on {layout.root} has not finished in "
-                                    f"{wait:.0f}s; try again") from None
-                time.sleep(0.05)
+        lock_within(fd, wait, f"another training-daemon command on {layout.root} has not finished in {wait:.0f}s; "
+                    "try again")
         yield
     finally:
         os.close(fd)
