@@ -7,7 +7,8 @@ Set TRAINING_DAEMON_FAULTS to a JSON list of faults; the trainer child inherits 
      {"point": "checkpoint_write", "kind": "kill", "step": 4, "once_file": "/tmp/fired"}]
 
 Points in the trainer: trainer_start (before its stop handler is set), validate, load, train_step,
-checkpoint_save, checkpoint_write, publish, version_write, published. Points in the daemon: claim, job_start,
+checkpoint_save, checkpoint_write, judge (measuring the new version), judge_incumbent (measuring `latest`),
+publish, version_write, published. Points in the daemon: claim, job_start,
 job_end, watch_event. docs/reliability.md says where each one sits. kind: oom (raises torch.OutOfMemoryError;
 MemoryError in a process without torch), error (RuntimeError), kill (SIGKILL to its own process), enospc
 (OSError ENOSPC), hang (sleeps until killed), sleep (sleeps `seconds`, then goes on), nan (a non-finite loss,

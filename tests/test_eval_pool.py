@@ -135,3 +135,15 @@ def test_a_broken_eval_file_fails_the_job_before_training_as_a_config_error(root
     assert error["message"].startswith(f"versions.eval_file {root / 'config' / 'eval.jsonl'} is not a usable eval set")
     assert "line 3" in error["message"]
     assert not (root / "queue" / "failed" / "j000001" / "resume").exists()  # no step was trained
+
+
+def test_a_preference_eval_file_is_refused_like_any_broken_one(root, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Good {i}.", "rejected": f"Bad {i}."})
+                             + "\n" for i in range(3)))
+    with pytest.raises(eval_pool.EvalFileError, match=r"^versions.eval_file must be a supervised file \(messages, "
+                       r"prompt/completion, \.\.\.\), not preference pairs: .*pairs.jsonl$"):
+        eval_pool.load_standing_set(config(tiny_model_dir, eval_file=str(pairs)), root, tokenizer, tiny_model_dir)

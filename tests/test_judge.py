@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,147 @@ def test_a_trainer_killed_after_publishing_a_held_version_finishes_the_job_held(
     assert (result["recovered"], result["decision"], result["latest"], result["incumbent"]) == (True, "held", 1, 1)
     assert result["reason"] == metadata(root, 2)["promotion"]["reason"]
     assert latest(root) == "v1" and not (root / "checkpoints" / "default" / "v3").exists()
+
+
+# ------------------------------------------------------------------ judging that fails part-way (no model)
+
+class FakeWorld:
+    """Rank 0 of `size` processes whose other ranks report `others` (what gather returns after rank 0's)."""
+
+    def __init__(self, size=1, others=()):
+        self.size, self.rank, self.others = size, 0, list(others)
+        self.is_main = True
+
+    def gather(self, obj):
+        return [obj, *self.others]
+
+    def broadcast_object(self, obj):
+        return obj
+
+
+class FakeRecipe:
+    def __init__(self, world):
+        self.world, self.sharded, self.eval_examples, self.evaluated = world, False, ["own"], []
+        self.loaded = False
+
+    def summary(self):
+        return {"eval_loss": 1.5}
+
+    def evaluate(self, examples):
+        self.evaluated.append(("incumbent" if self.loaded else "new", examples))
+        return 2.0 if self.loaded else 1.0
+
+
+def fake_measure(monkeypatch, world, probes=(), **fault):
+    from types import SimpleNamespace
+
+    from daemon.trainer import judge
+
+    recipe = FakeRecipe(world)
+    monkeypatch.setattr(judge, "incumbent_problem", lambda *a: None)
+    monkeypatch.setattr(judge, "load_incumbent", lambda r, p: setattr(r, "loaded", True))
+    monkeypatch.setattr(judge, "unload_incumbent", lambda r: setattr(r, "loaded", False))
+    if fault:
+        monkeypatch.setenv("TRAINING_DAEMON_FAULTS", json.dumps([fault]))
+    cfg = SimpleNamespace(versions=SimpleNamespace(probes=list(probes), probe_max_new_tokens=4))
+    got = judge.measure(recipe, cfg, ["standing"], 1, Path("/nowhere"), None, lambda e: None)
+    return recipe, got
+
+
+def test_an_incumbent_that_fails_to_measure_is_a_note_and_the_gate_promotes(monkeypatch):
+    import torch  # noqa: F401  (the fault raises torch's OutOfMemoryError)
+
+    from daemon.trainer.distributed import World
+
+    recipe, got = fake_measure(monkeypatch, World(), point="judge_incumbent", kind="oom")
+    assert got["new"]["standing_eval_loss"] == 1.0 and not recipe.loaded  # measured, and the incumbent unloaded
+    inc = got["incumbent"]
+    assert (inc["standing_eval_loss"], inc["own_eval_loss"]) == (None, None)
+    assert inc["note"].startswith("v1 could not be measured: OutOfMemoryError: CUDA out of memory")
+    decision, reason = decide("not_worse", 0.02, incumbent_version=1, new=got["new"], incumbent=inc, probes=[])
+    assert decision == "promoted" and reason.startswith("nothing to compare with v1: v1 could not be measured")
+
+    _, fine = fake_measure(monkeypatch, World(), point="elsewhere", kind="oom")
+    assert (fine["incumbent"]["standing_eval_loss"], fine["incumbent"]["own_eval_loss"]) == (2.0, 2.0)
+
+
+def test_out_of_memory_measuring_the_new_version_is_not_a_note(monkeypatch):
+    import torch
+
+    from daemon.trainer.distributed import World
+
+    with pytest.raises(torch.OutOfMemoryError):
+        fake_measure(monkeypatch, World(), point="judge", kind="oom")
+
+
+def test_an_incumbent_one_rank_could_not_load_is_measured_by_none(monkeypatch):
+    from daemon.trainer import judge
+
+    recipe, got = fake_measure(monkeypatch, FakeWorld(2, ["v1 could not be loaded beside the new adapter: X"]))
+    assert recipe.evaluated == [("new", ["standing"])] and not recipe.loaded  # loaded here, unloaded unmeasured
+    assert got["incumbent"]["note"] == "v1 could not be loaded beside the new adapter: X (on process 1)"
+    assert judge.agreed(FakeWorld(3, [None, None]), None) is None
+    assert judge.agreed(FakeWorld(3, ["b", "c"]), "a") == "a"
+
+
+def test_a_probe_the_incumbent_cannot_answer_is_a_note_on_several_ranks_too(monkeypatch):
+    from daemon.trainer import judge
+
+    def ask(recipe, probes, n):
+        if recipe.loaded:
+            raise RuntimeError("generation failed")
+        return ["alpha"] * len(probes)
+
+    monkeypatch.setattr(judge, "ask_probes", ask)
+    recipe, got = fake_measure(monkeypatch, FakeWorld(2, [None]), probes=[ProbeConfig(prompt="Q?", expect="alpha")])
+    assert got["incumbent"] == {"version": 1, "standing_eval_loss": None, "own_eval_loss": None,
+                                "note": "v1 could not be measured: RuntimeError: generation failed"}
+    assert got["probes"][0]["passed"] is True and got["probes"][0]["incumbent_answer"] is None and not recipe.loaded
+
+
+def test_out_of_memory_while_judging_checkpoints_then_ends_the_attempt_as_out_of_memory(monkeypatch, tmp_path):
+    import torch
+
+    from daemon import protocol
+    from daemon.trainer import main, publish_step
+    from daemon.trainer.distributed import World
+
+    def oom(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    saved = []
+    recipe = FakeRecipe(World())
+    recipe.save_checkpoint = lambda: saved.append(True)
+    monkeypatch.setattr(publish_step, "judge_version", oom)
+    attempt = main.Attempt(tmp_path, {"id": 1, "adapter": "default"}, tmp_path / "adapter", micro_batch=4)
+    with pytest.raises(main.AttemptEnds) as ends:
+        main.judge(attempt, recipe, None)
+    assert ends.value.code == protocol.OUT_OF_MEMORY and saved == [True]
+    error = json.loads((tmp_path / "error.json").read_text())
+    assert error["kind"] == "out_of_memory"
+    assert error["message"].startswith("out of memory while judging the new version at micro-batch 4: CUDA out")
+
+
+@pytest.mark.slow
+def test_an_incumbent_out_of_memory_is_a_note_and_a_new_version_oom_retries_without_training(root, tiny_model_dir):
+    from accounting import Inbox, account, faults, resumes
+
+    write_config(root, tiny_model_dir, **settings(epochs=1, micro_batch_size=2, gradient_accumulation=1))
+    inbox = Inbox(root)
+    inbox.drop("alpha.jsonl", alpha())
+    run_once(root)
+    inbox.drop("beta.jsonl", chat_lines(8, "beta"))
+    r = cli(root, "run", "--once", TRAINING_DAEMON_FAULTS=faults(
+        {"point": "judge", "kind": "oom", "job_id": 2, "micro_batch_gt": 1},  # the new version: retried at 1
+        {"point": "judge_incumbent", "kind": "oom", "job_id": 2}))
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = account(root, inbox)["beta.jsonl"]
+    assert [(a["micro_batch_size"], a["outcome"]) for a in job["attempts"]] == [(2, "out_of_memory"), (1, "done")]
+    v2 = metadata(root, 2)
+    # The retry resumed from the checkpoint saved after training: it trained no step again.
+    assert [e["step"] for e in resumes(root)] == [v2["steps"]] and len(v2["loss_history"]) == v2["steps"]
+    assert len(v2["eval_history"]) == 1
+    inc = v2["judgement"]["incumbent"]
+    assert inc["standing_eval_loss"] is None and inc["note"].startswith("v1 could not be measured: OutOfMemoryError")
+    assert v2["promotion"]["reason"].startswith("nothing to compare with v1: v1 could not be measured")
+    assert latest(root) == "v2"

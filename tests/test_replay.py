@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from accounting import Inbox, account, faults, resumes
-from helpers import chat_lines, cli, write_config
-
-pytestmark = pytest.mark.slow
+from accounting import Inbox, account, faults, resumes, trainer_pids, wait_event
+from daemon.trainer import checkpoint
+from helpers import chat_lines, cli, jobs, start_daemon, wait_for, write_config
 
 FIRST = chat_lines(8, "first")
 SECOND = chat_lines(16, "second")
@@ -53,6 +52,7 @@ def two_jobs(root: Path, model_dir: Path, **env) -> Inbox:
     return inbox
 
 
+@pytest.mark.slow
 def test_replay_is_recorded_and_a_killed_run_resumes_to_the_same_adapter(root, tiny_model_dir, tmp_path_factory):
     reference = tmp_path_factory.mktemp("uninterrupted")
     two_jobs(reference, tiny_model_dir)
@@ -76,6 +76,7 @@ def test_replay_is_recorded_and_a_killed_run_resumes_to_the_same_adapter(root, t
     assert not [n for n in expected if not torch.equal(got[n], expected[n])], "the resumed adapter differs"
 
 
+@pytest.mark.slow
 def test_a_deleted_done_file_is_a_note_and_the_rest_of_the_lineage_is_replayed(root, tiny_model_dir):
     inbox = two_jobs(root, tiny_model_dir)
     (root / "queue" / "done" / "j000001" / "input.jsonl").unlink()
@@ -88,3 +89,75 @@ def test_a_deleted_done_file_is_a_note_and_the_rest_of_the_lineage_is_replayed(r
     assert [(f["job_id"], f["source_file"]) for f in v3["replay"]["files"]] == [(2, "second.jsonl")]
     assert v3["replay"]["examples"] == round(0.2 / 0.8 * 6) == 2
     assert "replay: job 1's file (first.jsonl, v1) is no longer in queue/done" in (root / "status.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_lineage_file_gone_between_attempts_restarts_the_job_from_step_0(root, tiny_model_dir):
+    """The resumed checkpoint trained on first.jsonl's replayed examples; without them the same progress would
+    index another plan: the job starts over, says why, and publishes."""
+    configure(root, tiny_model_dir)
+    inbox = Inbox(root)
+    inbox.drop("first.jsonl", FIRST)
+    run(root)
+    inbox.drop("second.jsonl", SECOND)
+    stuck = {"point": "train_step", "kind": "hang", "step": 3, "job_id": 2}
+    daemon = start_daemon(root, TRAINING_DAEMON_FAULTS=faults(stuck))
+    try:
+        wait_event(root, "checkpoint", step=2, job_id=2)
+        (trainer,) = trainer_pids(root)
+    finally:
+        daemon.kill()
+        daemon.wait()
+    wait_for(lambda: trainer not in trainer_pids(root), timeout=10, what="the orphaned trainer to exit")
+    first_input = root / "queue" / "done" / "j000001" / "input.jsonl"
+    first_bytes = first_input.read_bytes()
+    first_input.unlink()
+    run(root)
+
+    assert [j["folder"] for j in jobs(root) if j["id"] == 2] == ["done"]
+    assert resumes(root) == []  # not resumed: started over
+    log = (root / "status.log").read_text()
+    assert "not resuming from checkpoint step-000002: it trained on other examples" in log
+    v2 = metadata(root, 2)
+    assert v2["replay"]["examples"] == 0
+    assert v2["replay"]["notes"] == ["job 1's file (first.jsonl, v1) is no longer in queue/done: not replayed"]
+    assert v2["examples_trained"] == 14
+    first_input.write_bytes(first_bytes)  # deleted on purpose above; the accounting checks every job's bytes
+    account(root, inbox)
+
+
+class Example:
+    def __init__(self, *ids: int):
+        self.input_ids = list(ids)
+
+
+def test_the_examples_fingerprint_sees_order_and_boundaries():
+    fp = checkpoint.examples_fingerprint
+    assert fp([Example(1, 2), Example(3)]) == fp([Example(1, 2), Example(3)])
+    assert len({fp([Example(1, 2), Example(3)]), fp([Example(3), Example(1, 2)]), fp([Example(1), Example(2, 3)]),
+                fp([Example(1, 2)])}) == 4
+
+
+def fake_checkpoint(resume: Path, step: int, fingerprint: str | None) -> Path:
+    import hashlib
+
+    path = resume / f"step-{step:06d}"
+    path.mkdir(parents=True)
+    progress = {"step": step, **({"examples_sha256": fingerprint} if fingerprint else {})}
+    (path / "progress.json").write_text(json.dumps(progress))
+    digest = hashlib.sha256((path / "progress.json").read_bytes()).hexdigest()
+    (path / "COMPLETE").write_text(json.dumps({"step": step, "files": {"progress.json": digest}}))
+    return path
+
+
+def test_a_checkpoint_of_other_examples_is_not_resumed_and_is_dropped(tmp_path):
+    logged: list[str] = []
+    fake_checkpoint(tmp_path / "a", 2, "aaa")
+    newest = fake_checkpoint(tmp_path / "a", 4, "aaa")
+    assert checkpoint.resumable(tmp_path / "a", "aaa", log=logged.append) == newest and logged == []
+    assert checkpoint.resumable(tmp_path / "a", "bbb", log=logged.append) is None
+    assert logged == ["not resuming from checkpoint step-000004: it trained on other examples (a replayed file "
+                      "gone or changed since): starting the job from step 0"]
+    assert checkpoint.complete_checkpoints(tmp_path / "a") == []  # a later save must not lose to them
+    old = fake_checkpoint(tmp_path / "b", 2, None)  # from before fingerprints: trusted
+    assert checkpoint.resumable(tmp_path / "b", "bbb", log=logged.append) == old

@@ -44,6 +44,7 @@ class Progress:
     evals: list = field(default_factory=list)  # [step, eval loss]
     nonfinite_streak: int = 0
     parent_version: int | None = None
+    examples_sha256: str | None = None  # examples_fingerprint of what trains: a resume must index the same plan
 
     @classmethod
     def from_dict(cls, d: dict) -> "Progress":
@@ -188,6 +189,33 @@ def latest_verified(resume_dir: Path, log=print) -> Path | None:
             log(f"skipping checkpoint {ckpt.name}: {problem}")
             continue
         return ckpt
+    return None
+
+
+def examples_fingerprint(examples: list) -> str:
+    """sha256 over the token ids of every training example in order (replay included): the plans index them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ex in examples:
+        ids = np.asarray(ex.input_ids, dtype=np.int64)
+        h.update(len(ids).to_bytes(8, "little") + ids.tobytes())
+    return h.hexdigest()
+
+
+def resumable(resume_dir: Path, fingerprint: str | None, log=print) -> Path | None:
+    """latest_verified, when it trained on these very examples; else None, and the job's checkpoints are dropped
+    (a later one would outnumber the restarted run's). A checkpoint from before fingerprints is trusted."""
+    path = latest_verified(resume_dir, log=log)
+    if path is None or fingerprint is None:
+        return path
+    recorded = json.loads((path / "progress.json").read_text()).get("examples_sha256")
+    if recorded in (None, fingerprint):
+        return path
+    log(f"not resuming from checkpoint {path.name}: it trained on other examples (a replayed file gone or changed "
+        "since): starting the job from step 0")
+    for old in complete_checkpoints(resume_dir):
+        shutil.rmtree(old, ignore_errors=True)
     return None
 
 

@@ -196,6 +196,9 @@ def _eval_file(cfg, path: Path, tokenizer, base_dir: Path) -> StandingSet:
     except OSError as e:
         raise EvalFileError(f"versions.eval_file {path} cannot be read: {e.strerror or e}") from None
     report = validate_for_config(path, tokenizer, cfg, base_dir=base_dir, keep_examples=True)
+    if report.format == "preference":  # every version is measured by its token loss on supervised examples
+        raise EvalFileError(f"versions.eval_file must be a supervised file (messages, prompt/completion, ...), not "
+                            f"preference pairs: {path}")
     if not report.ok or report.skipped:
         first = report.errors[0]["message"] if report.errors else (report.fatal or {}).get("message", "")
         raise EvalFileError(f"versions.eval_file {path} is not a usable eval set: {report.render().splitlines()[0]}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from daemon import versions
+from daemon import faults, versions
 from daemon.protocol import Event
 
 PROMOTED, HELD = "promoted", "held"
@@ -132,6 +132,30 @@ def load_incumbent(recipe, path: Path) -> str | None:
     return None
 
 
+def agreed(world, note: str | None) -> str | None:
+    """The same answer on every rank: None when every rank can measure the incumbent, else the first rank's
+    reason (a load can fail on one rank alone; rank 0 chose the incumbent, publish_step.judge_version)."""
+    if world.size == 1:
+        return note
+    notes = world.gather(note)
+    first = next(((r, n) for r, n in enumerate(notes) if n), None) if world.is_main else None
+    return world.broadcast_object(None if first is None else first[1] if first[0] == 0 else
+                                  f"{first[1]} (on process {first[0]})")
+
+
+def inc_measured(inc: dict, standing_examples: list, recipe) -> bool:
+    """Whether every evaluation of the incumbent (the collectives) is done: what failed after it was rank 0's."""
+    return ((inc["standing_eval_loss"] is not None or not standing_examples)
+            and (inc["own_eval_loss"] is not None or not recipe.eval_examples))
+
+
+def _free_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def unload_incumbent(recipe) -> None:
     """The trained adapter active again and the incumbent gone: PEFT would save every adapter the model holds."""
     model = recipe.accelerator.unwrap_model(recipe.model)
@@ -163,6 +187,7 @@ def measure(recipe, cfg, standing_examples: list, incumbent_version: int | None,
     emit({"event": Event.PHASE, "phase": "judging"})
     world = recipe.world
     summary = recipe.summary()
+    faults.check("judge")  # an out-of-memory error here ends the attempt (main.py: judge), after a checkpoint
     new = {"standing_eval_loss": recipe.evaluate(standing_examples) if standing_examples else None,
            "own_eval_loss": summary["eval_loss"],
            "reward_accuracy": ((summary.get("preference") or {}).get("eval") or {}).get("reward_accuracy")}
@@ -171,21 +196,34 @@ def measure(recipe, cfg, standing_examples: list, incumbent_version: int | None,
     inc = {"version": incumbent_version, "standing_eval_loss": None, "own_eval_loss": None, "note": None}
     inc_answers: list = [None] * len(v.probes)
     if incumbent_version is not None:
-        inc["note"] = incumbent_problem(adapter_dir, incumbent_version, base_fingerprint, recipe.sharded)
-        if inc["note"] is None:
+        note = incumbent_problem(adapter_dir, incumbent_version, base_fingerprint, recipe.sharded)
+        if note is None:
             emit({"event": Event.LOG, "level": "debug",
                   "message": f"judging: measuring the incumbent v{incumbent_version} on the same sets"})
-            inc["note"] = load_incumbent(recipe, adapter_dir / f"v{incumbent_version}")
-        if inc["note"] is None:
+            note = load_incumbent(recipe, adapter_dir / f"v{incumbent_version}")
+        loaded, note = note is None, agreed(world, note)  # a rank alone must not evaluate: collectives would hang
+        if note is not None and loaded:
+            unload_incumbent(recipe)
+        elif note is None:
             try:
+                faults.check("judge_incumbent")
                 if standing_examples:
                     inc["standing_eval_loss"] = recipe.evaluate(standing_examples)
                 if recipe.eval_examples:
                     inc["own_eval_loss"] = recipe.evaluate(recipe.eval_examples)
-                if can_ask:
+                if can_ask:  # rank 0 alone, no collective: caught on any number of ranks
                     inc_answers = ask_probes(recipe, v.probes, v.probe_max_new_tokens)
+            except Exception as e:  # out of memory, a probe's generation: the incumbent is not measured, said so
+                if world.size > 1 and not inc_measured(inc, standing_examples, recipe):
+                    raise  # mid-evaluation: the other ranks may wait in its collective; the daemon stops the group
+                _free_memory()
+                inc["standing_eval_loss"] = inc["own_eval_loss"] = None
+                inc_answers = [None] * len(v.probes)
+                note = (f"v{incumbent_version} could not be measured: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}")
             finally:
                 unload_incumbent(recipe)
+        inc["note"] = note
     if v.probes and not can_ask and recipe.sharded:
         inc["note"] = (inc["note"] + "; " if inc["note"] else "") + "probes not asked under FSDP"
     rows = []

@@ -129,7 +129,7 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
         report = validate(attempt, cfg, base_dir)
         load_standing(attempt, cfg, base_dir)
         recipe = train(attempt, cfg, snapshot, base_dir, report)
-        verdict = publish_step.judge_version(attempt, recipe, cfg)  # every rank: evaluation is a collective
+        verdict = judge(attempt, recipe, cfg)  # every rank: evaluation is a collective
         if recipe.world.is_main:
             metadata = publish_step.build_metadata(attempt, recipe, cfg, base_dir, report, verdict)
             try:
@@ -292,6 +292,23 @@ def train(attempt: Attempt, cfg, snapshot: dict, base_dir: Path, report):
     except protocol.DiskFull as e:
         raise failed(attempt.job_dir, ErrorKind.DISK_FULL, str(e), protocol.DISK_FULL) from e
     return recipe
+
+
+def judge(attempt: Attempt, recipe, cfg) -> dict:
+    """The verdict on the trained adapter (publish_step.judge_version). Out of memory while measuring the new
+    version ends the attempt as out_of_memory (the daemon retries with a smaller micro-batch) after a checkpoint of
+    the trained state, so the retry judges without training again. (The incumbent's failures are notes: judge.py.)"""
+    import torch
+
+    try:
+        return publish_step.judge_version(attempt, recipe, cfg)
+    except torch.OutOfMemoryError as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if recipe.world.size == 1:  # several ranks: the others may wait in a collective; the daemon stops them
+            recipe.save_checkpoint()
+        raise failed(attempt.job_dir, ErrorKind.OUT_OF_MEMORY, f"out of memory while judging the new version at "
+                     f"micro-batch {attempt.micro_batch}: {e}", protocol.OUT_OF_MEMORY) from e
 
 
 def split_eval(examples: list, training, seed: int) -> tuple[list, list]:

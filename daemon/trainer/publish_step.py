@@ -22,8 +22,10 @@ from daemon.trainer.process import emit
 def judge_version(attempt, recipe, cfg) -> dict:
     """metadata's "judgement" and "promotion": the new version and the incumbent measured alike, and the gate's
     verdict (on every rank alike; only rank 0's counts)."""
-    standing = attempt.standing
-    incumbent = versions.promoted_version(attempt.adapter_dir)
+    standing, world = attempt.standing, recipe.world
+    # Rank 0 chooses: a `promote` between two ranks' reads would give them different incumbents (and different
+    # numbers of evaluations, so collectives that never meet).
+    incumbent = world.broadcast_object(versions.promoted_version(attempt.adapter_dir) if world.is_main else None)
     judgement = judge.measure(recipe, cfg, standing.examples, incumbent, attempt.adapter_dir,
                               attempt.base_fingerprint, emit)
     judgement = {"standing_set": {**standing.to_metadata(), "notes": standing.notes}, **judgement}

@@ -97,6 +97,7 @@ class LoRARecipe:
             self.emit({"event": Event.LOG, "message": f"{self.accum} micro-batches per step do not divide over "
                        f"{self.world.size} processes: some wait in every step (make gradient_accumulation a "
                        "multiple of the number of GPUs)"})
+        self.progress.examples_sha256 = checkpoint.examples_fingerprint(train_examples)  # a resume checks it
         self.token_counts = [len(ex.input_ids) for ex in train_examples]
         self.trainable_counts = [packing.trainable_tokens(ex) for ex in train_examples]
         self.plans = [self._plan_epoch(e) for e in range(self.t.epochs)]
@@ -138,7 +139,8 @@ class LoRARecipe:
         if self.resume_dir is None:
             return
         # Rank 0 chooses (and verifies); every rank restores that same checkpoint.
-        path = checkpoint.latest_verified(self.resume_dir, log=self._log) if self.world.is_main else None
+        path = (checkpoint.resumable(self.resume_dir, self.progress.examples_sha256, log=self._log)
+                if self.world.is_main else None)
         path = self.world.broadcast_object(path)
         if path is None:
             return
@@ -151,9 +153,9 @@ class LoRARecipe:
             checkpoint.set_rng_state(state["rng"])
         else:  # saved by a run on fewer processes: this rank starts a fresh stream
             self._log(f"{path.name} holds no RNG state for rank {self.world.rank}")
-        total = self.progress.total_steps
+        total, fingerprint = self.progress.total_steps, self.progress.examples_sha256
         self.progress = state["progress"]
-        self.progress.total_steps = total
+        self.progress.total_steps, self.progress.examples_sha256 = total, fingerprint
         self.emit({"event": Event.RESUMED, "step": self.progress.step, "checkpoint": path.name})
 
     def _log(self, message: str) -> None:
@@ -204,7 +206,7 @@ class LoRARecipe:
         if eval_loss is not None and not math.isfinite(eval_loss):
             raise Diverged(f"diverged: the eval loss after step {p.step} is not finite ({eval_loss})")
         if eval_loss is not None:
-            p.evals.append([p.step, eval_loss])
+            p.evals = [e for e in p.evals if e[0] != p.step] + [[p.step, eval_loss]]  # once, after a resume
             self.emit({"event": Event.EVAL, "step": p.step, "eval_loss": eval_loss})
             self.log_scalars({"eval/loss": eval_loss})
         return p
