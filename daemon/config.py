@@ -93,9 +93,11 @@ class TrainingConfig(Section):
     # Liger's fused RMSNorm/SwiGLU/RoPE kernels, on a GPU where liger-kernel is installed.
     liger_kernels: bool = True
     # Preference files (prompt/chosen/rejected) train with DPO: beta weighs the log-ratio to the job's starting
-    # point (higher: stay closer to it); loss sigmoid (DPO) or ipo (docs/dpo.md).
+    # point (higher: stay closer to it); loss sigmoid (DPO) or ipo (docs/dpo.md); sft_weight: RPO's weight of the
+    # chosen answers' mean token NLL added to the loss (keeps where they stop likely); 0: plain DPO.
     dpo_beta: Num(0.01, 10) = 0.1
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    dpo_sft_weight: Num(0, 10) = 1.0
 
     @field_validator("gradient_checkpointing", "fsdp", mode="before")
     @classmethod

@@ -196,7 +196,8 @@ limits: 3
         "max_length, learning_rate, micro_batch_size, gradient_accumulation, epochs, max_steps, warmup_ratio, "
         "weight_decay, max_grad_norm, lr_scheduler, seed, train_on_inputs, too_long, min_examples, eval_fraction, "
         "eval_max_examples, packing, precision, checkpoint_every_steps, checkpoint_every_seconds, keep_checkpoints, "
-        "gradient_checkpointing, fsdp, attention, micro_batch_tokens, liger_kernels, dpo_beta, dpo_loss) [line 5]",
+        "gradient_checkpointing, fsdp, attention, micro_batch_tokens, liger_kernels, dpo_beta, dpo_loss, "
+        "dpo_sft_weight) [line 5]",
         "  lora.r: too large (got 2000; allowed: a whole number from 1 to 1024) [line 7]",
         "  status.web.port: too small (got -1; allowed: a whole number from 0 to 65535) [line 10]",
         "  limits: must be a section of keys (got 3; allowed: a section with keys max_attempts, oom_retries, "

@@ -1,6 +1,7 @@
 """DPO's numbers: our chunked, packed per-answer log-probs and losses equal TRL's reference formula (reimplemented
-here from trl/trainer/dpo_trainer.py `_compute_loss`: TRL is not installed), packed equals padded, and preference
-lines are checked with codes and tokenized with answer-only labels."""
+here from trl/trainer/dpo_trainer.py `_compute_loss`: TRL is not installed; RPO's term as TRL's loss_type "sft",
+formerly `rpo_alpha`, at huggingface/trl f2cd57710ae345ea6428ae95363267fcf38a3dc8), packed equals padded, and
+preference lines are checked with codes and tokenized with answer-only labels."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from daemon.trainer import dpo, preference
+from daemon.trainer import dpo, packing, preference
 from daemon.trainer.data import validate_file
 from daemon.trainer.model import load_for_training
 
@@ -54,9 +55,11 @@ def selective_log_softmax(logits, index):
     return torch.gather(logits.log_softmax(-1), dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
 
 
-def trl_dpo_loss(model, pairs, ref_chosen, ref_rejected, beta, loss_type):
+def trl_dpo_loss(model, pairs, ref_chosen, ref_rejected, beta, loss_type, rpo_alpha=0.0):
     """TRL's `_compute_loss`: a padded batch [chosen..., rejected...], full logits, completion_mask on the answers,
-    per_token_logps summed; sigmoid: -logsigmoid(beta * delta); ipo: ((delta_c/n_c - delta_r/n_r) - 1/(2 beta))^2."""
+    per_token_logps summed; sigmoid: -logsigmoid(beta * delta); ipo: ((delta_c/n_c - delta_r/n_r) - 1/(2 beta))^2.
+    rpo_alpha (TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, alpha]): + alpha x F.cross_entropy over
+    every chosen completion token of the batch (one token mean, not a mean of per-answer means)."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     width = max(len(s.input_ids) for s in seqs)
     input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -81,8 +84,15 @@ def trl_dpo_loss(model, pairs, ref_chosen, ref_rejected, beta, loss_type):
         chosen_avg = chosen_logratios / chosen_mask.sum(dim=1).clamp(min=1.0)
         rejected_avg = rejected_logratios / rejected_mask.sum(dim=1).clamp(min=1.0)
         per_sequence_loss = (chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2
+    loss = per_sequence_loss.mean()
+    if rpo_alpha:
+        chosen_logits, _ = shift_logits.chunk(2, dim=0)
+        chosen_labels, _ = shift_labels.chunk(2, dim=0)
+        chosen_mask, _ = shift_mask.chunk(2, dim=0)
+        nll_loss = F.cross_entropy(chosen_logits[chosen_mask.bool()], chosen_labels[chosen_mask.bool()])
+        loss = loss + rpo_alpha * nll_loss
     chosen_rewards, rejected_rewards = beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-    return per_sequence_loss.mean(), chosen_logps, rejected_logps, chosen_rewards, rejected_rewards
+    return loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards
 
 
 def lora_grads(model):
@@ -91,8 +101,8 @@ def lora_grads(model):
     return out
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_loss_and_gradients_equal_trls_formula_on_the_tiny_model(tiny, loss_type, monkeypatch):
+@pytest.mark.parametrize("loss_type, sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 1.0), ("ipo", 0.7)])
+def test_loss_and_gradients_equal_trls_formula_on_the_tiny_model(tiny, loss_type, sft_weight, monkeypatch):
     model, tok = tiny
     monkeypatch.setattr(dpo, "_chunk_size", lambda vocab: 16)  # many chunks, a ragged last one
     pairs = pairs_of(tok, [pref_line(i) for i in range(4)])
@@ -100,7 +110,7 @@ def test_loss_and_gradients_equal_trls_formula_on_the_tiny_model(tiny, loss_type
     g = torch.Generator().manual_seed(3)
     ref_c, ref_r = -30 + torch.randn(4, generator=g), -25 + torch.randn(4, generator=g)
     beta = 0.3
-    expected, exp_c, exp_r, exp_rc, exp_rr = trl_dpo_loss(model, pairs, ref_c, ref_r, beta, loss_type)
+    expected, exp_c, exp_r, exp_rc, exp_rr = trl_dpo_loss(model, pairs, ref_c, ref_r, beta, loss_type, sft_weight)
     expected.backward()
     g_expected = lora_grads(model)
 
@@ -109,14 +119,54 @@ def test_loss_and_gradients_equal_trls_formula_on_the_tiny_model(tiny, loss_type
     n_c, n_r = dpo.split(batch["answer_tokens"])
     losses, rc, rr = dpo.dpo_losses(chosen, rejected, ref_c, ref_r, beta=beta, loss=loss_type,
                                     chosen_tokens=n_c, rejected_tokens=n_r)
-    losses.mean().backward()
+    objective = dpo.step_objective(losses, chosen, n_pairs=4, n_tokens=float(n_c.sum()), sft_weight=sft_weight)
+    objective.backward()
     g_ours = lora_grads(model)
 
     assert torch.allclose(chosen, exp_c, atol=1e-4) and torch.allclose(rejected, exp_r, atol=1e-4)
-    assert torch.allclose(losses.mean(), expected, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(objective, expected, rtol=1e-4, atol=1e-6)
     assert torch.allclose(rc, exp_rc, atol=1e-5) and torch.allclose(rr, exp_rr, atol=1e-5)
     for name, grad in g_expected.items():
         assert torch.allclose(g_ours[name], grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_weight_0_is_plain_dpo_and_the_sft_term_is_the_steps_token_mean_whatever_the_split(tiny):
+    model, tok = tiny
+    pairs = pairs_of(tok, [pref_line(i, chosen=f"Answer {i}." + " Cheers, Bob" * (i + 1)) for i in range(4)])
+    ref_c, ref_r = torch.full((4,), -30.0), torch.full((4,), -25.0)
+
+    def step(groups, weight):
+        """Sum of step_objective over micro-batches of the same step, as the recipe accumulates it."""
+        n_tokens = sum(packing.trainable_tokens(p.chosen) for p in pairs)
+        total, stats = 0.0, torch.zeros(len(dpo.STAT_NAMES), dtype=torch.float64)
+        for group in groups:
+            batch = dpo.collate_pairs([pairs[i] for i in group], packing_on=True, pad_id=tok.pad_token_id)
+            c, r = dpo.split(dpo.sequence_logps(model, batch))
+            losses, rc, rr = dpo.dpo_losses(c, r, ref_c[group], ref_r[group], beta=0.1)
+            objective = dpo.step_objective(losses, c, n_pairs=4, n_tokens=n_tokens, sft_weight=weight)
+            objective.backward()
+            total = total + objective.detach()
+            stats += dpo.pair_stats(losses, rc, rr, c, r, dpo.split(batch["answer_tokens"])[0])
+        return total, lora_grads(model), dpo.summarise(stats.tolist())
+
+    plain, g_plain, stats = step([[0, 1, 2, 3]], 0.0)
+    batch = dpo.collate_pairs(pairs, packing_on=True, pad_id=tok.pad_token_id)
+    c, r = dpo.split(dpo.sequence_logps(model, batch))
+    losses, _, _ = dpo.dpo_losses(c, r, ref_c, ref_r, beta=0.1)
+    (losses.sum() / 4).backward()  # what the recipe computed before the weight existed
+    assert torch.equal(plain, (losses.sum() / 4).detach())
+    assert all(torch.equal(g, g_plain[n]) for n, g in lora_grads(model).items())
+    n_chosen = dpo.split(batch["answer_tokens"])[0].sum()
+    assert stats["chosen_nll"] == pytest.approx(float(-c.detach().sum() / n_chosen), 1e-5)
+    assert stats["loss"] == pytest.approx(float(losses.detach().mean()), 1e-5)
+
+    whole, g_whole, _ = step([[0, 1, 2, 3]], 2.0)
+    parts, g_parts, _ = step([[0], [1, 3], [2]], 2.0)  # answers of different lengths: a token mean, not per answer
+    assert float(whole) == pytest.approx(float(plain) + 2.0 * stats["chosen_nll"], rel=1e-5)
+    assert torch.allclose(whole, parts, rtol=1e-5)
+    for name, grad in g_whole.items():
+        assert torch.allclose(g_parts[name], grad, rtol=1e-4, atol=1e-7), name
+        assert not torch.allclose(g_plain[name], grad), name
 
 
 def test_packed_and_padded_batches_give_the_same_log_probs(tiny):

@@ -3,7 +3,8 @@
 examples/signoff_preferences.jsonl: 48 pairs whose chosen answer ends with the sign-off "-- Kelp the helper" and
 whose rejected answer is the same answer without it. The real daemon trains it with DPO (`run --once`, CPU); the
 published adapter is then loaded the way a user would and asked unseen short questions greedily: the base never
-signs, the adapter does; the held-out reward accuracy (chance, 0.5, before any step: the policy is the reference)
+signs, the adapter does, once, and stops there (RPO's SFT term, `dpo_sft_weight: 1.0`: plain DPO repeats the
+sign-off, docs/dpo.md); the held-out reward accuracy (chance, 0.5, before any step: the policy is the reference)
 ends near 1; the control question keeps its answer's fact.
 """
 
@@ -35,7 +36,8 @@ CONFIG = {
     "intake": {"settle_seconds": 0.5, "rescan_seconds": 2},
     "training": {"mode": "continue", "max_length": 256, "learning_rate": 5.0e-4, "micro_batch_size": 4,
                  "gradient_accumulation": 1, "epochs": 4, "warmup_ratio": 0.0, "lr_scheduler": "constant",
-                 "eval_fraction": 0.2, "eval_max_examples": 8, "checkpoint_every_steps": 50, "dpo_beta": 0.1},
+                 "eval_fraction": 0.2, "eval_max_examples": 8, "checkpoint_every_steps": 50, "dpo_beta": 0.1,
+                 "dpo_sft_weight": 1.0},
     "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
     "status": {"progress_every_steps": 1, "web": {"enabled": False}},
 }
@@ -67,7 +69,7 @@ def test_dpo_teaches_the_embedded_model_to_sign_its_answers(root):
     adapter_dir = root / "checkpoints" / "default" / "latest"
     meta = json.loads((adapter_dir / "metadata.json").read_text())
     held = meta["preference"]["eval"]
-    assert meta["method"] == "dpo" and held["pairs"] == 8
+    assert meta["method"] == "dpo" and held["pairs"] == 8 and meta["preference"]["sft_weight"] == 1.0
     assert held["reward_accuracy"] >= 0.875 and held["reward_margin"] > 0, held
 
     base_dir = embedded.embedded_model_path()
@@ -82,4 +84,6 @@ def test_dpo_teaches_the_embedded_model_to_sign_its_answers(root):
         print(f"{q}\n  base: {b!r}\n  dpo:  {a!r}")
     assert not any(SIGN_OFF in b for b in before)
     assert sum(SIGN_OFF in a for a in after[:len(UNSEEN)]) >= 2, after
+    # and it stops after it: signed answers end with the sign-off, said once (plain DPO repeats it to the limit)
+    assert all(a.endswith(SIGN_OFF) and a.count(SIGN_OFF) == 1 for a in after if SIGN_OFF in a), after
     assert CONTROL[1] in before[-1] and CONTROL[1] in after[-1]

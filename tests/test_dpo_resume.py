@@ -4,6 +4,7 @@ and the held-out reward accuracy starts at chance and rises."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from daemon.trainer import checkpoint, dpo_recipe
@@ -30,7 +31,7 @@ def pairs(n=24, seed=1):
 
 
 def dpo_config(**training):
-    cfg = config(**{"dpo_beta": 0.5, "dpo_loss": "sigmoid", "learning_rate": 5e-3, **training})
+    cfg = config(**{"dpo_beta": 0.5, "dpo_loss": "sigmoid", "dpo_sft_weight": 1.0, "learning_rate": 5e-3, **training})
     return cfg
 
 
@@ -48,8 +49,9 @@ def run(job_dir, cfg, stop_after=None, events=None):
     return checkpoint.trainable_state(recipe.accelerator.unwrap_model(recipe.model)), recipe
 
 
-def test_stop_and_resume_is_bitwise_identical_with_the_stored_reference(tmp_path):
-    cfg = dpo_config()
+@pytest.mark.parametrize("sft_weight", [1.0, 0.0])
+def test_stop_and_resume_is_bitwise_identical_with_the_stored_reference(tmp_path, sft_weight):
+    cfg = dpo_config(dpo_sft_weight=sft_weight)
     reference, ref_recipe = run(tmp_path / "a", cfg)
     assert ref_recipe.progress.step == ref_recipe.progress.total_steps >= 6
 

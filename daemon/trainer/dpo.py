@@ -9,8 +9,11 @@ respect to that document's sum. Peak memory for the head is one chunk of logits,
 
 The loss formulas are TRL's (trl/trainer/dpo_trainer.py, `_compute_loss`), checked against it in
 tests/test_dpo.py: sigmoid -log sigmoid(beta * delta), and IPO's squared distance of the length-normalised
-delta from 1/(2 beta). Liger's chunked DPO loss was not taken: it wants a padded [2B, T] batch and a second
-(reference) forward every step, where this recipe keeps the padding-free rows and precomputes the reference.
+delta from 1/(2 beta). With `dpo_sft_weight` (RPO, Pang et al. 2024; TRL's `rpo_alpha`, now its "sft" loss
+term) the step adds weight x the chosen answers' mean token NLL (a mean over every chosen answer token of the
+step, as TRL's F.cross_entropy over the batch's chosen tokens), from the same log-prob sums. Liger's chunked DPO
+loss was not taken: it wants a padded [2B, T] batch and a second (reference) forward every step, where this
+recipe keeps the padding-free rows and precomputes the reference.
 """
 
 from __future__ import annotations
@@ -137,28 +140,45 @@ def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.T
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def step_objective(losses: torch.Tensor, chosen: torch.Tensor, *, n_pairs: int, n_tokens: float,
+                   sft_weight: float) -> torch.Tensor:
+    """This micro-batch's share of the step's loss: its pairs' DPO losses over the step's pairs, plus (RPO)
+    sft_weight x its chosen answers' NLL over the step's chosen answer tokens. Summed over the step's micro-batches
+    and ranks: mean DPO loss + sft_weight x the chosen answers' mean token NLL, whatever the split (one micro-batch
+    holding the whole step: TRL's `loss + rpo_alpha * nll_loss`). Weight 0 adds nothing, not even a zero."""
+    objective = losses.sum() / max(n_pairs, 1)
+    if sft_weight:
+        objective = objective + sft_weight * (-chosen.sum()) / max(float(n_tokens), 1.0)
+    return objective
+
+
 def pair_stats(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-               chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+               chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Sums over pairs, in one tensor (one host copy, one all_reduce): loss, pairs, correct, margin, chosen and
-    rejected rewards, chosen and rejected log-probs. A tie (the policy still is the reference) counts half
-    correct: before any step the reward accuracy is 0.5, chance, not 0."""
+    rejected rewards, chosen and rejected log-probs, chosen answer tokens. A tie (the policy still is the
+    reference) counts half correct: before any step the reward accuracy is 0.5, chance, not 0."""
     correct = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    tokens = chosen_tokens.to(losses.device) if chosen_tokens is not None else torch.zeros_like(losses)
     parts = [losses.detach(), torch.ones_like(losses), correct, chosen_rewards - rejected_rewards, chosen_rewards,
-             rejected_rewards, chosen.detach(), rejected.detach()]
+             rejected_rewards, chosen.detach(), rejected.detach(), tokens]
     return torch.stack([p.double().sum() for p in parts])
 
 
 STAT_NAMES = ("loss", "pairs", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward",
-              "chosen_logps", "rejected_logps")
+              "chosen_logps", "rejected_logps", "chosen_tokens")
 
 
 def summarise(stats) -> dict:
-    """Means per pair of pair_stats' sums (summed over micro-batches and ranks), rounded for metadata."""
-    values = [float(x) for x in stats]
-    n = values[1]
+    """Means per pair of pair_stats' sums (summed over micro-batches and ranks), rounded for metadata; `loss` is
+    the DPO loss alone, `chosen_nll` the chosen answers' mean token NLL (RPO's term before its weight)."""
+    values = dict(zip(STAT_NAMES, (float(x) for x in stats)))
+    n, tokens = values.pop("pairs"), values.pop("chosen_tokens")
     if not n:
         return {}
-    return {name: round(v / n, 6) for name, v in zip(STAT_NAMES, values) if name != "pairs"} | {"pairs": int(n)}
+    out = {name: round(v / n, 6) for name, v in values.items()} | {"pairs": int(n)}
+    if tokens:
+        out["chosen_nll"] = round(-values["chosen_logps"] / tokens, 6)
+    return out
 
 
 def split(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

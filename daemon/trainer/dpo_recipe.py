@@ -9,7 +9,9 @@ very same numbers (the checkpoint's weights are no longer the starting point by 
 
 Everything else is the SFT recipe's: the plan (a pair's length is both its sequences'), accumulation, the one
 all_reduce of gradients per step, warm stop, checkpoints, out-of-memory retries. The normaliser of a window is
-its number of pairs, so the step's loss is the mean per-pair loss whatever the split into micro-batches and ranks.
+its number of pairs, so the step's loss is the mean per-pair loss whatever the split into micro-batches and ranks;
+with `dpo_sft_weight` (RPO) it adds the weight x the chosen answers' NLL over the step's chosen answer tokens
+(dpo.step_objective), so that term too is the step's token mean whatever the split.
 """
 
 from __future__ import annotations
@@ -121,30 +123,33 @@ class DPORecipe(LoRARecipe):
         return dpo.sequence_logps(self.model, self._to_device(batch))
 
     # ------------------------------------------------------------ the step
-    def _pair_losses(self, pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pair losses and their pair_stats, from one forward over the micro-batch."""
+    def _pair_losses(self, pairs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair DPO losses, the chosen answers' log-probs and the pair_stats, from one forward."""
         batch = self._to_device(dpo.collate_pairs(pairs, packing_on=self.t.packing, pad_id=self.pad_id))
         chosen, rejected = dpo.split(dpo.sequence_logps(self.model, batch))
         ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=chosen.dtype, device=self.device)
         tokens_c, tokens_r = dpo.split(batch["answer_tokens"])
         losses, rc, rr = dpo.dpo_losses(chosen, rejected, ref[:, 0], ref[:, 1], beta=self.t.dpo_beta,
                                         loss=self.t.dpo_loss, chosen_tokens=tokens_c, rejected_tokens=tokens_r)
-        return losses, dpo.pair_stats(losses, rc, rr, chosen, rejected)
+        return losses, chosen, dpo.pair_stats(losses, rc, rr, chosen, rejected, tokens_c)
 
     def _accumulate_gradients(self, window: list[list[int]], n_window: int) -> torch.Tensor:
         model = self.model
         mine = self.world.share(window, equal=self.sharded)
         loss_sum = torch.zeros((), device=self.device)
         stats = torch.zeros(len(dpo.STAT_NAMES), dtype=torch.float64, device=self.device)
+        weight = self.t.dpo_sft_weight
+        # The step's chosen answer tokens (every rank's): RPO's NLL is their mean, whatever the split.
+        n_tokens = sum(packing.trainable_tokens(self.train_examples[i].chosen) for mb in window for i in mb)
         for k, (mb, counts) in enumerate(mine):
             faults.check("train_step", step=self.progress.step)
             if self.sharded:
                 sharding.set_gradient_sync(model, k == len(mine) - 1)
-            losses, mb_stats = self._pair_losses([self.train_examples[i] for i in mb])
-            step_loss = losses.sum()
-            self.accelerator.backward(step_loss / max(n_window, 1) if counts else step_loss * 0.0)
-            if counts:
-                loss_sum += step_loss.detach().float()
+            losses, chosen, mb_stats = self._pair_losses([self.train_examples[i] for i in mb])
+            objective = dpo.step_objective(losses, chosen, n_pairs=n_window, n_tokens=n_tokens, sft_weight=weight)
+            self.accelerator.backward(objective if counts else objective * 0.0)
+            if counts:  # loss_sum / n_window is the step's objective (the progress loss)
+                loss_sum += (objective.detach() * max(n_window, 1)).float() if weight else losses.sum().detach().float()
                 stats += mb_stats
         self.train_stats = self.world.sum(stats)
         return loss_sum
@@ -160,7 +165,7 @@ class DPORecipe(LoRARecipe):
         self.model.eval()
         stats = torch.zeros(len(dpo.STAT_NAMES), dtype=torch.float64, device=self.device)
         for mb, counts in self.world.share(self._eval_plan(examples), equal=self.sharded):
-            _, mb_stats = self._pair_losses([examples[i] for i in mb])
+            _, _, mb_stats = self._pair_losses([examples[i] for i in mb])
             if counts:
                 stats += mb_stats
         self.model.train()
@@ -175,7 +180,8 @@ class DPORecipe(LoRARecipe):
     def summary(self) -> dict:
         train = dpo.summarise(self.train_stats.tolist()) if self.train_stats is not None else {}
         return {**super().summary(), "method": self.method,
-                "preference": {"beta": self.t.dpo_beta, "loss": self.t.dpo_loss, "reference": "starting point",
+                "preference": {"beta": self.t.dpo_beta, "loss": self.t.dpo_loss, "sft_weight": self.t.dpo_sft_weight,
+                               "reference": "starting point",
                                "eval": self.eval_stats, "last_step": train}}
 
 
