@@ -20,13 +20,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from daemon.base_model import BASE_MODEL_ALLOWED, base_model_kind, resolve_base_model
 from daemon.config_errors import ConfigError, issue, line_of, validation_issues
+from daemon.config_cluster import GpusPerJob, SlurmConfig
 from daemon.config_hooks import HookConfig
 from daemon.config_versions import VersionsConfig
 from daemon.config_yaml import read_yaml
 from daemon.paths import PROJECT_DIR, UserError, check_adapter_name, root_problem
 
 SHIPPED_CONFIG = PROJECT_DIR / "config" / "daemon.yaml"
-OVERRIDABLE = ("base_model", "training", "lora", "versions")
+OVERRIDABLE = ("base_model", "training", "lora", "versions", "gpus_per_job")
 
 
 # ------------------------------------------------------------------ the schema
@@ -172,6 +173,12 @@ class DaemonConfig(Section):
     cpu_processes: Int(1, 64) = 1
     # Start the next job's trainer while waiting for a file (daemon/supervisor/standby.py); auto: on a GPU host only.
     trainer_prestart: Literal["auto", "true", "false"] = "auto"
+    # Several jobs at once (config_cluster.py): how many GPUs of `gpus` one job takes (per adapter too), and
+    # how many jobs may train at once (None: as many as the GPUs allow, 1 on the CPU; 4 Slurm jobs).
+    gpus_per_job: GpusPerJob = "all"
+    max_parallel_jobs: Annotated[int, BeforeValidator(_not_bool), Field(ge=1, le=256)] | None = None
+    executor: Literal["local", "slurm"] = "local"
+    slurm: SlurmConfig = SlurmConfig()
 
     _source: Path | None = PrivateAttr(default=None)  # the file it came from: overrides live next to it
 

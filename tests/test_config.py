@@ -364,7 +364,7 @@ def test_override_errors_name_the_override_file(root, model):
     assert "training.epochs: too small (got 0; allowed: a whole number from 1 to 1000) [line 2]" in text
     assert "training.lr: unknown key" in text
     write(bad, "limits:\n  max_attempts: 5\n")
-    only = r"\(only base_model, training, lora, versions\)"
+    only = r"\(only base_model, training, lora, versions, gpus_per_job\)"
     with pytest.raises(ConfigError, match=r"limits: cannot be set per adapter " + only):
         adapter_config(cfg, "bot")
     write(bad, "base_model: /no/such/model\n")
