@@ -84,6 +84,42 @@ def test_render_status_idle_stale_and_without_gpu():
     assert "not running (no status.json yet)" in render_status({"daemon": {"running": False}}, [], now=NOW)
 
 
+def two_jobs_status() -> dict:
+    """Jobs 42 (on GPUs 0 and 1) and 43 (a Slurm job, still loading) training side by side."""
+    status = training_status(devices=["0", "1"], slot="gpu0,1", executor="local")
+    second = {"job_id": 43, "adapter": "faq", "file": "faq.jsonl", "phase": "loading", "step": 0,
+              "total_steps": None, "started_at": iso(NOW - 30), "executor": "slurm", "slurm_job_id": "9001",
+              "slot": "slurm", "devices": None}
+    status["running"] = [status["current"], second]
+    status["daemon"]["parallel"] = {"running": 2, "max": 4}
+    return status
+
+
+def test_render_status_shows_a_block_per_running_job():
+    text = render_status(two_jobs_status(), JOBS, now=NOW)
+    print("\n" + text)
+    lines = text.splitlines()
+    assert "running   2 jobs (at most 4 at a time)" in lines
+    jobs = [line for line in lines if line.startswith("job ")]
+    assert jobs == ["job       #42  tickets.jsonl -> adapter support-bot  (training, started 10m 00s ago)  on GPU 0,1",
+                    "job       #43  faq.jsonl -> adapter faq  (loading, started 30s ago)  on Slurm job 9001"]
+    progress = [line for line in lines if line.startswith("progress ")]
+    assert progress[0].endswith("25%  step 50/200  epoch 0.25") and progress[1].endswith("]  step 0/?")
+    assert [line.split()[0] for line in lines[lines.index(jobs[1]):][:4]] == ["job", "progress", "loss", "speed"]
+    # One job at a time (the daemon's `parallel.max` is 1, or an older daemon wrote no `running`): as before.
+    single = training_status(devices=["0"], slot="gpu0", executor="local")
+    single["daemon"]["parallel"] = {"running": 1, "max": 1}
+    assert not [line for line in render_status(single, JOBS, now=NOW).splitlines() if line.startswith("running")]
+    assert render_status(training_status(), JOBS, now=NOW).count("\njob ") == 1
+    # A CPU slot; and nothing running while up to 4 may.
+    cpu = training_status(slot="cpu1", devices=None, executor="local")
+    assert "(training, started 10m 00s ago)  on slot cpu1" in render_status(cpu, JOBS, now=NOW)
+    idle = two_jobs_status()
+    idle.update(running=[], current=None)
+    idle["daemon"].update(state="idle", parallel={"running": 0, "max": 4})
+    assert "running  0 jobs (at most 4 at a time)\njob      none\n" in render_status(idle, [], now=NOW)
+
+
 def test_render_jobs_table():
     text = render_jobs(JOBS, now=NOW)
     print("\n" + text)
@@ -226,6 +262,28 @@ def test_follow_job_failed_returns_1_with_plain_lines_in_a_pipe(root):
     t.join(5)
     assert result["rc"] == 1
     assert out.getvalue().splitlines() == ["job 5 loading...", "job 5 failed: line 3: no assistant turn"]
+
+
+def test_follow_job_finds_its_job_among_several_running(root):
+    layout = daemon_root(root)
+    make_job(layout, 1, "running")
+    make_job(layout, 2, "running")
+    make_job(layout, 3, "pending")
+    w = StatusWriter(layout, echo=False)
+    w.snapshot({"daemon": {"state": "training"},
+                "running": [{"job_id": 1, "phase": "training", "step": 3, "total_steps": 10},
+                            {"job_id": 2, "phase": "training", "step": 7, "total_steps": 8, "loss": 0.5}],
+                "current": {"job_id": 1, "phase": "training", "step": 3, "total_steps": 10}})
+    for job_id, expected in ((2, "job 2 [#####################...]  88%  step 7/8  loss 0.5000"),
+                             (3, "job 3 queued, next (jobs 1, 2 are running)")):
+        out = io.StringIO()
+        t, result = follow_in_thread(layout, job_id, out)
+        deadline = time.monotonic() + 5
+        while not out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        move_job(layout, job_id, "running" if job_id == 2 else "pending", "failed", error="stopped by the test")
+        t.join(5)
+        assert out.getvalue().splitlines()[0].startswith(expected), out.getvalue()
 
 
 @pytest.mark.parametrize("missing_timeout", [0.2])

@@ -158,3 +158,61 @@ def test_a_line_shows_control_characters_escaped_and_the_json_keeps_them(layout,
     assert "\x1b" not in log and "\x1b" not in capsys.readouterr().out
     record = json.loads(layout.events.read_text())
     assert record["file"] == name and record["message"].endswith(name)
+
+
+def test_journal_thins_progress_per_job_when_jobs_train_side_by_side(layout, capfd, monkeypatch):
+    """Two jobs' progress lines interleave: each job gets its first and last line, not one per step."""
+    st = os.fstat(1)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    w = StatusWriter(layout, echo_progress_seconds=3600)
+    for step in range(1, 21):
+        for job in (7, 8):
+            w.event("progress", f"job {job} step {step}/20", job_id=job, step=step, total_steps=20)
+    assert capfd.readouterr().out.splitlines() == ["<6>job 7 step 1/20", "<6>job 8 step 1/20", "<6>job 7 step 20/20",
+                                                   "<6>job 8 step 20/20"]
+
+
+def two_running() -> list[dict]:
+    return [{"job_id": 7, "adapter": "a", "file": "a.jsonl", "phase": "training", "step": 40, "total_steps": 100,
+             "loss": 0.5, "eta_s": 60},
+            {"job_id": 8, "adapter": "b", "file": "b.jsonl", "phase": "loading"}]
+
+
+def test_status_line_names_every_running_job():
+    from daemon.supervisor.status_line import status_line
+
+    running = two_running()
+    assert status_line("training", running[0], running=running) == \
+        "training 2 jobs: job 7 (a) step 40/100, job 8 (b) loading"
+    running[1].update(phase="training", step=3, total_steps=None, saving_step=None)
+    running[0]["saving_step"] = 40
+    assert status_line("training", running[0], running=running) == \
+        "training 2 jobs: job 7 (a) saving step 40, job 8 (b) step 3/?"
+    many = [{"job_id": n, "adapter": f"x{n}", "phase": "starting"} for n in range(1, 7)]
+    assert status_line("training", many[0], running=many) == ("training 6 jobs: job 1 (x1) starting, job 2 (x2) "
+                                                              "starting, job 3 (x3) starting, job 4 (x4) starting, "
+                                                              "2 more")
+    # One job: the wording it always had, whether the caller passes `running` or not.
+    one = two_running()[:1]
+    assert status_line("training", one[0], running=one) == status_line("training", one[0])
+    assert status_line("training", one[0]).startswith("training job 7 (a): [")
+    assert status_line("idle", None, running=[], inbox="/r/inbox") == "idle: watching /r/inbox"
+
+
+def test_status_command_shows_every_running_job(root):
+    """`training-daemon status` and `status --json` on a status.json of a daemon training two jobs."""
+    from helpers import cli
+
+    layout = Layout.at(root).ensure()
+    running = [{**two_running()[0], "devices": ["0"], "slot": "gpu0", "executor": "local"},
+               {**two_running()[1], "devices": None, "slot": "slurm", "executor": "slurm", "slurm_job_id": "4501"}]
+    StatusWriter(layout, echo=False).snapshot({"daemon": {"state": "training", "parallel": {"running": 2, "max": 2}},
+                                               "running": running, "current": running[0]})
+    shown = cli(root, "status")
+    assert shown.returncode == 0, shown.stderr
+    assert "#7  a.jsonl -> adapter a  (training)  on GPU 0" in shown.stdout
+    assert "#8  b.jsonl -> adapter b  (loading)  on Slurm job 4501" in shown.stdout
+    assert "2 jobs (at most 2 at a time)" in shown.stdout
+    as_json = cli(root, "status", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["running"] == running

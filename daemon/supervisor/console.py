@@ -16,6 +16,7 @@ from daemon.durable import read_json
 from daemon.paths import Layout
 from daemon.supervisor.job import JobStatus
 from daemon.supervisor.spool import Spool
+from daemon.supervisor.status import running_jobs
 from daemon.textsafe import for_terminal
 from daemon.version_states import annotate_jobs
 from daemon.timefmt import fmt_duration, fmt_eta
@@ -106,23 +107,15 @@ def render_status(status: dict, jobs: list[dict], now: float | None = None) -> s
                                 "re-checked until fixed, or `training-daemon resume`)"))
     if d.get("root"):
         rows.append(("root", d["root"]))
-    cur = status.get("current")
-    if cur:
-        started = f", started {fmt_age(cur['started_at'], now)}" if cur.get("started_at") else ""
-        rows.append(("job", f"#{cur.get('job_id')}  {cur.get('file', '?')} -> adapter {cur.get('adapter', '?')}"
-                            f"  ({cur.get('phase') or 'training'}{started})"))
-        rows.append(("progress", f"{progress_bar(cur.get('step'), cur.get('total_steps'))}  step {cur.get('step') or 0}"
-                                 f"/{cur.get('total_steps') or '?'}"
-                                 + (f"  epoch {_epoch(cur['epoch'])}" if cur.get("epoch") is not None else "")))
-        loss = f"{_num(cur.get('loss'), '.4f')}"
-        if cur.get("eval_loss") is not None:
-            loss += f"  (eval {cur['eval_loss']:.4f})"
-        if cur.get("lr") is not None:
-            loss += f"  lr {cur['lr']:.2e}"
-        rows.append(("loss", loss))
-        rows.append(("speed", f"{_num(cur.get('tokens_per_s'), ',.0f', ' tok/s')}  ETA {fmt_eta(cur.get('eta_s'))}"
-                              f"  GPU memory {_num(cur.get('gpu_mem_gib'), '.2f', ' GiB')}"))
-    else:
+    running = running_jobs(status)
+    at_most = (d.get("parallel") or {}).get("max")
+    at_most = at_most if isinstance(at_most, int) else None
+    if len(running) > 1 or (at_most or 1) > 1:  # one job at a time: the rows as they always were
+        limit = f" (at most {at_most} at a time)" if at_most else ""
+        rows.append(("running", f"{len(running)} job{'' if len(running) == 1 else 's'}{limit}"))
+    for cur in running:
+        rows += _job_rows(cur, now)
+    if not running:
         rows.append(("job", "none" + (" (paused)" if d.get("state") == "paused" else "")))
     q = status.get("queue")
     if q is None:  # no snapshot yet: count the folders
@@ -143,6 +136,36 @@ def render_status(status: dict, jobs: list[dict], now: float | None = None) -> s
     if recent:
         out += ["", "recent jobs:", *("  " + line for line in render_jobs(recent, now).splitlines())]
     return "\n".join(out)
+
+
+def placement(job: dict) -> str:
+    """Where a running job trains: "GPU 0,1", "Slurm job 45", "slot cpu1"; "" when status.json does not say
+    (a daemon of the previous version)."""
+    if job.get("executor") == "slurm":
+        return f"Slurm job {job.get('slurm_job_id') or '?'}"
+    if job.get("devices"):
+        return "GPU " + ",".join(str(dev) for dev in job["devices"])
+    return f"slot {job['slot']}" if job.get("slot") else ""
+
+
+def _job_rows(cur: dict, now: float) -> list[tuple[str, str]]:
+    """The block `status` shows for one running job."""
+    started = f", started {fmt_age(cur['started_at'], now)}" if cur.get("started_at") else ""
+    where = f"  on {placement(cur)}" if placement(cur) else ""
+    rows = [("job", f"#{cur.get('job_id')}  {cur.get('file', '?')} -> adapter {cur.get('adapter', '?')}"
+                    f"  ({cur.get('phase') or 'training'}{started}){where}"),
+            ("progress", f"{progress_bar(cur.get('step'), cur.get('total_steps'))}  step {cur.get('step') or 0}"
+                         f"/{cur.get('total_steps') or '?'}"
+                         + (f"  epoch {_epoch(cur['epoch'])}" if cur.get("epoch") is not None else ""))]
+    loss = f"{_num(cur.get('loss'), '.4f')}"
+    if cur.get("eval_loss") is not None:
+        loss += f"  (eval {cur['eval_loss']:.4f})"
+    if cur.get("lr") is not None:
+        loss += f"  lr {cur['lr']:.2e}"
+    rows.append(("loss", loss))
+    rows.append(("speed", f"{_num(cur.get('tokens_per_s'), ',.0f', ' tok/s')}  ETA {fmt_eta(cur.get('eta_s'))}"
+                          f"  GPU memory {_num(cur.get('gpu_mem_gib'), '.2f', ' GiB')}"))
+    return rows
 
 
 def _job_when(job: dict, now: float) -> str:
@@ -306,17 +329,20 @@ def follow_job(layout: Layout, job_id: int, out, poll: float = 0.5, missing_time
                 show(f"job {job_id} failed: {_first_line(job.error, 200) or 'see training-daemon jobs'}", final=True)
                 return 1
             status = read_json(layout.status_json) or {}
-            cur = status.get("current") or {}
+            running = running_jobs(status)
+            cur = next((r for r in running if r.get("job_id") == job_id), None)
             kind = state
-            if state == JobStatus.RUNNING and cur.get("job_id") == job_id:
+            if state == JobStatus.RUNNING and cur is not None:
                 phase = cur.get("phase") or "training"
                 kind = phase
                 text = f"job {job_id} " + (progress_line(cur) if phase == "training" else f"{phase}...")
             elif state == JobStatus.PENDING:
                 ahead = sum(1 for other in spool.ids(JobStatus.PENDING) if other < job_id)
                 text = f"job {job_id} queued" + (f", {ahead} ahead of it" if ahead else ", next")
-                if cur.get("job_id") is not None:
-                    text += f" (job {cur['job_id']} is {cur.get('phase') or 'training'})"
+                if len(running) == 1:
+                    text += f" (job {running[0].get('job_id')} is {running[0].get('phase') or 'training'})"
+                elif running:
+                    text += f" (jobs {', '.join(str(r.get('job_id')) for r in running)} are running)"
                 if (status.get("daemon") or {}).get("state") == "paused":
                     text += " (daemon paused)"
                 if job.note:

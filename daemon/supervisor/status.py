@@ -27,6 +27,17 @@ _ALIASES = {"warn": "warning", "critical": "error", "fatal": "error"}
 # sd-daemon(3) priority prefixes: journald strips them and files the line at that priority.
 _JOURNAL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3}
 LEVEL_ENV = "TRAINING_DAEMON_LOG_LEVEL"
+_ECHO_JOBS = 64  # jobs whose last echoed progress line is remembered: more than ever run at once
+
+
+def running_jobs(status: dict) -> list[dict]:
+    """The jobs in training, oldest first, as a status.json tells them: its `running` list, or - a status.json
+    written by a daemon of the previous version, which ran one job at a time - its `current` alone."""
+    running = status.get("running")
+    if isinstance(running, list):
+        return [job for job in running if isinstance(job, dict)]
+    current = status.get("current")
+    return [current] if isinstance(current, dict) and current else []
 
 
 def normalize_level(level: str) -> str:
@@ -205,6 +216,10 @@ class StatusWriter:
         job = fields.get("job_id")
         last = self._last_progress_echo.get(job)
         if last is None or now - last >= self.echo_progress_seconds or (step is not None and step == total):
-            self._last_progress_echo = {job: now}  # only the current job matters
+            # Per job: with jobs training side by side, one job's line must not reset another's clock.
+            self._last_progress_echo.pop(job, None)
+            self._last_progress_echo[job] = now
+            while len(self._last_progress_echo) > _ECHO_JOBS:  # forget the job echoed longest ago
+                del self._last_progress_echo[next(iter(self._last_progress_echo))]
             return True
         return False

@@ -1,8 +1,10 @@
 """The one line that says what the daemon is doing now: systemd's STATUS= (what `systemctl status` shows).
 
-A pure function of the daemon's state and the current job (status.json's `daemon.state` and `current`), so
-that every change of either - a job started, each phase, each progress line, a checkpoint, publishing, idle
-again, paused, blocked, stalled, waiting for disk - is a new line, and nothing else is.
+A pure function of the daemon's state and the jobs in training (status.json's `daemon.state`, `current` and
+`running`), so that every change of either - a job started, each phase, each progress line, a checkpoint,
+publishing, idle again, paused, blocked, stalled, waiting for disk - is a new line, and nothing else is.
+With one job in training the line tells all about it; with several, each gets a few words (the line is one
+line of `systemctl status`), and `training-daemon status` has the rest.
 """
 
 from __future__ import annotations
@@ -13,12 +15,31 @@ from daemon.supervisor.console import progress_line
 _PHASES = {"starting": "starting", "validating": "validating {file}", "loading": "loading the model",
            "saving": "saving a checkpoint before stopping", "publishing": "publishing the new version",
            "stalled": "stalled: killing its trainer"}
+SHOWN_JOBS = 4  # with more running, the line names these and counts the rest
+
+
+def _in_brief(job: dict) -> str:
+    """A few words for one of several running jobs: "job 7 (a) step 40/100", "job 8 (b) loading"."""
+    phase = job.get("phase") or "training"
+    if job.get("saving_step") is not None and phase == "training":
+        doing = f"saving step {job['saving_step']}"
+    elif phase == "training":
+        doing = f"step {job.get('step') or 0}/{job.get('total_steps') or '?'}"
+    else:
+        doing = phase
+    return f"job {job.get('job_id')} ({job.get('adapter')}) {doing}"
 
 
 def status_line(state: str, current: dict | None, *, pending: int = 0, reason: str | None = None,
-                inbox: str = "") -> str:
+                inbox: str = "", running: list[dict] | None = None) -> str:
     """state: the daemon's (idle, training, paused, blocked, waiting_for_disk, ...). current: the job in
-    training, if any. pending: jobs waiting. reason: why the daemon waits (blocked, waiting_for_disk)."""
+    training, if any (the oldest, when several are). running: every job in training, oldest first (None: just
+    `current`). pending: jobs waiting. reason: why the daemon waits (blocked, waiting_for_disk)."""
+    if running and len(running) > 1:
+        named = ", ".join(_in_brief(job) for job in running[:SHOWN_JOBS])
+        more = f", {len(running) - SHOWN_JOBS} more" if len(running) > SHOWN_JOBS else ""
+        return f"training {len(running)} jobs: {named}{more}"
+    current = current or (running[0] if running else None)
     if current:
         job = f"job {current.get('job_id')} ({current.get('adapter')})"
         phase = current.get("phase") or "training"

@@ -28,6 +28,7 @@ from daemon.durable import read_json
 from daemon.paths import ADAPTER_NAME, Layout
 from daemon.supervisor.job import JobStatus
 from daemon.supervisor.spool import Spool
+from daemon.supervisor.status import running_jobs
 from daemon.supervisor.web_page import PAGE
 from daemon.supervisor.web_server import BoundedHTTPServer, BoundedHTTPServer6, serve
 from daemon.version_states import adapter_state, annotate_jobs, page_view, summary
@@ -153,12 +154,45 @@ def loss_from_metadata(layout: Layout, job_id: int) -> dict | None:
     return None
 
 
+# A running job's readings in status.json: (key, metric name after training_daemon_current_ / _job_, HELP).
+_JOB_READINGS = (("job_id", "job_id", "Id of the job being trained"),
+                 ("step", "step", "Optimizer step"),
+                 ("total_steps", "total_steps", "Total steps"),
+                 ("loss", "loss", "Latest training loss"),
+                 ("eval_loss", "eval_loss", "Latest eval loss"),
+                 ("reward_accuracy", "reward_accuracy",
+                  "Latest step's reward accuracy (preference jobs): pairs whose chosen answer wins"),
+                 ("lr", "learning_rate", "Current learning rate"),
+                 ("tokens_per_s", "tokens_per_second", "Training throughput"),
+                 ("eta_s", "eta_seconds", "Estimated seconds left"),
+                 ("gpu_mem_gib", "gpu_memory_gib", "GPU memory the trainer holds (torch)"))
+# The current_* HELP texts as they always were (the others read the same for either family).
+_CURRENT_HELP = {"step": "Optimizer step of the current job", "total_steps": "Total steps of the current job"}
+
+
 class FileCollector:
     """A prometheus-client Collector that reads the daemon's files at every scrape."""
 
     def __init__(self, spool: Spool):
         self.layout = spool.layout
         self.spool = spool
+
+    @staticmethod
+    def _per_job(G, running: list[dict]):
+        """One series per running job, labelled with its job_id and adapter (slot and executor on job_info)."""
+        info = G("training_daemon_job_info", "1 per running job: where it trains and its phase",
+                 labels=["job_id", "adapter", "phase", "slot", "executor"])
+        families = {key: G(f"training_daemon_job_{name}", f"{doc}, per running job", labels=["job_id", "adapter"])
+                    for key, name, doc in _JOB_READINGS if key != "job_id"}
+        for job in running:
+            labels = [str(job.get("job_id", "")), str(job.get("adapter", ""))]
+            info.add_metric(labels + [str(job.get("phase") or "training"), str(job.get("slot") or ""),
+                                      str(job.get("executor") or "local")], 1)
+            for key, family in families.items():
+                if isinstance(job.get(key), (int, float)):
+                    family.add_metric(labels, job[key])
+        yield info
+        yield from families.values()
 
     def collect(self):
         import time
@@ -177,23 +211,23 @@ class FileCollector:
         if status.get("updated_unix"):
             yield G("training_daemon_status_age_seconds", "Seconds since status.json was written (about 1 while the "
                     "daemon lives)", value=max(0.0, time.time() - status["updated_unix"]))
-        cur = status.get("current") or {}
+        running = running_jobs(status)
+        cur = running[0] if running else {}
         yield G("training_daemon_training", "1 while a job is training", value=1 if cur else 0)
-        for key, name, doc in (("job_id", "current_job_id", "Id of the job being trained"),
-                               ("step", "current_step", "Optimizer step of the current job"),
-                               ("total_steps", "current_total_steps", "Total steps of the current job"),
-                               ("loss", "current_loss", "Latest training loss"),
-                               ("eval_loss", "current_eval_loss", "Latest eval loss"),
-                               ("reward_accuracy", "current_reward_accuracy",
-                                "Latest step's reward accuracy (preference jobs): pairs whose chosen answer wins"),
-                               ("lr", "current_learning_rate", "Current learning rate"),
-                               ("tokens_per_s", "current_tokens_per_second", "Training throughput"),
-                               ("eta_s", "current_eta_seconds", "Estimated seconds left"),
-                               ("gpu_mem_gib", "current_gpu_memory_gib", "GPU memory the trainer holds (torch)")):
+        if status:
+            yield G("training_daemon_running_jobs", "Jobs training now", value=len(running))
+            # A daemon of the previous version wrote no `parallel`: it ran one job at a time.
+            at_most = (d.get("parallel") or {}).get("max", 1)
+            if isinstance(at_most, (int, float)):
+                yield G("training_daemon_max_parallel_jobs", "Jobs that may train at the same time", value=at_most)
+        # The oldest running job as `current_*`, as before there were several; every one as `job_*`.
+        for key, name, doc in _JOB_READINGS:
             if isinstance(cur.get(key), (int, float)):
-                g = G(f"training_daemon_{name}", doc, labels=["adapter"])
+                g = G(f"training_daemon_current_{name}", _CURRENT_HELP.get(key, doc), labels=["adapter"])
                 g.add_metric([str(cur.get("adapter", ""))], cur[key])
                 yield g
+        if running:
+            yield from self._per_job(G, running)
         gpu = status.get("gpu") or {}
         for key, name, doc, scale in (("mem_used_gib", "gpu_memory_used_bytes", "GPU memory in use", 2**30),
                                       ("mem_total_gib", "gpu_memory_total_bytes", "GPU memory in total", 2**30),

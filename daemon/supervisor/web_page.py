@@ -1,7 +1,8 @@
 """The status page served at `/` by daemon/supervisor/web.py: one self-contained HTML document.
 
 No external assets (it must work offline and behind a firewall): inline CSS, and inline JS that polls the
-JSON API every second and draws the loss chart on a <canvas>. The element ids are what tests look for.
+JSON API every second and draws the loss chart on a <canvas>. The element ids, and the class names inside a
+running job's card (#running > .job, one per job in status.json's `running`), are what tests look for.
 """
 
 PAGE = r"""<!doctype html>
@@ -23,7 +24,8 @@ PAGE = r"""<!doctype html>
  dl > .rows { display: contents; } dl > .rows[hidden] { display: none; }
  dt { color: var(--muted); } dd { margin: 0; font-variant-numeric: tabular-nums; }
  table { border-collapse: collapse; width: 100%; } td, th { text-align: left; padding: 3px 8px 3px 0; border-bottom: 1px solid var(--line); }
- tr.sel { background: #eef4fb; } tbody tr { cursor: pointer; }
+ tr.sel, .job.sel { background: #eef4fb; } tbody tr, .job { cursor: pointer; }
+ .job { padding: 6px; margin: 0 -6px 8px; border-radius: 6px; } .job + .job { border-top: 1px solid var(--line); }
  .failed { color: var(--bad); } .muted { color: var(--muted); } .stale { color: #fbbf24; }
  canvas { width: 100%; height: 300px; display: block; }
  .legend span { margin-right: 14px; } .legend i { display: inline-block; width: 14px; height: 3px; vertical-align: middle; margin-right: 4px; }
@@ -35,14 +37,15 @@ PAGE = r"""<!doctype html>
   <canvas id="chart" data-points="0" data-eval-points="0" data-last-step="0"></canvas>
   <div class="legend muted"><span><i style="background:var(--train)"></i>train</span><span><i style="background:var(--eval)"></i>eval</span></div>
  </section>
- <section><h2>Current job</h2>
+ <section><h2>Training <span id="parallel" class="muted"></span></h2>
   <div id="current-none" class="muted">no job is training</div>
-  <div id="current" hidden>
-   <div id="current-title"></div>
-   <div class="bar"><div id="bar"></div></div>
-   <dl><dt>progress</dt><dd id="progress-text"></dd><dt>loss</dt><dd id="loss"></dd><dt>eval loss</dt><dd id="eval-loss"></dd>
-    <dt>speed</dt><dd id="tps"></dd><dt>ETA</dt><dd id="eta"></dd><dt>GPU (job)</dt><dd id="job-mem"></dd></dl>
-  </div>
+  <div id="running"></div>
+  <template id="job-card"><div class="job" title="show this job's loss">
+   <div class="job-title"></div><div class="job-where muted"></div>
+   <div class="bar"><div class="job-bar"></div></div>
+   <dl><dt>progress</dt><dd class="progress-text"></dd><dt>loss</dt><dd class="loss"></dd><dt>eval loss</dt><dd class="eval-loss"></dd>
+    <dt>speed</dt><dd class="tps"></dd><dt>ETA</dt><dd class="eta"></dd><dt>GPU (job)</dt><dd class="job-mem"></dd></dl>
+  </div></template>
   <h2 style="margin-top:14px">GPU</h2><dl><dt>device</dt><dd id="gpu-name">none visible</dd>
    <div id="gpu-readings" class="rows" hidden><dt>memory</dt><dd id="gpu-mem"></dd><dt>busy</dt><dd id="gpu-util"></dd></div></dl>
   <h2 style="margin-top:14px">Queue</h2><div id="queue"></div>
@@ -80,26 +83,59 @@ function renderStatus(st) {
     + (d.blocked ? ": no job starts until this is fixed: " + d.blocked.reason : "") : "no status yet";
   $("updated").textContent = age === null ? "" : (age > 10 ? "status not updated for " + fmtDur(age) : "updated " + fmtDur(age) + " ago");
   $("updated").className = age !== null && age > 10 ? "stale" : "muted";
-  const c = st.current;
-  $("current").hidden = !c; $("current-none").hidden = !!c;
-  if (c) {
-    const pct = c.total_steps ? Math.min(100, 100 * (c.step || 0) / c.total_steps) : 0;
-    $("current-title").textContent = "job " + c.job_id + ": " + (c.file || "?") + " \u2192 " + (c.adapter || "?") + " (" + (c.phase || "training") + ")";
-    $("bar").style.width = pct.toFixed(1) + "%";
-    $("progress-text").textContent = "step " + (c.step || 0) + "/" + (c.total_steps || "?") + " (" + pct.toFixed(0) + "%)" + (c.epoch != null ? ", epoch " + (Number.isInteger(c.epoch) ? c.epoch + 1 : num(c.epoch, 2)) : "");
-    $("loss").textContent = num(c.loss, 4) + (c.reward_accuracy != null ? ", reward accuracy " + num(c.reward_accuracy, 2) : "");
-    $("eval-loss").textContent = c.eval_loss == null ? "not yet" : num(c.eval_loss, 4);
-    $("tps").textContent = c.tokens_per_s ? Math.round(c.tokens_per_s).toLocaleString("en-US") + " tok/s" : "?";
-    $("eta").textContent = fmtEta(c.eta_s);
-    $("job-mem").textContent = c.gpu_mem_gib == null ? "none" : num(c.gpu_mem_gib, 2) + " GiB";
-  }
+  const running = Array.isArray(st.running) ? st.running : (st.current ? [st.current] : []);  // an older daemon: current only
+  renderRunning(running);
+  const par = d.parallel;
+  $("parallel").textContent = par && (par.max > 1 || running.length > 1) ? "\u00b7 " + running.length + " running, at most " + (par.max ?? "?") + " at a time" : "";
   const g = st.gpu;
   $("gpu-name").textContent = g ? g.name : "none visible"; $("gpu-readings").hidden = !g;
   $("gpu-mem").textContent = g ? num(g.mem_used_gib, 1) + " / " + num(g.mem_total_gib, 1) + " GiB" : "";
   $("gpu-util").textContent = g && g.util_percent != null ? num(g.util_percent, 0) + "%" : "";
   const q = st.queue || {};
   $("queue").textContent = ["pending", "running", "done", "failed"].map(k => (q[k] || 0) + " " + k).join(" \u00b7 ");
-  return c ? c.job_id : null;
+  return running.length ? running[0].job_id : null;
+}
+
+// Where a job trains, as `training-daemon status` says it (console.placement).
+function placement(c) {
+  if (c.executor === "slurm") return "Slurm job " + (c.slurm_job_id || "?");
+  if (c.devices && c.devices.length) return "GPU " + c.devices.join(",");
+  return c.slot ? "slot " + c.slot : "";
+}
+
+// One card per running job, oldest first. A card lives as long as its job runs, so that its bar glides.
+const cards = new Map();
+function renderRunning(running) {
+  $("current-none").hidden = running.length > 0;
+  const ids = new Set(running.map(c => c.job_id));
+  for (const id of cards.keys()) if (!ids.has(id)) cards.delete(id);
+  const wanted = running.map(c => {
+    let card = cards.get(c.job_id);
+    if (!card) {
+      card = $("job-card").content.firstElementChild.cloneNode(true);
+      card.onclick = () => { selectedJob = (selectedJob === c.job_id ? null : c.job_id); poll(true); };
+      cards.set(c.job_id, card);
+    }
+    fillCard(card, c);
+    return card;
+  });
+  const box = $("running");
+  if (wanted.length !== box.children.length || wanted.some((card, i) => box.children[i] !== card)) box.replaceChildren(...wanted);
+}
+
+function fillCard(card, c) {
+  const q = (cls) => card.querySelector("." + cls);
+  const pct = c.total_steps ? Math.min(100, 100 * (c.step || 0) / c.total_steps) : 0;
+  card.dataset.job = c.job_id; card.classList.toggle("sel", c.job_id === selectedJob);
+  q("job-title").textContent = "job " + c.job_id + ": " + (c.file || "?") + " \u2192 " + (c.adapter || "?") + " (" + (c.phase || "training") + ")";
+  q("job-where").textContent = placement(c); q("job-where").hidden = !placement(c);
+  q("job-bar").style.width = pct.toFixed(1) + "%";
+  q("progress-text").textContent = "step " + (c.step || 0) + "/" + (c.total_steps || "?") + " (" + pct.toFixed(0) + "%)" + (c.epoch != null ? ", epoch " + (Number.isInteger(c.epoch) ? c.epoch + 1 : num(c.epoch, 2)) : "");
+  q("loss").textContent = num(c.loss, 4) + (c.reward_accuracy != null ? ", reward accuracy " + num(c.reward_accuracy, 2) : "");
+  q("eval-loss").textContent = c.eval_loss == null ? "not yet" : num(c.eval_loss, 4);
+  q("tps").textContent = c.tokens_per_s ? Math.round(c.tokens_per_s).toLocaleString("en-US") + " tok/s" : "?";
+  q("eta").textContent = fmtEta(c.eta_s);
+  q("job-mem").textContent = c.gpu_mem_gib == null ? "none" : num(c.gpu_mem_gib, 2) + " GiB";
 }
 
 // A round tick spacing (1, 2 or 5 times a power of ten) giving about n intervals over `range`.
