@@ -225,7 +225,7 @@ def environment() -> dict:
 def table(results: dict) -> str:
     refs = {r["model"]: r for r in results["runs"] if r["path"] == "reference" and "tokens_per_s" in r}
     lines = [f"bf16 matmul: {results['matmul_tflops']:.0f} TFLOP/s on {results['env']['device']}",
-             "| model | path | max len | tokens/s | MFU | peak GiB | vs ref | GPU busy | plan |",
+             "| model | path | max len | tokens/s | MFU | peak GiB (allocator / card) | vs ref | GPU busy | plan |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
         plan = r.get("plan") or {}
@@ -244,5 +244,11 @@ def table(results: dict) -> str:
             continue
         busy = f"{r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else ""
         lines.append(f"| {r['model']} | {what} | {r.get('max_length', '')} | {r.get('tokens_per_s', 0):,.0f} | "
-                     f"{r.get('mfu', 0):.1%} | {r['peak_gib']:.2f} | {ratio} | {busy} | {plan_s} |")
+                     f"{r.get('mfu', 0):.1%} | {_peaks(r)} | {ratio} | {busy} | {plan_s} |")
     return "\n".join(lines)
+
+
+def _peaks(r: dict) -> str:
+    """The allocator's peak, and the card's (NVML) where it was read."""
+    card = r.get("card_peak_gib")
+    return f"{r['peak_gib']:.2f}" + (f" / {card:.2f}" if card is not None else "")

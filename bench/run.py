@@ -11,6 +11,14 @@ LoRA r16 on all linear layers). Figures: real (non-pad) tokens/s, MFU (4 x matmu
 bf16 matmul rate measured in this run), peak GPU memory, ratio (a)/(b); `--busy` adds the GPU busy fraction
 of (a) from a profiler trace; `--cap-plan` runs llama-3.1-8b at max length 2048 under a 24 GiB cap and
 `--qlora` the 4-bit plan of llama-3.1-8b under a 10 GiB cap (needs bitsandbytes).
+
+Memory as the card sees it: every daemon run records the allocator's peak (`peak_gib`), its reserved peak
+(`reserved_peak_gib`), the card's (NVML) peak of this process polled every 50 ms (`card_peak_gib`) and at the
+recipe's progress events (`card_peak_sampled_gib`), and the plan's prediction (`plan.estimated_card_peak_gib`).
+A cap (set_per_process_memory_fraction) stands for a card of that size: `--cap-plan` runs llama-3.1-8b at 2048
+tokens under 24 GiB (bf16 base) and 16 GiB (a bf16 base does not fit: the 4-bit one, needs bitsandbytes) and
+writes `caps` into the results: NVML peak against the cap (`within_cap`). The trainer's allocator runs with
+expandable segments, as the daemon's does (daemon/trainer/card_memory.py); `--no-expandable` runs without.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
+from daemon.trainer import card_memory  # noqa: E402
 
 
 def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: bool = False,
@@ -57,22 +66,29 @@ def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: b
         if prof:
             prof.step(step)
 
+    card = card_memory.for_device(0)
+    card.reset_peak()
     try:
-        recipe = LoRARecipe(cfg, emit=emit)
-        if quantized_dir is not None:
-            recipe.setup(examples, [], base_dir=quantized_dir)
-        else:
-            model = common.build_model(name, device="cuda")
-            recipe.setup(examples, [], model=model, tokenizer=common.FakeTokenizer())
-        n_matmul = common.matmul_params(recipe.accelerator.unwrap_model(recipe.model))
-        recipe.train()
+        with card_memory.Poller(card):
+            recipe = LoRARecipe(cfg, emit=emit)
+            if quantized_dir is not None:
+                recipe.setup(examples, [], base_dir=quantized_dir)
+            else:
+                model = common.build_model(name, device="cuda")
+                recipe.setup(examples, [], model=model, tokenizer=common.FakeTokenizer())
+            n_matmul = common.matmul_params(recipe.accelerator.unwrap_model(recipe.model))
+            recipe.train()
+            sampled = recipe.memory_report()  # what the progress events said (sampled at each one)
         if prof:
             prof.close()
         out = {"path": "daemon", "model": name, "max_length": max_length, "plan": recipe.plan,
                "micro_batch_size": recipe.micro_batch_size, "accumulation": recipe.accum,
                "matmul_params": n_matmul, "final_loss": marks.get("loss"),
                "peak_gib": torch.cuda.max_memory_allocated() / common.GIB,
-               "cap_gib": cap_gib, "config": overrides}
+               "reserved_peak_gib": torch.cuda.max_memory_reserved() / common.GIB,
+               "card_peak_gib": None if card.peak is None else card.peak / common.GIB,
+               "card_peak_sampled_gib": sampled.get("gpu_peak_card_gib"), "card_source": card.source,
+               "allocator": sampled.get("allocator"), "cap_gib": cap_gib, "config": overrides}
         if "t1" in marks:
             out["tokens_per_s"] = (marks["tok1"] - marks["tok0"]) / (marks["t1"] - marks["t0"])
             out["step_s"] = (marks["t1"] - marks["t0"]) / (args.steps - args.warmup)
@@ -81,7 +97,8 @@ def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: b
         return out
     except torch.OutOfMemoryError as e:
         return {"path": "daemon", "model": name, "max_length": max_length, "error": f"OOM: {str(e)[:200]}",
-                "cap_gib": cap_gib, "config": overrides}
+                "cap_gib": cap_gib, "config": overrides,
+                "card_peak_gib": None if card.peak is None else card.peak / common.GIB}
     except Exception as e:  # a variant that breaks must not end the whole benchmark
         import traceback
 
@@ -150,6 +167,35 @@ def run_reference(name: str, args, examples, *, gradient_checkpointing: bool = F
     return out
 
 
+def cap_check(r: dict) -> dict:
+    """One capped run's memory against its cap: the card's (NVML) peak, the allocator's, the plan's prediction."""
+    plan = r.get("plan") or {}
+    card = r.get("card_peak_gib")
+    return {"model": r["model"], "max_length": r.get("max_length"), "cap_gib": r["cap_gib"],
+            "card_peak_gib": card, "card_peak_sampled_gib": r.get("card_peak_sampled_gib"),
+            "card_source": r.get("card_source"), "allocated_peak_gib": r.get("peak_gib"),
+            "reserved_peak_gib": r.get("reserved_peak_gib"),
+            "predicted_card_peak_gib": plan.get("estimated_card_peak_gib"),
+            "predicted_allocated_peak_gib": plan.get("estimated_peak_gib"),
+            "plan": {k: plan.get(k) for k in ("micro_batch_size", "gradient_checkpointing", "quantized_4bit",
+                                              "expandable_segments", "memory_plan")},
+            "error": r.get("error"),
+            "within_cap": None if card is None or "error" in r else card <= r["cap_gib"]}
+
+
+def run_capped_4bit(args, examples, cap_gib: float, max_length: int) -> dict:
+    """llama-3.1-8b from a random-weight checkpoint on disk, so that the plan may load it in 4 bits."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:
+        return {"path": "daemon", "model": "llama-3.1-8b", "max_length": max_length, "cap_gib": cap_gib,
+                "error": f"needs bitsandbytes (a bf16 llama-3.1-8b is 15 GiB of weights): {e}"[:200]}
+    common.reset_gpu(None)
+    path = common.save_random_model("llama-3.1-8b", Path("/tmp/bench_llama8b"))
+    qargs = argparse.Namespace(**{**vars(args), "steps": args.qlora_steps, "warmup": min(args.warmup, 4)})
+    return run_ours("llama-3.1-8b", qargs, examples, cap_gib=cap_gib, quantized_dir=path, max_length=max_length)
+
+
 def run_daemon_e2e() -> dict:
     """The daemon's own overheads, from bench/daemon_e2e.py in a separate process (it starts the daemon,
     which must not share this process's CUDA context or its memory readings)."""
@@ -169,6 +215,13 @@ def run_daemon_e2e() -> dict:
     return result
 
 
+BF16_8B_MIN_CAP_GIB = 20.0  # below it a bf16 llama-3.1-8b (15 GiB of weights) leaves too little: the 4-bit path
+
+
+def parse_caps(text: str) -> list[float]:
+    return [float(c) for c in text.split(",") if c.strip()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-1.5b,llama-3.1-8b")
@@ -185,7 +238,13 @@ def main(argv=None) -> int:
                          "SECTION.KEY=VALUE[+SECTION.KEY=VALUE], e.g. training.attention=sdpa+lora.dtype=fp32")
     ap.add_argument("--variant-models", default="", help="models the variants run on (default: all)")
     ap.add_argument("--qlora-steps", type=int, default=12)
-    ap.add_argument("--cap-plan", action="store_true", help="llama-3.1-8b, max length 2048, 24 GiB cap")
+    ap.add_argument("--cap-plan", action="store_true",
+                    help="llama-3.1-8b, max length 2048, under a 24 GiB cap (bf16) and a 16 GiB cap (4-bit, needs "
+                         "bitsandbytes): the card's (NVML) peak against the cap in the results' `caps`")
+    ap.add_argument("--caps", default="24,16", help="the caps --cap-plan runs, GiB (a bf16 base under 20 GiB and "
+                                                    "over: 4-bit below that)")
+    ap.add_argument("--no-expandable", action="store_true",
+                    help="the allocator without expandable segments (the daemon's trainer turns them on)")
     ap.add_argument("--qlora", action="store_true", help="llama-3.1-8b 4-bit under a 10 GiB cap")
     ap.add_argument("--daemon-e2e", action="store_true",
                     help="also time the real daemon end to end (bench/daemon_e2e.py: drop to first step, GPU "
@@ -193,8 +252,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
+    # Before CUDA: the card's baseline for this process, and the allocator's settings the daemon's trainer uses.
+    card_memory.CardMemory.before_cuda()
+    if args.no_expandable:
+        import os
+
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:False")
+    allocator = card_memory.configure_allocator()
     results = {"env": common.environment(), "matmul_tflops": common.matmul_tflops(),
-               "args": vars(args) | {"out": str(args.out)}}
+               "args": vars(args) | {"out": str(args.out)}, "allocator": allocator}
     print(json.dumps(results["env"]), f"bf16 matmul {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
     runs = results["runs"] = []
 
@@ -222,7 +288,17 @@ def main(argv=None) -> int:
             record(run_ours(name, args, examples, overrides=common.parse_overrides(variant)))
     if args.cap_plan:
         long = common.synthetic_examples(args.examples, max_length=2048, seed=1, mean=600)
-        record(run_ours("llama-3.1-8b", args, long, cap_gib=24.0, max_length=2048))
+        caps = results["caps"] = []
+        for cap in parse_caps(args.caps):
+            if cap >= BF16_8B_MIN_CAP_GIB:
+                r = run_ours("llama-3.1-8b", args, long, cap_gib=cap, max_length=2048)
+            else:
+                r = run_capped_4bit(args, long, cap, 2048)
+            record(r)
+            caps.append(cap_check(r))
+            print("cap:", json.dumps(caps[-1], default=str), flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=1, default=str))
     if args.qlora:
         common.reset_gpu(None)
         path = common.save_random_model("llama-3.1-8b", Path("/tmp/bench_llama8b"))

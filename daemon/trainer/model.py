@@ -109,6 +109,9 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         "free_memory_gib": _mplan.free_gib,
         "memory_budget_gib": _mplan.budget_gib,
         "estimated_peak_gib": _mplan.estimated_peak_gib,
+        "estimated_card_peak_gib": _mplan.card_peak_gib,  # what NVML should show (memory_plan.card_peak_bytes)
+        "outside_allocator_gib": _mplan.outside_gib,  # the CUDA context when the plan read free memory
+        "expandable_segments": _mplan.expandable_segments,
         "memory_plan": _mplan.reason,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "processes": world.size if world else 1,
@@ -243,8 +246,10 @@ def _count_params_from_config(model_cfg) -> int:
 def _memory_plan(model_cfg, n_params: int, cfg, device: torch.device, *, can_quantize: bool = False,
                  resident_bytes: int = 0, bytes_per_param: int = 2, world=None, max_micro_batch: int | None = None):
     shape = memory_plan.Shape.from_config(model_cfg, n_params)
-    free = free_memory(device)
+    outside = outside_allocator(device)
+    free = free_memory(device, outside=outside)
     plan = memory_plan.plan_memory(shape, free_bytes=None if free is None else free + resident_bytes,
+                                   outside_bytes=outside, expandable_segments=expandable_segments(device),
                                    max_length=cfg.training.max_length,
                                    micro_batch_size=min(cfg.training.micro_batch_size,
                                                         max_micro_batch or cfg.training.micro_batch_size),
@@ -256,17 +261,47 @@ def _memory_plan(model_cfg, n_params: int, cfg, device: torch.device, *, can_qua
     return world.agree_plan(plan) if world else plan
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Free bytes this process may still use on `device`: the driver's free memory, under any per-process cap."""
+def free_memory(device: torch.device, *, outside: int | None = None) -> int | None:
+    """Free bytes this process's allocator may still get on `device`: the driver's free memory, under any
+    per-process cap. The driver's figure already leaves out the CUDA context; a cap (set_per_process_memory_fraction,
+    how bench/run.py makes a 24 GiB card of a larger one) counts only the allocator's reserved memory, so the
+    memory outside the allocator (`outside`, the context: CUDA_CONTEXT when unknown) is taken off it too: a
+    24 GiB cap then means 24 GiB on the card, as on a 24 GiB card."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     free, total = torch.cuda.mem_get_info(index)
     fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if fraction_of is not None:
-        cap = int(fraction_of(index) * total) - torch.cuda.memory_reserved(index)
-        free = min(free, cap)
+        fraction = fraction_of(index)
+        if fraction < 1.0:
+            context = memory_plan.CUDA_CONTEXT if outside is None else outside
+            cap = int(fraction * total) - torch.cuda.memory_reserved(index) - int(context)
+            free = min(free, cap)
     return free
+
+
+def outside_allocator(device: torch.device) -> int | None:
+    """What the card (NVML) shows for this process beyond the allocator's reserved memory: its CUDA context and
+    the libraries loaded so far. None on CPU or without NVML."""
+    if device.type != "cuda":
+        return None
+    from daemon.trainer import card_memory
+
+    return card_memory.for_device(_index(device)).outside_allocator()
+
+
+def expandable_segments(device: torch.device) -> bool:
+    """Whether the allocator makes expandable segments (card_memory.configure_allocator, or the user's setting)."""
+    if device.type != "cuda":
+        return False
+    from daemon.trainer import card_memory
+
+    return card_memory.expandable_in_force()
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _bitsandbytes_available() -> bool:

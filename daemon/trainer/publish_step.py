@@ -72,10 +72,21 @@ def build_metadata(attempt, recipe, cfg, base_dir: Path, report, verdict: dict) 
         "started_at": attempt.started_at,
         "training_seconds": summary["training_seconds"], "device": device,
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if cuda else None,
+        **card_memory_fields(recipe),
         "plan": summary["plan"], "libraries": library_versions(),
         "loss_history": p.losses, "eval_history": p.evals,
         **verdict, "replay": attempt.replay.to_metadata(), "versions_config": cfg.versions.model_dump(),
     }
+
+
+def card_memory_fields(recipe) -> dict:
+    """Beside the allocator's peak (peak_gpu_mem_gib): the card's (NVML) peak of the trainer process, sampled at
+    each progress event and now; the allocator's reserved peak; how the card was read; the allocator's settings
+    (expandable segments). None where there is no GPU or no NVML."""
+    report = recipe.memory_report() if hasattr(recipe, "memory_report") else {}
+    return {"gpu_peak_card_gib": report.get("gpu_peak_card_gib"),
+            "gpu_peak_reserved_gib": report.get("gpu_peak_reserved_gib"),
+            "gpu_card_source": report.get("gpu_card_source"), "gpu_allocator": report.get("allocator")}
 
 
 def publish(attempt, recipe, metadata: dict) -> None:

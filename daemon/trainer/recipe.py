@@ -21,6 +21,7 @@ from accelerate import Accelerator
 
 from daemon import faults
 from daemon.protocol import Event
+from daemon.trainer import card_memory
 from daemon.trainer import checkpoint
 from daemon.trainer import packing
 from daemon.trainer import sharding
@@ -68,6 +69,11 @@ class LoRARecipe:
         """Load the model with its LoRA, build the optimizer, plan every epoch's batches, and resume if possible.
 
         `max_micro_batch`: fewer examples per micro-batch than the config's (an out-of-memory retry)."""
+        # Before this process makes its CUDA context: the card's baseline, and the allocator's settings
+        # (expandable segments unless the user chose; daemon/trainer/card_memory.py).
+        self.card = card_memory.CardMemory.before_cuda()
+        self.card.reset_peak()
+        self.allocator = card_memory.configure_allocator() if torch.cuda.is_available() else None
         # Under RANK/WORLD_SIZE from the daemon this joins the job's process group (gloo on CPU, NCCL on GPUs).
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_kwargs(),
                                        **self.tracker.accelerator_kwargs())
@@ -317,10 +323,23 @@ class LoRARecipe:
                  "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(tokens_per_s, 1),
                  "eta_s": round(remaining * per_step, 1)}
         if torch.cuda.is_available():
+            # The allocator's peak (gpu_mem_gib), its reserved peak, and the card's (NVML) peak so far.
             event["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
+            card = self.memory_report()
+            event.update({k: card[k] for k in ("gpu_peak_card_gib", "gpu_peak_reserved_gib") if k in card})
         self.emit(event)
-        self.log_scalars({f"train/{k}": event[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "gpu_mem_gib")
-                          if k in event})
+        self.log_scalars({f"train/{k}": event[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "gpu_mem_gib",
+                                                           "gpu_peak_card_gib", "gpu_peak_reserved_gib")
+                          if event.get(k) is not None})
+
+    def memory_report(self) -> dict:
+        """The card's (NVML) peak of this process, the allocator's reserved peak, how the card was read, and the
+        allocator's settings: for progress events and metadata. Empty on CPU."""
+        card = getattr(self, "card", None)
+        report = card.report() if card is not None else {}
+        if report:
+            report["allocator"] = getattr(self, "allocator", None)
+        return report
 
     @torch.no_grad()
     def evaluate(self, examples: list | None = None) -> float | None:
