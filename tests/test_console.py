@@ -63,7 +63,9 @@ def test_render_status_while_training():
     assert "#42  tickets.jsonl -> adapter support-bot  (training, started 10m 00s ago)" in text
     assert "[#######.......................]  25%  step 50/200  epoch 0.25" in text
     assert "1.2346  (eval 1.5000)  lr 2.00e-04" in text
-    assert "4,567 tok/s  ETA 1:35  GPU memory 3.20 GiB" in text
+    assert "4,567 tok/s  ETA 1:35  GPU memory 3.20 GiB" in text and "card peak" not in text  # no NVML reading
+    on_card = render_status(training_status(gpu_peak_card_gib=4.1), JOBS, now=NOW)
+    assert "GPU memory 3.20 GiB (card peak 4.10 GiB)" in on_card
     # the trainer counts whole epochs from 0, as it reports them; a person reads the first epoch as 1
     assert "step 50/200  epoch 1\n" in render_status(training_status(epoch=0), JOBS, now=NOW) + "\n"
     assert "2 pending  1 running  10 done  1 failed" in text

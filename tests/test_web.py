@@ -195,7 +195,8 @@ def two_jobs_snapshot(writer: StatusWriter, **first) -> None:
     """What a daemon training two jobs side by side writes: job 7 on GPU 0, job 8 in Slurm, still loading."""
     running = [{"job_id": 7, "adapter": "alpha", "file": "a.jsonl", "phase": "training", "step": 40,
                 "total_steps": 100, "loss": 0.5, "eval_loss": None, "tokens_per_s": 2000.0, "eta_s": 90,
-                "gpu_mem_gib": 3.0, "devices": ["0"], "slot": "gpu0", "executor": "local", **first},
+                "gpu_mem_gib": 3.0, "gpu_peak_card_gib": 3.6, "devices": ["0"], "slot": "gpu0", "executor": "local",
+                **first},
                {"job_id": 8, "adapter": "beta", "file": "b.jsonl", "phase": "loading", "step": 0, "total_steps": None,
                 "loss": None, "eval_loss": None, "tokens_per_s": None, "eta_s": None, "gpu_mem_gib": None,
                 "devices": None, "slot": "slurm", "executor": "slurm", "slurm_job_id": "4501"}]
@@ -227,6 +228,7 @@ def test_api_and_metrics_show_every_running_job(site):
     assert m[("training_daemon_job_total_steps", (("adapter", "alpha"), ("job_id", "7")))] == 100
     assert m[("training_daemon_job_loss", (("adapter", "alpha"), ("job_id", "7")))] == 0.5
     assert m[("training_daemon_job_tokens_per_second", (("adapter", "alpha"), ("job_id", "7")))] == 2000
+    assert m[("training_daemon_job_gpu_card_peak_gib", (("adapter", "alpha"), ("job_id", "7")))] == 3.6
     assert m[("training_daemon_job_step", (("adapter", "beta"), ("job_id", "8")))] == 0
     assert ("training_daemon_job_loss", (("adapter", "beta"), ("job_id", "8"))) not in m  # no loss yet: no sample
     assert m[("training_daemon_job_info", (("adapter", "beta"), ("executor", "slurm"), ("job_id", "8"),
@@ -483,7 +485,7 @@ def test_page_in_headless_chromium_shows_every_running_job(root):
         first, second = browser.cards()
         assert first["title"] == "job 7: a.jsonl \u2192 alpha (training)" and first["where"] == "GPU 0"
         assert first["progress"] == "step 40/100 (40%)" and first["bar"] == "40%" and first["loss"] == "0.5000"
-        assert first["speed"] == "2,000 tok/s" and first["eta"] == "1:30" and first["mem"] == "3.00 GiB"
+        assert first["speed"] == "2,000 tok/s" and first["eta"] == "1:30" and first["mem"] == "3.00 GiB, card peak 3.60 GiB"
         assert second["title"] == "job 8: b.jsonl \u2192 beta (loading)" and second["where"] == "Slurm job 4501"
         assert second["progress"] == "step 0/? (0%)" and second["loss"] == "?" and second["bar"] == "0%"
         assert first["visible"] and second["visible"]

@@ -164,7 +164,9 @@ def _job_rows(cur: dict, now: float) -> list[tuple[str, str]]:
         loss += f"  lr {cur['lr']:.2e}"
     rows.append(("loss", loss))
     rows.append(("speed", f"{_num(cur.get('tokens_per_s'), ',.0f', ' tok/s')}  ETA {fmt_eta(cur.get('eta_s'))}"
-                          f"  GPU memory {_num(cur.get('gpu_mem_gib'), '.2f', ' GiB')}"))
+                          f"  GPU memory {_num(cur.get('gpu_mem_gib'), '.2f', ' GiB')}"
+                          + (f" (card peak {cur['gpu_peak_card_gib']:.2f} GiB)"
+                             if isinstance(cur.get("gpu_peak_card_gib"), (int, float)) else "")))
     return rows
 
 

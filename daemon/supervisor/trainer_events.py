@@ -10,7 +10,7 @@ from daemon.timefmt import fmt_eta
 
 # reward_accuracy: preference (DPO) jobs only, the step's share of pairs whose chosen answer wins.
 _PROGRESS_FIELDS = ("step", "total_steps", "epoch", "loss", "reward_accuracy", "lr", "tokens_per_s", "eta_s",
-                    "gpu_mem_gib")
+                    "gpu_mem_gib", "gpu_peak_card_gib")
 
 
 def report(ev: dict, job: Job, current: dict, status: StatusWriter) -> None:

@@ -42,7 +42,7 @@ _WHOLE_NUMBER = re.compile(r"[0-9]{1,13}", re.ASCII)
 _PLOT = re.compile(r"/plots/([^/]+)/v([0-9]{1,9})\.png", re.ASCII)
 VERSION_FIELDS = ("adapter", "version", "job_id", "source_file", "base_model", "steps", "epochs", "first_train_loss",
                   "final_train_loss", "eval_loss", "tokens_trained", "examples_trained", "training_seconds",
-                  "finished_at", "device", "peak_gpu_mem_gib", "parent_version", "mode", "method")
+                  "finished_at", "device", "peak_gpu_mem_gib", "gpu_peak_card_gib", "parent_version", "mode", "method")
 
 
 def list_versions(layout: Layout) -> list[dict]:
@@ -165,7 +165,9 @@ _JOB_READINGS = (("job_id", "job_id", "Id of the job being trained"),
                  ("lr", "learning_rate", "Current learning rate"),
                  ("tokens_per_s", "tokens_per_second", "Training throughput"),
                  ("eta_s", "eta_seconds", "Estimated seconds left"),
-                 ("gpu_mem_gib", "gpu_memory_gib", "GPU memory the trainer holds (torch)"))
+                 ("gpu_mem_gib", "gpu_memory_gib", "GPU memory the trainer holds (torch)"),
+                 ("gpu_peak_card_gib", "gpu_card_peak_gib",
+                  "Peak GPU memory the card shows for the trainer's process (NVML), allocator reserve and CUDA context included"))
 # The current_* HELP texts as they always were (the others read the same for either family).
 _CURRENT_HELP = {"step": "Optimizer step of the current job", "total_steps": "Total steps of the current job"}
 

@@ -135,7 +135,7 @@ function fillCard(card, c) {
   q("eval-loss").textContent = c.eval_loss == null ? "not yet" : num(c.eval_loss, 4);
   q("tps").textContent = c.tokens_per_s ? Math.round(c.tokens_per_s).toLocaleString("en-US") + " tok/s" : "?";
   q("eta").textContent = fmtEta(c.eta_s);
-  q("job-mem").textContent = c.gpu_mem_gib == null ? "none" : num(c.gpu_mem_gib, 2) + " GiB";
+  q("job-mem").textContent = (c.gpu_mem_gib == null ? "none" : num(c.gpu_mem_gib, 2) + " GiB") + (c.gpu_peak_card_gib == null ? "" : ", card peak " + num(c.gpu_peak_card_gib, 2) + " GiB");
 }
 
 // A round tick spacing (1, 2 or 5 times a power of ten) giving about n intervals over `range`.
