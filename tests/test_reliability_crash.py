@@ -167,7 +167,7 @@ def test_no_second_trainer_while_an_earlier_one_holds_the_trainer_lock(root, tin
     inbox = Inbox(root)
     inbox.drop("data.jsonl", chat_lines(4))
     (root / "state").mkdir()
-    stray = os.open(root / "state" / "trainer.lock", os.O_RDWR | os.O_CREAT)  # as a trainer still running holds it
+    stray = os.open(root / "state" / "trainer-cpu0.lock", os.O_RDWR | os.O_CREAT)  # as a trainer on the CPU holds it
     fcntl.flock(stray, fcntl.LOCK_EX)
 
     with TrainerWatch(root) as watch:

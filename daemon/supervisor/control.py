@@ -213,20 +213,24 @@ def check(spool: Spool, action: str, job_id: int | None, config: CurrentConfig |
 
 
 def apply(spool: Spool, action: str, job_id: int | None = None, *, config: CurrentConfig | None = None,
-          status=None, current: dict | None = None) -> str | None:
+          status=None, current: dict | None = None, running: dict[int, dict] | None = None) -> str | None:
     """Carry out one request and say what was done, in words.
 
     The CLI calls it when no daemon runs (holding the daemon lock): it gets the words back, and a refusal (no
     such job, a job in the wrong state) raises UserError for the user to see. The daemon calls it for each
     request file with its StatusWriter as `status`: the words and any refusal go to the log (a refusal as a
-    warning; the daemon goes on), and with `current`, the job it is training, whose cancel is only flagged
-    there (current["cancelled"]) for the daemon to stop the trainer. `config`: the current config a retried
-    job takes (current_config()); None keeps its snapshot (`retry --same-config`).
+    warning; the daemon goes on), and with `running` (job id -> its status dict), the jobs it is training: the
+    cancel of one of them is only flagged there (["cancelled"]) for the daemon to stop that job's trainer, and
+    no other. `current`: one such job's dict (as before several jobs could run at once). `config`: the current
+    config a retried job takes (current_config()); None keeps its snapshot (`retry --same-config`).
     """
     if action not in _ACTIONS:
         return None  # a request file made by hand: nothing this daemon knows how to do
-    if action == "cancel" and current and current.get("job_id") == job_id:
-        current["cancelled"] = True
+    training = dict(running or {})
+    if current and current.get("job_id") is not None:
+        training.setdefault(current["job_id"], current)
+    if action == "cancel" and job_id in training:
+        training[job_id]["cancelled"] = True
         return None
     event, handler = _ACTIONS[action]
     try:

@@ -4,7 +4,7 @@ Above all: when something every job needs is missing - the base model, the GPUs 
 writable disk - the queue is blocked instead of failing job after job. problem() says what is missing; it is
 asked before each job starts, after a job failed (was it the machine, not the job?) and, while blocked, every
 RECHECK_SECONDS; the block ends when it answers None. Then the two plain waits: free disk space below the
-floor, and the trainer lock still held by an earlier daemon's trainer. No torch here: the daemon imports it.
+floor, and a device's trainer lock still held by an earlier daemon's trainer. No torch here: the daemon imports it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def base_model_problem(value: str) -> str | None:
 
 
 def gpu_problem(cfg) -> str | None:
-    """The GPUs the config asks for are not all visible (a driver reset, a card taken away, MIG changed)."""
+    """The GPUs the config asks for are not all visible (a driver reset, a card taken away, MIG changed).
+    With executor: slurm they are the nodes' GPUs, which Slurm allocates: not this host's to check."""
+    if getattr(cfg, "executor", "local") == "slurm":
+        return None
     try:
         launch.grant(cfg.gpus, cfg.cpu_processes, gpu.visible_devices())
     except UserError as e:
@@ -94,14 +97,15 @@ class Gate:
         self.disk_note: str | None = None  # how much space is left, while below the floor
         self._lock_wait_said = False
 
-    def wait_state(self, cfg, min_free_mb: int, *, lock_needed: bool) -> str | None:
+    def wait_state(self, cfg, min_free_mb: int, *, locks: list[str] | None) -> str | None:
         """None when the next job (with this config) may start; else the daemon's state while it waits:
-        "blocked", "waiting_for_disk" or "waiting_for_trainer"."""
+        "blocked", "waiting_for_disk" or "waiting_for_trainer". `locks`: the trainer locks its grant takes
+        (launch.lock_names), None when none need checking (the early trainer holds them, or Slurm runs it)."""
         if self.check(cfg):
             return "blocked"
         if self.disk_low(min_free_mb):
             return "waiting_for_disk"
-        if lock_needed and self.trainer_lock_held():
+        if locks and self.trainer_lock_held(locks):
             return "waiting_for_trainer"
         return None
 
@@ -154,15 +158,17 @@ class Gate:
         time.sleep(1)
         return True
 
-    def trainer_lock_held(self) -> bool:
-        """Never two trainers: a trainer left by a dead daemon holds state/trainer.lock until its lifeline makes
-        it exit. Until then the daemon waits, still watching the inbox and the signals."""
-        if launch.trainer_lock_free(self.layout.state):
+    def trainer_lock_held(self, locks: list[str]) -> bool:
+        """Never two trainers on one device: a trainer left by a dead daemon holds its devices' locks
+        (state/trainer-gpu0.lock, state/trainer-cpu0.lock, ...) until its lifeline makes it exit. Until then
+        the job that needs them waits, and the daemon goes on watching the inbox, the signals, other jobs."""
+        held = launch.held_trainer_lock(self.layout.state, locks)
+        if held is None:
             self._lock_wait_said = False
             return False
         if not self._lock_wait_said:
-            self.status.event("waiting_for_trainer", "a trainer from an earlier daemon still holds "
-                              "state/trainer.lock; waiting for it to exit", level="warning")
+            self.status.event("waiting_for_trainer", f"a trainer from an earlier daemon still holds "
+                              f"{held}; waiting for it to exit", level="warning")
             self._lock_wait_said = True
         return True
 

@@ -62,8 +62,21 @@ def visible_devices() -> list[str] | None:
             return None
 
 
-def snapshot() -> dict | None:
-    """Memory and utilisation summed over the visible GPUs, or None without NVML."""
+def _chosen(nvml, index: int, handle, devices) -> bool:
+    """Whether GPU `index` is one of `devices` (CUDA_VISIBLE_DEVICES entries: indices or UUIDs); None: all."""
+    if devices is None or str(index) in devices:
+        return True
+    try:
+        uuid = nvml.nvmlDeviceGetUUID(handle)
+    except Exception:
+        return False
+    uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+    return any(uuid.startswith(d) for d in devices if not d.isdigit())
+
+
+def snapshot(devices: list[str] | tuple[str, ...] | None = None) -> dict | None:
+    """Memory and utilisation summed over the visible GPUs (only `devices` of them, if given: one job's GPUs
+    while others train on the rest), or None without NVML."""
     with _nvml() as nvml:
         if nvml is None:
             return None
@@ -71,6 +84,8 @@ def snapshot() -> dict | None:
             names, used, total, util = [], 0, 0, []
             for i in visible_indices(nvml):
                 handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                if not _chosen(nvml, i, handle, devices):
+                    continue
                 mem = nvml.nvmlDeviceGetMemoryInfo(handle)
                 name = nvml.nvmlDeviceGetName(handle)
                 names.append(name.decode() if isinstance(name, bytes) else name)
@@ -105,26 +120,27 @@ def processes_using_gpu() -> list[int] | None:
             return None
 
 
-def wait_for_release(before: dict, slack_gib: float = 0.25, timeout: float = 15.0) -> dict:
+def wait_for_release(before: dict, slack_gib: float = 0.25, timeout: float = 15.0, devices=None) -> dict:
     """After a trainer exited: wait until the GPUs' memory is back to the `before` reading (give or take
     `slack_gib`; the driver frees a dead process's memory a moment after it is reaped). Returns the
     verdict: {"before_gib", "after_gib" (None if NVML stopped answering), "released", "seconds"}."""
     start = time.monotonic()
-    after = snapshot()
+    after = snapshot(devices)
     while after and after["mem_used_gib"] > before["mem_used_gib"] + slack_gib and time.monotonic() - start < timeout:
         time.sleep(0.25)
-        after = snapshot()
+        after = snapshot(devices)
     released = after is not None and after["mem_used_gib"] <= before["mem_used_gib"] + slack_gib
     return {"before_gib": before["mem_used_gib"], "after_gib": after["mem_used_gib"] if after else None,
             "released": released, "seconds": round(time.monotonic() - start, 2)}
 
 
-def release_report(before: dict | None) -> tuple[str, str, dict]:
+def release_report(before: dict | None, devices=None) -> tuple[str, str, dict]:
     """The daemon's GPU check after a trainer exited, as (message, level, fields) for its status line;
-    `before`: the snapshot taken before the trainer started (None: no GPU to check)."""
+    `before`: the snapshot taken before the trainer started (None: no GPU to check), of `devices` (the job's
+    GPUs; None: every visible one), the same ones read now: other jobs' GPUs must not blur the reading."""
     if before is None:
         return "GPU memory not checked: no GPU visible to NVML", "info", {"released": None}
-    check = wait_for_release(before)
+    check = wait_for_release(before, devices=devices)
     after = f"{check['after_gib']:.2f}" if check["after_gib"] is not None else "nan"
     message = (f"GPU memory before {check['before_gib']:.2f} GiB, after {after} GiB"
                + (f" (back in {check['seconds']:.1f}s)" if check["released"] else " - NOT released"))

@@ -7,7 +7,7 @@ daemon and the ranks and start every worker in a session of its own (torch 2.13,
 `SubprocessHandler._popen`): a warm stop (SIGUSR1) would reach the agent, not the ranks, and by default
 kill it; killpg of the agent's group would miss the workers; and the workers would inherit neither the
 lifeline pipe (Popen closes fds) nor a death signal tied to the daemon. Here rank 0 leads a new process
-group and every other rank joins it, each holds the lifeline and the trainer lock, and all are the
+group and every other rank joins it, each holds the lifeline and its devices' trainer locks, and all are the
 daemon's own children. No torch in this module: the daemon imports it.
 """
 
@@ -26,8 +26,6 @@ from pathlib import Path
 
 from daemon import protocol
 from daemon.paths import PROJECT_DIR, UserError
-
-TRAINER_LOCK = "trainer.lock"  # in state/: held by every trainer process until it exits
 
 # Set for a multi-process job only; a single-process trainer must not inherit any from the daemon's own
 # environment and believe it is one rank of many.
@@ -118,32 +116,56 @@ def trainer_env() -> dict:
                 PYTHONUNBUFFERED="1")
 
 
-def acquire_trainer_lock(state_dir: Path, wait: float = 60) -> int:
-    """Never two trainers: the fd of state/trainer.lock, locked, for the next trainer to inherit. Waits for a
-    trainer left by a dead daemon (its lifeline makes it exit); RuntimeError if it has not after `wait` s."""
-    fd = os.open(state_dir / TRAINER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+def lock_names(grant: Grant, slot: str) -> list[str]:
+    """The trainer locks a grant takes: one per GPU ("gpu<entry>"), or its CPU slot's ("cpu0", ...)."""
+    if grant.devices is not None:
+        return [f"gpu{d}" for d in grant.devices]
+    return [slot]
+
+
+def lock_file(name: str) -> str:
+    """state/trainer-<name>.lock: held by every rank of the trainer that runs there, until it exits."""
+    return f"trainer-{name}.lock"
+
+
+def acquire_trainer_lock(state_dir: Path, names: list[str], wait: float = 60) -> list[int]:
+    """Never two trainers on one device: the fds of the grant's locks (lock_names), locked, for the next trainer
+    to inherit. Waits for a trainer left by a dead daemon (its lifeline makes it exit); RuntimeError if it has
+    not after `wait` s (the locks taken so far are let go)."""
+    fds: list[int] = []
     deadline = time.monotonic() + wait
-    while True:
+    try:
+        for name in names:
+            fd = os.open(state_dir / lock_file(name), os.O_RDWR | os.O_CREAT, 0o644)
+            fds.append(fd)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"a trainer from an earlier daemon still holds state/{lock_file(name)}"
+                                           ) from None
+                    time.sleep(0.2)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def held_trainer_lock(state_dir: Path, names: list[str]) -> str | None:
+    """The first of these locks a trainer holds now, as state/<file>, or None when all are free (a probe: it
+    takes each lock and lets go at once)."""
+    for name in names:
+        fd = os.open(state_dir / lock_file(name), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
         except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise RuntimeError("a trainer from an earlier daemon still holds state/trainer.lock") from None
-            time.sleep(0.2)
-
-
-def trainer_lock_free(state_dir: Path) -> bool:
-    """Whether no trainer holds state/trainer.lock now (a probe: it takes the lock and lets go at once)."""
-    fd = os.open(state_dir / TRAINER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # closing drops the probe's lock
+            return f"state/{lock_file(name)}"
+        finally:
+            os.close(fd)  # closing drops the probe's lock
+    return None
 
 
 def trainer_command(job_dir: Path, root: Path, lifeline_fd: int, parent_pid: int, micro_batch: int | None) -> list[str]:

@@ -1,9 +1,10 @@
-"""The daemon: watch the inbox, run one trainer at a time, record every outcome.
+"""The daemon: watch the inbox, run the jobs (one at a time, or several side by side), record every outcome.
 
-It never imports torch. One loop does everything, a turn at a time: new files, control requests, and while a
-job trains, its trainer's events and stop requests (trainer_process.py holds the trainer; the loop polls it).
-What each outcome means for the job is policy.py's to say. After a trainer exits, NVML must show its GPU
-memory back. Signals: the first SIGTERM/SIGINT is a warm stop, the second a cold one (rq's worker does the same).
+It never imports torch. One loop does everything, a turn at a time: new files, control requests, the
+trainers' events and stop requests of every job in training (attempts.py holds a job's attempt; the loop
+polls each), then the pending jobs that may start now and where (slots.py). What each outcome means for the
+job is policy.py's to say. After a trainer exits, NVML must show its GPUs' memory back. Signals: the first
+SIGTERM/SIGINT is a warm stop of every trainer, the second a cold one (rq's worker does the same).
 """
 
 from __future__ import annotations
@@ -11,38 +12,25 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import __version__, durable, faults, protocol
-from daemon.config import DaemonConfig, adapter_config, effective_dict
+from daemon import __version__, durable
+from daemon.config import adapter_config
 from daemon.paths import Layout, UserError
-from daemon.protocol import ErrorKind, Event
-from daemon.supervisor import control, decision_log, gate, gpu, hooks, launch, policy, trainer_events, web_start
+from daemon.supervisor import attempts, control, decision_log, gate, gpu, hooks, launch, policy, slots, web_start
+from daemon.supervisor.attempts import Attempt
 from daemon.supervisor.intake import Intake
 from daemon.supervisor.job import Job, JobStatus
-from daemon.supervisor.outcome import Outcome, OutcomeKind, describe_exit, resume_point, write_error
+from daemon.supervisor.outcome import Outcome, resume_point
 from daemon.supervisor.policy import Verdict
 from daemon.supervisor.spool import Spool
 from daemon.supervisor.standby import Standby, early_grant, start_early
 from daemon.supervisor.status import LEVEL_ENV, StatusWriter
 from daemon.supervisor.status_line import status_line
-from daemon.supervisor.trainer_process import TrainerProcess
-from daemon.timefmt import fmt_duration, now_iso
+from daemon.timefmt import now_iso
 from daemon.textsafe import for_terminal
 
-
-@dataclass
-class Attempt:
-    """The job in training, from its start to its trainer's exit."""
-
-    job: Job
-    job_dir: Path
-    cfg: DaemonConfig  # with the adapter's overrides
-    record: dict  # its entry in job.attempts
-    gpu_before: dict | None
-    trainer: TrainerProcess | None = None
-    stalled: str | None = None  # why the daemon killed its trainer for silence, if it did
+PLACE_EVERY_SECONDS = 1.0  # while jobs train: how often the pending ones are looked at (and at once after an end)
 
 
 class Supervisor:
@@ -53,8 +41,8 @@ class Supervisor:
         self.intake = Intake(layout, cfg.intake, self.spool, self.status)
         self.signals = 0
         self.state = "starting"
-        self.current: dict | None = None  # the job in training, as status.json shows it
-        self.attempt: Attempt | None = None
+        self.running: dict[int, Attempt] = {}  # the jobs in training, by job id, oldest first
+        self._next_place = 0.0
         self.results: list[bool] = []
         self.web = None
         self.standby: Standby | None = None  # the next job's trainer, started early
@@ -78,22 +66,25 @@ class Supervisor:
                           pid=os.getpid(), root=str(self.layout.root))
         self.hooks = hooks.start_hooks(self.cfg, self.layout, self.status)  # read once: editing hooks needs a restart
         self._set_aside_unreadable(self.spool.list())
-        for line in self.spool.sweep(self.cfg.limits.max_attempts):
+        kept = attempts.reattach(self)  # Slurm jobs outlive a restart: theirs are running attempts again
+        for line in self.spool.sweep(self.cfg.limits.max_attempts, keep=kept):
             self.status.event("sweep", line, level="warning")
         self._clean_publish_leftovers()
         self.web = web_start.start(self.cfg, self.layout, self.status)
         self.intake.start()
         self._prestart()
-        self.state = "paused" if control.is_paused(self.layout) else "idle"
+        if not self.running:
+            self.state = "paused" if control.is_paused(self.layout) else "idle"
         self.notifier.ready()  # first: a STATUS= before READY=1 would be the first thing systemd hears
         self.snapshot(force=True)
         try:
             self._loop()
         finally:
-            if self.attempt is not None and self.attempt.trainer:
-                # The loop itself failed with a trainer running: closing its lifeline makes it exit at once (the
-                # start-up sweep will requeue its job), instead of training on while the daemon winds down.
-                self.attempt.trainer.close()
+            for attempt in self.running.values():
+                if attempt.trainer:
+                    # The loop itself failed with a trainer running: closing its lifeline makes it exit at once
+                    # (the start-up sweep will requeue its job), instead of training on while the daemon winds down.
+                    attempt.trainer.close()
             self.state = "stopping"
             self.notifier.stopping()
             self.intake.stop()
@@ -112,12 +103,15 @@ class Supervisor:
         return 0
 
     def _loop(self) -> None:
-        """The one loop: each turn does the housekeeping, then watches the job in training or starts the next.
-        A stop (signal) ends it once no trainer runs."""
+        """The one loop: each turn does the housekeeping, watches every job in training, then starts the pending
+        jobs that may start. A stop (signal) ends it once no trainer runs."""
         while True:
-            if self.attempt is not None:
-                self._tick(timeout=0)  # the trainer's events are what this turn waits for
-                self._watch_attempt()
+            if self.running:
+                self._tick(timeout=0)  # the trainers' events are what this turn waits for
+                for attempt in list(self.running.values()):
+                    attempts.watch(self, attempt, timeout=0.2 / len(self.running))
+                if not self.signals and not control.is_paused(self.layout) and time.monotonic() >= self._next_place:
+                    self._place()
                 continue
             if self.signals:
                 return
@@ -130,21 +124,13 @@ class Supervisor:
                     self._end_paused_once()
                     return
                 continue
-            pending = self._set_aside_unreadable(self.spool.list(JobStatus.PENDING))
-            if pending:
-                job, job_dir = pending[0]
-                wait = self.gate.wait_state(self._config_for(job), self.cfg.limits.min_free_disk_mb,
-                                            lock_needed=self.standby is None)
-                if wait is not None:
-                    self.state = wait
-                    if self.once and wait != "waiting_for_trainer":  # nothing will fix it for us: they stay pending
-                        self.results.append(False)
-                        return
-                    continue
-                self._start_attempt(job, job_dir)
-            elif self.once and not self._inbox_has_files():
+            placed = self._place()
+            if placed == "end":
                 return
-            else:  # a block is still shown (and re-checked) with nothing to run: the next file would meet it
+            if placed is None:
+                if self.once and not self._inbox_has_files():
+                    return
+                # a block is still shown (and re-checked) with nothing to run: the next file would meet it
                 self.state = "blocked" if self.gate.still_blocked(self.cfg) else "idle"
 
     def _tick(self, timeout: float) -> None:
@@ -161,130 +147,83 @@ class Supervisor:
         self.snapshot()
 
     # ------------------------------------------------------------------ jobs
-    def _start_attempt(self, job: Job, job_dir: Path) -> None:
-        # The attempt is written down in running/ before anything can fail: if the daemon dies from here on,
-        # sweep() counts it, so no job can crash the daemon more than max_attempts times.
-        job_dir = self.spool.move(job, JobStatus.RUNNING)
-        record = {"n": len(job.attempts) + 1, "started_at": now_iso(), "micro_batch_size": job.micro_batch_size}
-        job.started_at = job.started_at or record["started_at"]
-        job.attempts.append(record)
-        job.save(job_dir)
-        try:  # an adapter override may have been added or broken since the daemon started
-            cfg = adapter_config(self.cfg, job.adapter, self.config_path)
-        except UserError as e:
-            write_error(job_dir, ErrorKind.BAD_CONFIG, str(e))
-            record.update(ended_at=now_iso(), outcome=OutcomeKind.BAD_CONFIG, error=str(e))
-            self._finish(job, job_dir, self.cfg, Outcome(OutcomeKind.BAD_CONFIG, str(e)))
-            return
-        record["micro_batch_size"] = job.micro_batch_size or cfg.training.micro_batch_size
-        snapshot_path = job_dir / "config.json"
-        if not snapshot_path.exists():
-            durable.write_json(snapshot_path, effective_dict(cfg))
-        job.save(job_dir)
-        self.current = {"job_id": job.id, "adapter": job.adapter, "file": job.original_name, "phase": "starting",
-                        "started_at": record["started_at"], "step": 0, "total_steps": None, "arrived_unix": None}
-        self.state = "training"
-        self.status.event("job_started", f"job {job.id} started: {job.original_name} -> adapter {job.adapter} "
-                          f"(attempt {record['n']})", job_id=job.id, adapter=job.adapter, attempt=record["n"])
-        self.attempt = Attempt(job, job_dir, cfg, record, gpu_before=gpu.snapshot())
-        faults.check("job_start", job_id=job.id)
-        try:
-            grant = launch.grant(self.cfg.gpus, self.cfg.cpu_processes, gpu.visible_devices())
-        except UserError as e:  # the GPUs asked for are gone: no job can run until they are back
-            write_error(job_dir, ErrorKind.UNAVAILABLE, str(e))
-            self._end_attempt(protocol.UNAVAILABLE)
-            return
-        # This attempt's first failing rank writes it; one left by an earlier attempt would speak for this one.
-        (job_dir / "error.json").unlink(missing_ok=True)
-        if grant.processes > 1 or grant.devices is not None:
-            self.status.event("launch", f"job {job.id}: training on {grant.describe()}",
-                              level="info" if grant.processes > 1 else "debug", job_id=job.id,
-                              processes=grant.processes, devices=grant.devices)
-        standby, self.standby = self.standby, None
-        try:
-            trainer = TrainerProcess.start(job_dir, job.micro_batch_size, grant, root=self.layout.root,
-                                           state_dir=self.layout.state, standby=standby)
-        except OSError as e:  # its interpreter or the project gone: this attempt fails with why, the daemon goes on
-            write_error(job_dir, ErrorKind.ERROR, f"the trainer could not be started: {e}")
-            self._end_attempt(protocol.FAILED)
-            return
-        self.attempt.trainer = trainer
-        if trainer.early_pid is not None:
-            self.status.event("launch", f"job {job.id}: trainer started early (pid {trainer.early_pid})",
-                              level="debug", job_id=job.id, pid=trainer.early_pid)
-
-    def _watch_attempt(self) -> None:
-        """One turn of the job in training: its trainer's new events, then failed ranks and stops, then its end."""
-        job, trainer = self.attempt.job, self.attempt.trainer
-        for event in trainer.poll_events(timeout=0.2):
-            if event.get("event") == Event.PHASE and event.get("phase") == "saving" and self.notifier:
-                # Saving may take as long as a warm stop may: systemd's watchdog must wait that long too.
-                self.notifier.extend_timeout(int(self.cfg.limits.stop_timeout_seconds * 1e6))
+    def pool(self) -> slots.Pool | None:
+        """What jobs are placed on now (slots.py); None while the GPUs `gpus` asks for are not all there."""
+        devices = None
+        if self.cfg.executor == "local":  # Slurm jobs take no device of this host
             try:
-                trainer_events.report(event, job, self.current, self.status)
-            except Exception as e:  # a malformed event must never take the daemon down
-                self.status.event("bad_event", f"job {job.id}: could not handle trainer event {event!r}: {e!r}",
-                                  level="warning")
-            self.snapshot()
-        if trainer.done:
-            self._end_attempt(trainer.exit_status())
-            return
-        failed = trainer.stop_if_a_rank_failed()
-        if failed:
-            rank, code = failed
-            self.status.event("rank_failed", f"job {job.id}: rank {rank} exited with "
-                              f"{launch.describe_status(code)}; stopping the other ranks", level="warning",
-                              job_id=job.id, rank=rank, exit_code=code)
-        if self.signals >= 2 or self.current.get("cancelled"):
-            trainer.cold_stop()
-        elif (self.signals or control.is_paused(self.layout)) and trainer.warm_stop():
-            self.status.event("stopping", f"job {job.id}: asking the trainer to checkpoint and stop", job_id=job.id)
-        elif trainer.stop_overdue(self.cfg.limits.stop_timeout_seconds):
-            self.status.event("stop_timeout", f"job {job.id}: trainer did not stop in "
-                              f"{self.cfg.limits.stop_timeout_seconds}s; killing it", level="warning")
-            trainer.cold_stop()
-        elif (silent := trainer.stalled(self.cfg.limits.stall_timeout_seconds,
-                                        self.cfg.limits.start_timeout_seconds)) is not None:
-            # Hung (a collective, a driver, a dead mount): killed; the attempt is a failed one, the queue goes on.
-            last = trainer_events.describe_event(trainer.last_event)
-            self.attempt.stalled = f"no event from the trainer for {fmt_duration(silent)} (last event: {last})"
-            self.current["phase"] = "stalled"
-            self.status.event("stalled", f"job {job.id} stalled: {self.attempt.stalled}; killing its trainer",
-                              level="warning", job_id=job.id, silent_s=round(silent, 1), last_event=trainer.last_event)
-            trainer.cold_stop()
+                devices = launch.grant(self.cfg.gpus, self.cfg.cpu_processes, gpu.visible_devices()).devices
+            except UserError:
+                return None
+        return slots.Pool.of(devices, cpu_processes=self.cfg.cpu_processes, max_parallel=self.cfg.max_parallel_jobs,
+                             executor=self.cfg.executor)
 
-    def _end_attempt(self, rc: int) -> None:
-        attempt, self.attempt = self.attempt, None
-        if attempt.trainer:
-            attempt.trainer.close()
-        job = attempt.job
-        faults.check("job_end", job_id=job.id)
-        outcome = describe_exit(rc, attempt.job_dir, stop_requested=self.signals > 0 or control.is_paused(self.layout),
-                                cancelled=self.current.get("cancelled", False), stalled=attempt.stalled)
-        cause = None
-        if outcome.kind in (OutcomeKind.FAILED, OutcomeKind.STALLED, OutcomeKind.UNAVAILABLE):
-            cause = gate.problem(attempt.cfg, self.layout)
-        if cause and outcome.kind != OutcomeKind.UNAVAILABLE:
-            # Not the job's fault: what it needed went away under it (the base model mid-load, a GPU off the bus).
-            outcome = Outcome(OutcomeKind.UNAVAILABLE, f"{cause} (the attempt failed: {outcome.first_line})")
-        attempt.record.update(ended_at=now_iso(), exit_code=rc, outcome=outcome.kind, error=outcome.error)
-        if outcome.kind == OutcomeKind.UNAVAILABLE and not cause:
-            attempt.record["unconfirmed"] = True  # the trainer saw a cause the daemon's checks do not: bounded
-        self._finish(job, attempt.job_dir, attempt.cfg, outcome)
-        message, level, fields = gpu.release_report(attempt.gpu_before)
-        self.status.event("gpu_memory", f"job {job.id}: {message}", level=level, job_id=job.id, **fields)
-        self.current = None
-        self.state = "idle"
+    def _single(self, pool: slots.Pool) -> bool:
+        """One job at a time (today's mode): the only one where the next trainer is started early."""
+        return self.cfg.executor == "local" and (pool.single or (pool.gpus and self.cfg.gpus_per_job == "all"))
+
+    def _place(self) -> str | None:
+        """Start the pending jobs that may start now (slots.next_jobs). None: nothing is pending; "end": a
+        --once run with nothing running meets a wait nothing will end (its jobs stay pending); else "placed"."""
+        self._next_place = time.monotonic() + PLACE_EVERY_SECONDS
+        pending = self._set_aside_unreadable(self.spool.list(JobStatus.PENDING))
+        if not pending:
+            return None
+        by_id = {job.id: (job, job_dir) for job, job_dir in pending}
+        pool = self.pool()
+        if pool is None:  # the GPUs `gpus` asks for are gone: the gate blocks the queue, with why
+            return self._wait(pending[0][0], locks=None) or "placed"
+        if len(self.running) >= pool.limit:
+            return "placed"
+        configs: dict[str, object] = {}
+        for job, _ in pending:
+            configs.setdefault(job.adapter, self.config_for(job))
+        candidates = [slots.Candidate(job.id, job.adapter, configs[job.adapter].gpus_per_job) for job, _ in pending]
+        taken = {jid: slots.Taken(a.job.adapter, tuple(a.record.get("devices") or [a.record.get("slot")]))
+                 for jid, a in self.running.items()}
+        for choice in slots.next_jobs(candidates, taken, pool):
+            job, job_dir = by_id[choice.job_id]
+            if isinstance(choice, slots.Misfit):
+                attempts.fail_bad_config(self, job, job_dir, choice.message)
+                continue
+            locks = None if self.standby is not None or pool.executor == "slurm" else \
+                launch.lock_names(choice.grant, choice.slot)
+            wait = self._wait(job, locks)
+            if wait is not None:  # no backfill: the jobs behind it wait too
+                return wait
+            attempts.start(self, job, job_dir, choice, slots.describe_slot(choice, pool))
+        return "placed"
+
+    def _wait(self, job: Job, locks: list[str] | None) -> str | None:
+        """What the job waits for before it may start (gate.Gate.wait_state), as the daemon's state while
+        nothing runs; None when it may start. A --once run with nothing to wait for gives up (False result)."""
+        wait = self.gate.wait_state(self.config_for(job), self.cfg.limits.min_free_disk_mb, locks=locks)
+        if wait is None:
+            return None
+        if not self.running:
+            self.state = wait
+            if self.once and wait != "waiting_for_trainer":  # nothing will fix it for us: they stay pending
+                self.results.append(False)
+                return "end"
+        return "placed"
+
+    def job_ended(self) -> None:
+        """After attempts.end: show it, look at the queue at once, and start the next trainer early if idle."""
+        self._next_place = 0.0
         self.snapshot(force=True)
-        self._prestart()  # after the GPU check: the next trainer must not blur the reading of this one's exit
+        if not self.running:
+            self._prestart()  # after the GPU check: the next trainer must not blur the reading of this one's exit
 
     def _prestart(self) -> None:
         """Start the next job's trainer now, so that its imports are done before a file arrives."""
-        if self.standby is not None or self.signals or (grant := early_grant(self.cfg)) is None:
+        if self.standby is not None or self.signals or self.cfg.executor != "local":
+            return
+        pool = self.pool()
+        if pool is None or not self._single(pool) or (grant := early_grant(self.cfg)) is None:
             return
         if self.once and not self.spool.count(JobStatus.PENDING) and not self._inbox_has_files():
             return  # --once is about to end
-        if not self.gate.trainer_lock_held():
+        if not self.gate.trainer_lock_held(launch.lock_names(grant, "cpu0")):
             self.standby = start_early(self.layout, grant, self.status)
 
     def _finish(self, job: Job, job_dir: Path, cfg, outcome: Outcome) -> None:
@@ -305,7 +244,7 @@ class Supervisor:
     def _apply(self, req: dict) -> None:
         config = None if req.get("same_config") else control.current_config(self.config_path, self.cfg.root)
         control.apply(self.spool, req.get("action"), req.get("job_id"), config=config, status=self.status,
-                      current=self.current)
+                      running={job_id: a.current for job_id, a in self.running.items()})
         if req.get("action") == "resume":
             self.gate.check_now()  # the user says the cause is fixed: look now, not at the next re-check
 
@@ -322,7 +261,8 @@ class Supervisor:
     def _install_signals(self) -> None:
         def on_stop(signum, _frame):
             self.signals += 1
-            what = "warm stop: checkpointing the current job" if self.signals == 1 else "cold stop: killing the trainer"
+            what = ("warm stop: checkpointing the running jobs" if self.signals == 1
+                    else "cold stop: killing the trainers")
             self.status.event("signal", f"{signal.Signals(signum).name}: {what}", level="warning")
 
         signal.signal(signal.SIGTERM, on_stop)
@@ -355,18 +295,24 @@ class Supervisor:
                     for note in repair_latest(adapter_dir):
                         self.status.event("latest_repaired", f"{adapter_dir.name}: {note}", adapter=adapter_dir.name)
 
-    def _config_for(self, job: Job):
+    def config_for(self, job: Job):
         """The job's config, for the checks before it starts: its adapter may name its own base model."""
         try:
             return adapter_config(self.cfg, job.adapter, self.config_path)
         except UserError:
             return self.cfg  # a broken override fails its own job when it starts
 
+    @property
+    def current(self) -> dict | None:
+        """The oldest job in training, as status.json's `current` shows it (before several could run)."""
+        return next(iter(self.running.values())).current if self.running else None
+
     def _show_status(self) -> None:
         """STATUS= for systemd, whenever what the daemon does changes (notify.Notifier.show sends only news)."""
         if self.notifier and self.notifier.enabled:
             self.notifier.show(for_terminal(status_line(  # a file name's newline must not forge a notify field
-                self.state, self.current, pending=0 if self.current else self.spool.count(JobStatus.PENDING),
+                self.state, self.current, running=[a.current for a in self.running.values()],
+                pending=0 if self.current else self.spool.count(JobStatus.PENDING),
                 reason=self.gate.reason if self.state == "blocked" else self.gate.disk_note,
                 inbox=str(self.layout.inbox))))
 
@@ -380,7 +326,14 @@ class Supervisor:
         self.status.snapshot({
             "daemon": {"pid": os.getpid(), "state": self.state, "root": str(self.layout.root), "version": __version__,
                        "started_at": self.started_at, "paused": control.is_paused(self.layout),
-                       "blocked": self.gate.as_status()},
-            "current": self.current, "queue": counts, "gpu": gpu.snapshot(),
+                       "blocked": self.gate.as_status(),
+                       "parallel": {"running": len(self.running), "max": self._max_parallel()}},
+            "running": [a.current for a in self.running.values()], "current": self.current,
+            "queue": counts, "gpu": gpu.snapshot(),
         })
 
+    def _max_parallel(self) -> int | None:
+        pool = self.pool()
+        if pool is None:
+            return None
+        return 1 if self._single(pool) else pool.limit

@@ -262,14 +262,15 @@ class Spool:
         return rebuilt
 
     # --------------------------------------------------------------- sweep
-    def sweep(self, max_attempts: int) -> list[str]:
+    def sweep(self, max_attempts: int, keep: set[int] | frozenset[int] = frozenset()) -> list[str]:
         """Startup repair: finish half-made claims, send jobs of a dead daemon back to pending
-        (or to failed after max_attempts failed or interrupted attempts). Returns what it did, in words."""
+        (or to failed after max_attempts failed or interrupted attempts). Returns what it did, in words.
+        `keep`: running jobs to leave alone (their trainer outlived the daemon and was re-attached: Slurm)."""
         self.make_folders()  # an empty queue still shows its four folders
         lines = self._finish_claims()
         for job, _path in self.list(JobStatus.RUNNING):
-            if job.unreadable:
-                continue  # the daemon sets it aside (set_aside) and reports it as an error, not a repair
+            if job.unreadable or job.id in keep:
+                continue  # an unreadable one: the daemon sets it aside (set_aside) and reports it as an error
             now = now_iso()
             last = job.attempts[-1] if job.attempts else None
             if last is not None and not last.get("outcome"):

@@ -5,7 +5,7 @@ A trainer spends most of its start in imports: torch, transformers, peft took 10
 next trainer as soon as the last one has exited and its GPU memory is checked: `daemon.trainer.main --standby`
 imports the training stack, touches no GPU, and waits for one JSON line on stdin that names its job. In every
 other way it is the trainer the daemon would start for that job: a child of the daemon in a process group
-of its own, holding the lifeline, the trainer lock and PR_SET_PDEATHSIG. A standby that died while idle, or
+of its own, holding the lifeline, its devices' trainer locks and PR_SET_PDEATHSIG. A standby that died while idle, or
 one started for other GPUs than the job's, is dropped and the job's trainer is started the ordinary way.
 No torch here: the daemon imports this.
 """
@@ -20,6 +20,8 @@ from pathlib import Path
 
 from daemon.paths import UserError
 from daemon.supervisor import gpu, launch
+
+SLOT = "cpu0"  # the early trainer is used only when one job runs at a time: the one slot
 
 
 def early_grant(cfg) -> launch.Grant | None:
@@ -54,26 +56,29 @@ class Standby:
 
     @classmethod
     def start(cls, root: Path, state_dir: Path, grant: launch.Grant) -> "Standby":
-        """Start it, holding the trainer lock (the caller checked that it is free); its log is state/standby.log."""
-        lock_fd = launch.acquire_trainer_lock(state_dir)
+        """Start it, holding the trainer locks of its grant (the caller checked that they are free); its log is
+        state/standby.log. Only in single-slot mode: its CPU slot is "cpu0"."""
+        lock_fds = launch.acquire_trainer_lock(state_dir, launch.lock_names(grant, SLOT))
         try:
             life_r, life_w = os.pipe()
         except BaseException:
-            os.close(lock_fd)  # a lost lock fd would keep every later trainer waiting
+            for fd in lock_fds:  # a lost lock fd would keep every later trainer waiting
+                os.close(fd)
             raise
         cmd = [sys.executable, "-m", "daemon.trainer.main", "--standby", "--root", str(root),
                "--lifeline-fd", str(life_r), "--parent-pid", str(os.getpid())]
         try:
             with open(state_dir / "standby.log", "ab") as log:
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                        pass_fds=(life_r, lock_fd), cwd=str(root), process_group=0,
+                                        pass_fds=(life_r, *lock_fds), cwd=str(root), process_group=0,
                                         env=launch.rank_env(launch.trainer_env(), grant, 0, 0))
         except BaseException:
             os.close(life_w)
             raise
         finally:
             os.close(life_r)
-            os.close(lock_fd)
+            for fd in lock_fds:
+                os.close(fd)
         return cls(launch.Ranks([proc]), life_w, grant)
 
     @property

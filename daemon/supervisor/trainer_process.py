@@ -45,9 +45,9 @@ class TrainerProcess:
 
     @classmethod
     def start(cls, job_dir: Path, micro_batch: int | None, grant: launch.Grant, *, root: Path, state_dir: Path,
-              standby: Standby | None = None) -> "TrainerProcess":
+              standby: Standby | None = None, slot: str = "cpu0") -> "TrainerProcess":
         """The job's trainer: `standby` if it is alive and was started for this grant (else it is discarded),
-        or fresh ranks, once the trainer lock is ours."""
+        or fresh ranks, once the trainer locks of its devices (or CPU `slot`) are ours."""
         if standby is not None:
             if standby.usable_for(grant):
                 try:
@@ -56,21 +56,23 @@ class TrainerProcess:
                 except OSError:
                     pass  # it died a moment ago
             standby.discard()
-        lock_fd = launch.acquire_trainer_lock(state_dir)
+        lock_fds = launch.acquire_trainer_lock(state_dir, launch.lock_names(grant, slot))
         try:
             life_r, lifeline = os.pipe()
         except BaseException:
-            os.close(lock_fd)
+            for fd in lock_fds:
+                os.close(fd)
             raise
         cmd = launch.trainer_command(job_dir, root, life_r, os.getpid(), micro_batch)
         try:
-            ranks = launch.start(cmd, grant, launch.trainer_env(), job_dir, pass_fds=(life_r, lock_fd), cwd=root)
+            ranks = launch.start(cmd, grant, launch.trainer_env(), job_dir, pass_fds=(life_r, *lock_fds), cwd=root)
         except BaseException:
             os.close(lifeline)
             raise
         finally:
             os.close(life_r)
-            os.close(lock_fd)  # the ranks hold the trainer lock until the last exits, even if we die first
+            for fd in lock_fds:  # the ranks hold the trainer locks until the last exits, even if we die first
+                os.close(fd)
         return cls(ranks, lifeline)
 
     # ------------------------------------------------------------- events
@@ -153,6 +155,9 @@ class TrainerProcess:
 
     def close(self) -> None:
         os.close(self._lifeline)
+
+    def describe(self) -> str:
+        return f"pid {self.ranks.pid}"
 
 
 def _pump_events(stream, events: queue.Queue) -> None:

@@ -167,7 +167,7 @@ _JOB_READINGS = (("job_id", "job_id", "Id of the job being trained"),
                  ("eta_s", "eta_seconds", "Estimated seconds left"),
                  ("gpu_mem_gib", "gpu_memory_gib", "GPU memory the trainer holds (torch)"),
                  ("gpu_peak_card_gib", "gpu_card_peak_gib",
-                  "Peak GPU memory the card shows for the trainer's process (NVML), allocator reserve and CUDA context included"))
+                  "Peak GPU memory the card shows for the trainer (NVML): allocator reserve and CUDA context included"))
 # The current_* HELP texts as they always were (the others read the same for either family).
 _CURRENT_HELP = {"step": "Optimizer step of the current job", "total_steps": "Total steps of the current job"}
 
