@@ -46,6 +46,8 @@ def worker(args) -> None:
     cfg = common.daemon_config(types.SimpleNamespace(micro_batch=args.micro_batch, lora_dropout=0.0),
                                max_length=args.max_length, steps=args.steps)
     cfg.training.gradient_accumulation = args.accumulation
+    if args.fsdp:
+        cfg.training.fsdp = "true"
     examples = common.synthetic_examples(args.examples, max_length=args.max_length, seed=0)
     marks: dict = {}
     recipe = None
@@ -67,7 +69,8 @@ def worker(args) -> None:
         return
     out = {"model": args.model, "gpus": recipe.world.size, "max_length": args.max_length, "plan": recipe.plan,
            "micro_batch_size": recipe.micro_batch_size, "accumulation": recipe.accum, "matmul_params": n_matmul,
-           "peak_gib": torch.cuda.max_memory_allocated() / common.GIB if cuda else None}
+           "peak_gib": torch.cuda.max_memory_allocated() / common.GIB if cuda else None,
+           **(recipe.memory_report() if cuda else {})}  # the card's (NVML) peak of rank 0 beside the allocator's
     if "t1" in marks:
         out["tokens_per_s"] = (marks["tok1"] - marks["tok0"]) / (marks["t1"] - marks["t0"])
         out["step_s"] = (marks["t1"] - marks["t0"]) / (args.steps - args.warmup)
@@ -95,7 +98,7 @@ def run(args, model: str, n: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--examples", str(args.examples),
            "--max-length", str(args.max_length), "--micro-batch", str(args.micro_batch),
-           "--accumulation", str(args.accumulation)]
+           "--accumulation", str(args.accumulation)] + (["--fsdp"] if args.fsdp else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]))
     with tempfile.TemporaryDirectory() as logs:
         ranks = launch.start(cmd, grant, env, Path(logs), pass_fds=(), cwd=PROJECT)
@@ -139,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--accumulation", type=int, default=4, help="micro-batches per optimizer step, over all GPUs")
+    ap.add_argument("--fsdp", action="store_true", help="shard the base with FSDP (training.fsdp: true)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
