@@ -139,8 +139,9 @@ def _start_on_slurm(sup, attempt: Attempt) -> None:
     job.save(attempt.job_dir)  # the record now names the Slurm job: a restarted daemon re-attaches to it
     attempt.trainer = trainer
     attempt.current["slurm_job_id"] = attempt.record.get("slurm_job_id")
-    sup.status.event("launch", f"job {job.id}: submitted as {trainer.describe()}", job_id=job.id,
-                     slurm_job_id=attempt.record.get("slurm_job_id"))
+    if attempt.record.get("slurm_job_id"):  # else sbatch refused it: the attempt's end says why
+        sup.status.event("launch", f"job {job.id}: submitted as {trainer.describe()}", job_id=job.id,
+                         slurm_job_id=attempt.record.get("slurm_job_id"))
 
 
 def reattach(sup) -> set[int]:

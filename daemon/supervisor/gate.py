@@ -31,7 +31,18 @@ MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safe
 
 def problem(cfg, layout: Layout) -> str | None:
     """What would make any job fail now, in words (the first found), or None."""
-    return base_model_problem(cfg.base_model) or gpu_problem(cfg) or read_only_problem(layout)
+    return (base_model_problem(cfg.base_model) or gpu_problem(cfg) or slurm_problem(cfg)
+            or read_only_problem(layout))
+
+
+def slurm_problem(cfg) -> str | None:
+    """With executor: slurm, Slurm's commands missing, its controller not answering or the partition unknown
+    (one `sinfo`): every submission would fail, so the queue waits instead."""
+    if getattr(cfg, "executor", "local") != "slurm":
+        return None
+    from daemon.supervisor import slurm_commands  # only with executor: slurm
+
+    return slurm_commands.problem(cfg)
 
 
 def base_model_problem(value: str) -> str | None:

@@ -19,8 +19,21 @@ from daemon.timefmt import now_iso
 
 
 def emit(event: dict) -> None:
+    """One event line for the daemon: on stdout (its pipe), or appended to $TRAINING_DAEMON_EVENTS_FILE when set
+    (a rank under Slurm, daemon/trainer/slurm_rank.py: no pipe outlives a daemon restart)."""
     event.setdefault("ts", time.time())
-    sys.stdout.write(json.dumps(event, default=str) + "\n")
+    line = json.dumps(event, default=str) + "\n"
+    path = os.environ.get("TRAINING_DAEMON_EVENTS_FILE")
+    if path:
+        # Opened and closed per line: one O_APPEND write keeps lines whole, and the close is what makes the line
+        # visible to a daemon on another host of a shared (NFS) filesystem.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            durable.write_all(fd, line.encode())
+        finally:
+            os.close(fd)
+        return
+    sys.stdout.write(line)
     sys.stdout.flush()
 
 
