@@ -224,28 +224,38 @@ def environment() -> dict:
 
 def table(results: dict) -> str:
     refs = {r["model"]: r for r in results["runs"] if r["path"] == "reference" and "tokens_per_s" in r}
+    tuned = {r["model"]: r for r in results["runs"] if r["path"] == "reference_tuned" and "tokens_per_s" in r}
     lines = [f"bf16 matmul: {results['matmul_tflops']:.0f} TFLOP/s on {results['env']['device']}",
-             "| model | path | max len | tokens/s | MFU | peak GiB (allocator / card) | vs ref | GPU busy | plan |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | path | max len | tokens/s | MFU | peak GiB (allocator / card) | vs ref | vs tuned HF | "
+             "GPU busy | first step s | plan |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
         plan = r.get("plan") or {}
         variant = r.get("config") or {}  # runs before the variants were config settings recorded "env"
         what = r["path"] + "".join(f" {section}.{k}={v}" for section, kv in variant.items() for k, v in kv.items())
+        if plan.get("compile"):
+            what += f" [compiled {plan['compile']}{', warm cache' if r.get('compile_cache') == 'warm' else ''}]"
         if r.get("gradient_checkpointing"):
             what += " (ckpt)"
         if r.get("cap_gib"):
             what += f" cap {r['cap_gib']:.0f} GiB"
-        ref = refs.get(r["model"])
-        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and r.get("tokens_per_s") else ""
+        ratio = _ratio(r, refs.get(r["model"]))
+        ratio_tuned = _ratio(r, tuned.get(r["model"]))
         plan_s = (f"mb {plan.get('micro_batch_size')}, ckpt {plan.get('gradient_checkpointing')}, "
-                  f"{plan.get('attn_implementation')}, 4bit {plan.get('quantized_4bit')}") if plan else ""
+                  f"{plan.get('attn_implementation')}, 4bit {plan.get('quantized_4bit')}, liger {plan.get('liger')}"
+                  ) if plan else r.get("padding", "")
         if "error" in r:
-            lines.append(f"| {r['model']} | {what} | {r.get('max_length', '')} | {r['error'][:60]} | | | | | |")
+            lines.append(f"| {r['model']} | {what} | {r.get('max_length', '')} | {r['error'][:60]} | | | | | | | |")
             continue
         busy = f"{r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else ""
+        first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else ""
         lines.append(f"| {r['model']} | {what} | {r.get('max_length', '')} | {r.get('tokens_per_s', 0):,.0f} | "
-                     f"{r.get('mfu', 0):.1%} | {_peaks(r)} | {ratio} | {busy} | {plan_s} |")
+                     f"{r.get('mfu', 0):.1%} | {_peaks(r)} | {ratio} | {ratio_tuned} | {busy} | {first} | {plan_s} |")
     return "\n".join(lines)
+
+
+def _ratio(r: dict, ref: dict | None) -> str:
+    return f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and r.get("tokens_per_s") else ""
 
 
 def _peaks(r: dict) -> str:

@@ -1,6 +1,6 @@
 """Where a training step's time goes: host (CPU) vs device, per op, for one model shape.
 
-    python bench/profile_step.py --model smollm2-135m --steps 6
+    python bench/profile_step.py --model smollm2-135m --steps 6 [--compile]
 
 Prints the per-micro-batch wall time of forward+loss+backward alone (no optimizer), the GPU busy share of it,
 the top ops by host time and by device time, and the top Python functions by own time (cProfile).
@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
-from daemon.trainer import loss
-from daemon.trainer import model as dm
+from daemon.trainer import compiled  # noqa: E402
+from daemon.trainer import loss  # noqa: E402
+from daemon.trainer import model as dm  # noqa: E402
 from daemon.trainer import packing  # noqa: E402
 
 
@@ -31,16 +32,24 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--compile", action="store_true", help="the compiled path (training.compile: true, fixed shape)")
     args = ap.parse_args(argv)
     cfg = common.daemon_config(types.SimpleNamespace(micro_batch=8, lora_dropout=0.0), max_length=1024, steps=1,
-                               overrides={"training": {"gradient_checkpointing": "false"}})
+                               overrides={"training": {"gradient_checkpointing": "false",
+                                                       "compile": "true" if args.compile else "false"}})
     pm, _, plan = dm.prepare_model(common.build_model(args.model), None, cfg, "cuda")
     ex = common.synthetic_examples(2000, max_length=1024, seed=0)
     plan_mb = packing.plan_micro_batches([len(e.input_ids) for e in ex], token_budget=args.tokens, max_examples=8,
                                          packing=True, seed=0, epoch=0)
     batches = [packing.collate([ex[i] for i in mb], packing=True, pad_id=0) for mb in plan_mb[:args.steps + 3]]
+    if plan.get("compile"):
+        counts = [len(e.input_ids) for e in ex]
+        shape = compiled.fixed_shape(counts, [plan_mb[:args.steps + 3]], token_budget=args.tokens, max_length=1024)
+        batches = [packing.pad_fixed(b, **shape) for b in batches]
 
     def step(b):
+        if plan.get("compile"):
+            compiled.mark_step()
         b = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
         loss.token_loss_sum(pm, b).backward()
 

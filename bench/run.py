@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,11 +41,20 @@ from daemon.trainer import card_memory  # noqa: E402
 
 def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: bool = False,
              max_length: int | None = None, precision: str = "auto", quantized_dir: Path | None = None,
-             overrides: dict | None = None) -> dict:
-    """The daemon's path; `overrides`: config settings of a variant ({"training": {"attention": "sdpa"}})."""
+             overrides: dict | None = None, compile_mode: str | None = None, reset_dynamo: bool = True) -> dict:
+    """The daemon's path; `overrides`: config settings of a variant ({"training": {"attention": "sdpa"}});
+    `compile_mode`: compiled.MODE for a compiled run ("default" or "reduce-overhead"); `reset_dynamo`: False
+    keeps Dynamo's in-process cache from an earlier run (what a second job of the same shape finds on disk is
+    measured with True: the disk caches of Inductor stay)."""
+    from daemon.trainer import compiled
     from daemon.trainer.recipe import LoRARecipe
 
     overrides = overrides or {}
+    compiled.MODE = compile_mode or "default"
+    if reset_dynamo:
+        import torch._dynamo
+
+        torch._dynamo.reset()
     common.reset_gpu(cap_gib)
     max_length = max_length or args.max_length
     cfg = common.daemon_config(args, max_length=max_length, steps=args.steps, precision=precision,
@@ -56,6 +67,9 @@ def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: b
         if event.get("event") != "progress":
             return
         step = event["step"]
+        if step == 1:  # the first step: Liger's Triton kernels, or the compile of the layers, happen here
+            torch.cuda.synchronize()
+            marks["first_step_s"] = time.perf_counter() - marks["train_start"]
         if step == args.warmup:
             torch.cuda.synchronize()
             marks["t0"], marks["tok0"] = time.perf_counter(), recipe.progress.tokens_seen
@@ -77,6 +91,7 @@ def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: b
                 model = common.build_model(name, device="cuda")
                 recipe.setup(examples, [], model=model, tokenizer=common.FakeTokenizer())
             n_matmul = common.matmul_params(recipe.accelerator.unwrap_model(recipe.model))
+            marks["train_start"] = time.perf_counter()
             recipe.train()
             sampled = recipe.memory_report()  # what the progress events said (sampled at each one)
         if prof:
@@ -88,7 +103,12 @@ def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: b
                "reserved_peak_gib": torch.cuda.max_memory_reserved() / common.GIB,
                "card_peak_gib": None if card.peak is None else card.peak / common.GIB,
                "card_peak_sampled_gib": sampled.get("gpu_peak_card_gib"), "card_source": card.source,
-               "allocator": sampled.get("allocator"), "cap_gib": cap_gib, "config": overrides}
+               "allocator": sampled.get("allocator"), "cap_gib": cap_gib, "config": overrides,
+               "first_step_s": marks.get("first_step_s"), "compile_mode": compile_mode,
+               "compile_reason": (recipe.plan or {}).get("compile_reason")}
+        if marks.get("first_step_s") is not None and "t1" in marks:
+            # the first step's time beyond an ordinary step's: compile (or kernel build) seconds
+            out["first_step_extra_s"] = marks["first_step_s"] - (marks["t1"] - marks["t0"]) / (args.steps - args.warmup)
         if "t1" in marks:
             out["tokens_per_s"] = (marks["tok1"] - marks["tok0"]) / (marks["t1"] - marks["t0"])
             out["step_s"] = (marks["t1"] - marks["t0"]) / (args.steps - args.warmup)
@@ -113,8 +133,12 @@ def run_ours(name: str, args, examples, *, cap_gib: float | None = None, busy: b
         torch.cuda.empty_cache()
 
 
-def run_reference(name: str, args, examples, *, gradient_checkpointing: bool = False) -> dict:
-    """transformers.Trainer + PEFT, as a user would write it: bf16, SDPA, pad to longest, batch 8."""
+def run_reference(name: str, args, examples, *, gradient_checkpointing: bool = False, tuned: bool = False) -> dict:
+    """transformers.Trainer + PEFT, as a user would write it: bf16, SDPA, pad to longest, batch 8.
+
+    `tuned`: what a user gets by turning Liger on (issue 14's "tuned HF"): `TrainingArguments(use_liger_kernel=True)`
+    (fused RMSNorm/SwiGLU/RoPE and the fused linear cross entropy, no full logits), every batch padded to max
+    length (one shape), batch 8. Liger patches transformers' modules for the rest of the process: run it last."""
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -127,7 +151,7 @@ def run_reference(name: str, args, examples, *, gradient_checkpointing: bool = F
     counter = {"tokens": 0}
 
     def collate(batch):
-        width = max(len(x["input_ids"]) for x in batch)
+        width = args.max_length if tuned else max(len(x["input_ids"]) for x in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -149,18 +173,24 @@ def run_reference(name: str, args, examples, *, gradient_checkpointing: bool = F
     targs = TrainingArguments(output_dir="/tmp/bench_ref", per_device_train_batch_size=8, bf16=True,
                               max_steps=args.steps, learning_rate=1e-4, logging_steps=10**6, save_strategy="no",
                               report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
-                              gradient_checkpointing=gradient_checkpointing, seed=0, disable_tqdm=True)
+                              gradient_checkpointing=gradient_checkpointing, seed=0, disable_tqdm=True,
+                              **({"use_liger_kernel": True} if tuned else {}))
     data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[Timer()])
+    path = "reference_tuned" if tuned else "reference"
     try:
         trainer.train()
-        out = {"path": "reference", "model": name, "gradient_checkpointing": gradient_checkpointing,
+        out = {"path": path, "model": name, "gradient_checkpointing": gradient_checkpointing,
                "matmul_params": n_matmul, "peak_gib": torch.cuda.max_memory_allocated() / common.GIB,
                "tokens_per_s": (marks["tok1"] - marks["tok0"]) / (marks["t1"] - marks["t0"]),
                "step_s": (marks["t1"] - marks["t0"]) / (args.steps - args.warmup)}
+        if tuned:
+            out["padding"] = f"max_length {args.max_length}"
     except torch.OutOfMemoryError as e:
-        out = {"path": "reference", "model": name, "gradient_checkpointing": gradient_checkpointing,
+        out = {"path": path, "model": name, "gradient_checkpointing": gradient_checkpointing,
                "error": f"OOM: {str(e)[:200]}"}
+    except Exception as e:  # Liger missing or refusing the model: the table says so
+        out = {"path": path, "model": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
     del trainer, model
     gc.collect()
     torch.cuda.empty_cache()
@@ -215,6 +245,20 @@ def run_daemon_e2e() -> dict:
     return result
 
 
+def compiles(name: str, overrides: dict, args) -> bool:
+    """Whether a daemon run of this model with these settings will compile its layers (compiled.decide's rule,
+    with the bench run's token count)."""
+    from daemon.trainer import compiled
+    from daemon.trainer.model import _count_params_from_config
+
+    setting = str((overrides.get("training") or {}).get("compile", "auto")).lower()
+    if setting != "auto":
+        return setting == "true"
+    tokens = args.steps * args.micro_batch * args.max_length
+    return (_count_params_from_config(common.model_config(name)) < compiled.AUTO_MAX_PARAMS
+            and tokens >= compiled.AUTO_MIN_TOKENS)
+
+
 BF16_8B_MIN_CAP_GIB = 20.0  # below it a bf16 llama-3.1-8b (15 GiB of weights) leaves too little: the 4-bit path
 
 
@@ -232,6 +276,16 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--no-tuned", action="store_true",
+                    help="skip the tuned HF reference (Trainer + PEFT, use_liger_kernel=True, padded to max length)")
+    ap.add_argument("--tuned-only", action="store_true", help="only the tuned HF reference runs (another process "
+                                                               "or GPU than the rest, e.g. in parallel)")
+    ap.add_argument("--compile-modes", default="default",
+                    help="compiled runs (training.compile=true variants, or auto where it compiles): one run per "
+                         "mode, default (Inductor) and/or reduce-overhead (Inductor + CUDA graphs)")
+    ap.add_argument("--compile-warm", action="store_true",
+                    help="run the first compiled run again after Dynamo's reset: its first step with Inductor's "
+                         "disk caches warm (the daemon's next job of the same shape)")
     ap.add_argument("--busy", action="store_true", help="profile GPU busy fraction on the first model")
     ap.add_argument("--variants", default="",
                     help="extra daemon runs, each with other config settings: a comma list of "
@@ -252,11 +306,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
+    # Inductor's caches start empty (unless set): the first compiled run's first step is a cold compile.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
     # Before CUDA: the card's baseline for this process, and the allocator's settings the daemon's trainer uses.
     card_memory.CardMemory.before_cuda()
     if args.no_expandable:
-        import os
-
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:False")
     allocator = card_memory.configure_allocator()
     results = {"env": common.environment(), "matmul_tflops": common.matmul_tflops(),
@@ -273,19 +327,42 @@ def main(argv=None) -> int:
 
     examples = common.synthetic_examples(args.examples, max_length=args.max_length, seed=0)
     names = [m for m in args.models.split(",") if m]
-    # References first: Liger patches module-level functions (RoPE) once applied, and the reference is plain HF.
+    # Order matters: Liger patches transformers' modules for the rest of the process once applied (the daemon's
+    # eager path and the tuned reference apply it), and neither the plain reference nor a compiled run may see
+    # it. So: plain references, compiled daemon runs, eager daemon runs, tuned references.
+    if args.tuned_only:
+        for name in names:
+            record(run_reference(name, args, examples, tuned=True))
+        print(common.table(results), flush=True)
+        return 0
     for name in [] if args.no_reference else names:
         ref = run_reference(name, args, examples)
         if "error" in ref:
             record(ref)
             ref = run_reference(name, args, examples, gradient_checkpointing=True)
         record(ref)
+    specs = []  # (model, config overrides, busy)
     for i, name in enumerate(names):
-        record(run_ours(name, args, examples, busy=args.busy and i == 0))
+        specs.append((name, {}, args.busy and i == 0))
         if args.variant_models and name not in args.variant_models.split(","):
             continue
         for variant in [v for v in args.variants.split(",") if v]:
-            record(run_ours(name, args, examples, overrides=common.parse_overrides(variant)))
+            specs.append((name, common.parse_overrides(variant), args.busy and i == 0))
+    modes = [m for m in args.compile_modes.split(",") if m]
+    compiled_specs = [sp for sp in specs if compiles(sp[0], sp[1], args)]
+    for m, mode in enumerate(modes):  # the first mode for every model first: if time runs out, the others go
+        for n, (name, overrides, busy) in enumerate(compiled_specs):
+            record(run_ours(name, args, examples, overrides=overrides, busy=busy, compile_mode=mode))
+            if args.compile_warm and n == 0 and m == 0:
+                # The same shape again after Dynamo's reset: what the next job finds in Inductor's disk caches.
+                r = run_ours(name, args, examples, overrides=overrides, compile_mode=mode)
+                r["compile_cache"] = "warm"
+                record(r)
+    for name, overrides, busy in specs:
+        if (name, overrides, busy) not in compiled_specs:
+            record(run_ours(name, args, examples, overrides=overrides, busy=busy))
+    for name in [] if args.no_reference or args.no_tuned else names:
+        record(run_reference(name, args, examples, tuned=True))
     if args.cap_plan:
         long = common.synthetic_examples(args.examples, max_length=2048, seed=1, mean=600)
         caps = results["caps"] = []

@@ -93,6 +93,9 @@ class TrainingConfig(Section):
     micro_batch_tokens: Int(128, 1 << 20) | None = None
     # Liger's fused RMSNorm/SwiGLU/RoPE kernels, on a GPU where liger-kernel is installed.
     liger_kernels: bool = True
+    # torch.compile of each decoder layer over fixed-shape packed micro-batches, Liger off (daemon/trainer/compiled.py):
+    # auto: on a GPU for models under 3B parameters (host-bound; measured faster), eager on CPU and for larger models.
+    compile: Literal["auto", "true", "false"] = "auto"
     # Preference files (prompt/chosen/rejected) train with DPO: beta weighs the log-ratio to the job's starting
     # point (higher: stay closer to it); loss sigmoid (DPO) or ipo (docs/dpo.md); sft_weight: RPO's weight of the
     # chosen answers' mean token NLL added to the loss (keeps where they stop likely); 0: plain DPO.
@@ -100,7 +103,7 @@ class TrainingConfig(Section):
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     dpo_sft_weight: Num(0, 10) = 1.0
 
-    @field_validator("gradient_checkpointing", "fsdp", mode="before")
+    @field_validator("gradient_checkpointing", "fsdp", "compile", mode="before")
     @classmethod
     def _bool_to_word(cls, v):
         return str(v).lower() if isinstance(v, bool) else v

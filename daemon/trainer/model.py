@@ -16,11 +16,14 @@ from daemon.trainer import memory_plan
 
 
 def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None = None, world=None,
-                      max_micro_batch: int | None = None):
+                      max_micro_batch: int | None = None, allow_compile: bool = True,
+                      compile_cache: Path | None = None, run_tokens: int | None = None):
     """(peft model on `device`, tokenizer, plan) for the base model in `base_dir`; `adapter_dir` continues one.
 
     `world` (daemon/trainer/distributed.py): the job's ranks, which must all follow one memory plan.
-    `max_micro_batch`: a cap below the config's micro_batch_size (an out-of-memory retry's)."""
+    `max_micro_batch`: a cap below the config's micro_batch_size (an out-of-memory retry's).
+    `allow_compile`: whether the caller trains on fixed-shape micro-batches (training.compile; compiled.py);
+    `compile_cache`: where compiled artefacts are kept; `run_tokens`: about how many tokens the run trains."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
@@ -40,12 +43,18 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
-    return prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan, world=world)
+    return prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan, world=world,
+                         allow_compile=allow_compile, compile_cache=compile_cache, run_tokens=run_tokens)
 
 
 def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None, *, _mplan=None, world=None,
-                  max_micro_batch: int | None = None):
-    """Attach the LoRA to an already-built causal LM (moved to `device` in the plan's precision)."""
+                  max_micro_batch: int | None = None, allow_compile: bool = True, compile_cache: Path | None = None,
+                  run_tokens: int | None = None):
+    """Attach the LoRA to an already-built causal LM (moved to `device` in the plan's precision).
+
+    With training.compile on (compiled.decide) the decoder layers are compiled and Liger is not applied: the
+    caller must then train on fixed-shape packed micro-batches (packing.pad_fixed), as LoRARecipe does."""
+    from daemon.trainer import compiled
     from peft import LoraConfig, PeftModel, get_peft_model
 
     device = torch.device(device)
@@ -68,7 +77,13 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         model.set_attn_implementation(attn)
     for p in model.parameters():
         p.requires_grad_(False)
-    liger = device.type == "cuda" and cfg.training.liger_kernels and _apply_liger_kernels(model)
+    compile_on, compile_reason = compiled.decide(
+        getattr(cfg.training, "compile", "auto"), device, sum(p.numel() for p in model.parameters()),
+        quantized=quantized, checkpointing=bool(_mplan.gradient_checkpointing), fsdp=bool(_mplan.fsdp),
+        allowed=allow_compile and bool(getattr(cfg.training, "packing", True)), model=model, run_tokens=run_tokens)
+    # Liger's module-wide patches and Dynamo do not mix: a compiled model fuses its norms and activations itself.
+    liger = (device.type == "cuda" and cfg.training.liger_kernels and not compile_on
+             and _apply_liger_kernels(model))
 
     # Seeded so that LoRA A matrices are the same in every attempt of a job (resume is bit-for-bit on CPU).
     # LoRA weights stay in the base dtype (bf16 on GPU): fp32 adapters make every LoRA'd Linear cast its input
@@ -96,6 +111,8 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         from daemon.trainer.sharding import shard
 
         shard(model, device)
+    if compile_on:
+        compiled.compile_layers(model, cache_dir=compile_cache)
     lora_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), dtype)
     plan = {
         "device": str(device),
@@ -105,6 +122,8 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         "gradient_checkpointing": _mplan.gradient_checkpointing,
         "quantized_4bit": quantized,
         "liger": bool(liger),
+        "compile": compiled.MODE if compile_on else False,  # "default" or "reduce-overhead" when compiled
+        "compile_reason": compile_reason,
         "micro_batch_size": _mplan.micro_batch_size,
         "free_memory_gib": _mplan.free_gib,
         "memory_budget_gib": _mplan.budget_gib,

@@ -124,3 +124,31 @@ def _collate_padded(examples, lens, n_tokens, n_trainable, pad_id, multiple) -> 
         "n_tokens": n_tokens,
         "n_trainable": n_trainable,
     }
+
+
+def pad_fixed(batch: dict, *, tokens: int, docs: int, max_doc: int) -> dict:
+    """A packed batch (collate's, CPU tensors) padded to exactly `tokens` tokens and `docs` documents, every
+    document at most `max_doc` long: the one shape the compiled path (daemon/trainer/compiled.py) trains on.
+
+    The pad tokens form documents of their own (at most `max_doc` each: attention never mixes them with real
+    tokens) with no labels; the remaining `cu_seq_lens` entries repeat the end, i.e. empty documents, which the
+    varlen attention skips. `max_seq_len` becomes `max_doc`, a constant. Loss and gradients are unchanged."""
+    length = batch["input_ids"].shape[1]
+    extra = tokens - length
+    n_docs = batch["cu_seq_lens"].numel() - 1
+    pad_docs = [max_doc] * (extra // max_doc) + ([extra % max_doc] if extra % max_doc else [])
+    if extra < 0 or n_docs + len(pad_docs) > docs:
+        raise ValueError(f"a micro-batch of {length} tokens in {n_docs} documents does not fit the fixed shape "
+                         f"({tokens} tokens, {docs} documents of at most {max_doc})")
+    out = dict(batch)
+    if extra:
+        positions = torch.cat([torch.arange(n, dtype=torch.long) for n in pad_docs])
+        out["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"].new_zeros(1, extra)], dim=1)
+        out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, extra), IGNORE)], dim=1)
+        out["position_ids"] = torch.cat([batch["position_ids"], positions.unsqueeze(0)], dim=1)
+    ends = (torch.tensor(pad_docs, dtype=torch.int32).cumsum(0) + length) if pad_docs else \
+        torch.zeros(0, dtype=torch.int32)
+    fill = torch.full((docs - n_docs - len(pad_docs),), tokens, dtype=torch.int32)
+    out["cu_seq_lens"] = torch.cat([batch["cu_seq_lens"].to(torch.int32), ends.to(torch.int32), fill])
+    out["max_seq_len"] = max_doc
+    return out

@@ -23,6 +23,7 @@ from daemon import faults
 from daemon.protocol import Event
 from daemon.trainer import card_memory
 from daemon.trainer import checkpoint
+from daemon.trainer import compiled
 from daemon.trainer import packing
 from daemon.trainer import sharding
 from daemon.trainer.checkpoint import Progress
@@ -81,13 +82,18 @@ class LoRARecipe:
         self.world = World.from_accelerator(self.accelerator)
         self.tracker.start(self.accelerator)
         self._seed(self.t.seed + self.world.rank)  # LoRA init is seeded on its own (model.py): the same on every rank
+        # training.compile (daemon/trainer/compiled.py) needs this recipe's own step: fixed-shape packed batches.
+        fixed_ok = type(self)._accumulate_gradients is LoRARecipe._accumulate_gradients
+        compile_kw = {"allow_compile": fixed_ok, "compile_cache": compiled.root_cache_dir(self.job_dir),
+                      "run_tokens": self._run_tokens(train_examples)}
         if model is None:
             model, tokenizer, self.plan = load_for_training(base_dir, self.cfg, self.device, adapter_dir=adapter_dir,
-                                                            world=self.world, max_micro_batch=max_micro_batch)
+                                                            world=self.world, max_micro_batch=max_micro_batch,
+                                                            **compile_kw)
         else:
             model, tokenizer, self.plan = prepare_model(model, tokenizer, self.cfg, self.device,
                                                         adapter_dir=adapter_dir, world=self.world,
-                                                        max_micro_batch=max_micro_batch)
+                                                        max_micro_batch=max_micro_batch, **compile_kw)
         self.sharded = bool(self.plan.get("fsdp"))
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -107,6 +113,12 @@ class LoRARecipe:
         self.token_counts = [len(ex.input_ids) for ex in train_examples]
         self.trainable_counts = [packing.trainable_tokens(ex) for ex in train_examples]
         self.plans = [self._plan_epoch(e) for e in range(self.t.epochs)]
+        # Compiled layers: every micro-batch of the run padded to one shape, so one graph serves them all.
+        self.fixed_shape = compiled.fixed_shape(self.token_counts, self.plans,
+                                                token_budget=self.micro_batch_size * self.t.max_length,
+                                                max_length=self.t.max_length) if self.plan.get("compile") else None
+        if self.fixed_shape:
+            self.plan["compile_shape"] = dict(self.fixed_shape)
         steps = sum(math.ceil(len(p) / self.accum) for p in self.plans)
         if self.t.max_steps:
             steps = min(steps, self.t.max_steps)
@@ -125,6 +137,16 @@ class LoRARecipe:
         self.scheduler = scheduler
         self._resume()
         self.world.broadcast_(self.trainable)
+        self._zero_grad()  # under CUDA graphs: .grad buffers of their own before the first backward
+
+    def _run_tokens(self, examples) -> int:
+        """About how many tokens the run will train (every epoch, or up to max_steps): auto compile weighs it."""
+        t = self.t
+        tokens = sum(len(ex.input_ids) for ex in examples) * t.epochs
+        if t.max_steps and examples:
+            per_step = t.micro_batch_size * t.max_length * t.gradient_accumulation  # a packed step at most
+            tokens = min(tokens, t.max_steps * per_step)
+        return tokens
 
     def log_scalars(self, values: dict, step: int | None = None) -> None:
         """Scalars for TensorBoard (nothing without status.tensorboard)."""
@@ -264,7 +286,7 @@ class LoRARecipe:
         if faults.active("train_step", step=p.step):
             loss = float("nan")
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             p.nonfinite_streak += 1
             number, limit = self._step_number(), self.cfg.limits.max_diverged_steps
             self.emit({"event": Event.LOG, "level": "warning",
@@ -279,13 +301,23 @@ class LoRARecipe:
         p.nonfinite_streak = 0
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         n_tokens = sum(self.token_counts[i] for mb in window for i in mb)
         p.step += 1
         p.tokens_seen += n_tokens
         p.trainable_tokens_seen += n_window
         p.losses.append([p.step, round(loss, 6)])
         return loss, grad_norm, n_tokens
+
+    def _zero_grad(self) -> None:
+        # Under CUDA graphs a .grad first made by a graph's backward lives in the graphs' memory pool, which the
+        # next micro-batch's replay overwrites: accumulation needs .grad buffers of its own, zeroed in place.
+        stable = bool(self.fixed_shape) and compiled.graphs(self.plan)
+        if stable:
+            for q in self.trainable:
+                if q.grad is None:
+                    q.grad = torch.zeros_like(q)
+        self.optimizer.zero_grad(set_to_none=not stable)
 
     def _accumulate_gradients(self, window: list[list[int]], n_window: int) -> torch.Tensor:
         """Forward and backward over this rank's micro-batches of the window; returns their summed token loss."""
@@ -297,6 +329,9 @@ class LoRARecipe:
             if self.sharded:  # reduce-scatter once per step, after the last micro-batch
                 sharding.set_gradient_sync(model, k == len(mine) - 1)
             batch = packing.collate([self.train_examples[i] for i in mb], packing=self.t.packing, pad_id=self.pad_id)
+            if self.fixed_shape:
+                batch = packing.pad_fixed(batch, **self.fixed_shape)
+                compiled.mark_step()
             step_loss = token_loss_sum(model, self._to_device(batch))
             # A padding repeat (counts False) still runs its backward, as FSDP's collectives need, but adds 0.
             self.accelerator.backward(step_loss / max(n_window, 1) if counts else step_loss * 0.0)
@@ -348,6 +383,12 @@ class LoRARecipe:
         if not examples:
             return None
         self.model.eval()
+        if getattr(self, "fixed_shape", None):  # compiled layers: evaluate eagerly (other shapes, no grad)
+            with compiled.eager():
+                return self._evaluate(examples)
+        return self._evaluate(examples)
+
+    def _evaluate(self, examples: list) -> float | None:
         total, count = 0.0, 0
         lengths = [len(ex.input_ids) for ex in examples]
         plan = packing.plan_micro_batches(lengths, token_budget=self.micro_batch_size * self.t.max_length,
