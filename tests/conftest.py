@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` / `import tiny_model` from tests
 
 from tiny_model import build_tiny_model  # noqa: E402
+from real_model_fixture import smollm2_fact  # noqa: E402, F401 - one daemon-trained SmolLM2 adapter per session
 from slurm_cluster import slurm_cluster  # noqa: E402, F401 - the shared one-node Slurm cluster
 
 

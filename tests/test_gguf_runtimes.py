@@ -12,7 +12,6 @@ import pytest
 
 from daemon.paths import Layout
 from daemon.trainer.gguf_export import export_gguf
-from helpers import cli
 from test_gguf_export import PROMPT, base_plus_adapter, greedy, load_gguf, publish_adapter
 
 # The same for SmolLM2-135M-Instruct with a trained adapter (logits of magnitude 20 to 30), measured 0.056 (f16),
@@ -139,20 +138,22 @@ def _smollm2_converted() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # a 12-step CPU training, three exports and their loads, on a busy 2-core runner
+@pytest.mark.timeout(1200)  # a 12-step CPU training unless shared, three exports and their loads, a busy 2-core runner
 @pytest.mark.skipif(not _smollm2_converted(), reason="embedded model not converted (run `bash scripts/setup.sh`)")
-def test_smollm2_with_a_trained_adapter_answers_the_same_from_gguf(root):
+def test_smollm2_with_a_trained_adapter_answers_the_same_from_gguf(root, smollm2_fact):
     import torch
     from transformers import AutoTokenizer
 
     from daemon import embedded
     from daemon.paths import PROJECT_DIR
-    from helpers import drop, jobs
+    from helpers import jobs
 
     examples = PROJECT_DIR / "examples"
-    drop(root, "made_up_fact.jsonl", (examples / "made_up_fact.jsonl").read_bytes())
-    run = cli(root, "run", "--once", "--config", str(PROJECT_DIR / "config" / "demo.yaml"), timeout=900)
+    # The demo's fact trained by `run --once` (tests/real_model_fixture.py, shared with tests/test_real_model.py),
+    # copied into this test's root: the exports below write there.
+    run = smollm2_fact.run
     assert run.returncode == 0, run.stdout + run.stderr
+    smollm2_fact.copy_to(root)
     assert [(j["state"], j["version"]) for j in jobs(root)] == [("done", 1)]
     layout = Layout.at(root)
     merged = base_plus_adapter(layout, embedded.embedded_model_path()).merge_and_unload()

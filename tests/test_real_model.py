@@ -1,7 +1,8 @@
 """Issue 2's proof: the real daemon teaches the embedded SmolLM2-135M-Instruct a made-up fact.
 
 The demo's data and config (examples/made_up_fact.jsonl, config/demo.yaml: 12 steps, under a minute on 2 CPU
-cores), trained by `run --once` as a subprocess; then the published adapter is loaded the way a user would
+cores), trained by `run --once` as a subprocess (once per session: tests/real_model_fixture.py, whose training
+tests/test_gguf_runtimes.py shares); then the published adapter is loaded the way a user would
 (base + PeftModel.from_pretrained) and asked the probe and control questions with greedy decoding.
 """
 
@@ -13,7 +14,7 @@ import pytest
 
 from daemon import embedded
 from daemon.paths import PROJECT_DIR
-from helpers import cli, drop, jobs
+from helpers import jobs
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,12 +39,11 @@ def greedy_answer(model, tokenizer, question: str) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def test_daemon_teaches_the_embedded_model_a_made_up_fact(root):
+def test_daemon_teaches_the_embedded_model_a_made_up_fact(smollm2_fact):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    drop(root, "made_up_fact.jsonl", (EXAMPLES / "made_up_fact.jsonl").read_bytes())
-    run = cli(root, "run", "--once", "--config", str(PROJECT_DIR / "config" / "demo.yaml"), timeout=840)
+    root, run = smollm2_fact.root, smollm2_fact.run  # the demo's fact, trained by `run --once` (read-only here)
     assert run.returncode == 0, run.stdout + run.stderr
     [job] = jobs(root)
     assert (job["state"], job["version"]) == ("done", 1), job

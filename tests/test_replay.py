@@ -8,6 +8,7 @@ file deleted by hand is a note, never a failure.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,10 +53,18 @@ def two_jobs(root: Path, model_dir: Path, **env) -> Inbox:
     return inbox
 
 
-@pytest.mark.slow
-def test_replay_is_recorded_and_a_killed_run_resumes_to_the_same_adapter(root, tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory) -> Path:
+    """two_jobs() without a fault, once for the module: the reference the killed run must match (read-only), and
+    the lineage a deleted done file is taken out of (from a copy)."""
     reference = tmp_path_factory.mktemp("uninterrupted")
     two_jobs(reference, tiny_model_dir)
+    return reference
+
+
+@pytest.mark.slow
+def test_replay_is_recorded_and_a_killed_run_resumes_to_the_same_adapter(root, tiny_model_dir, uninterrupted):
+    reference = uninterrupted
 
     kill = {"point": "train_step", "kind": "kill", "step": 3, "once_file": str(root / "fired")}
     inbox = two_jobs(root, tiny_model_dir, TRAINING_DAEMON_FAULTS=faults(kill))
@@ -77,11 +86,10 @@ def test_replay_is_recorded_and_a_killed_run_resumes_to_the_same_adapter(root, t
 
 
 @pytest.mark.slow
-def test_a_deleted_done_file_is_a_note_and_the_rest_of_the_lineage_is_replayed(root, tiny_model_dir):
-    inbox = two_jobs(root, tiny_model_dir)
+def test_a_deleted_done_file_is_a_note_and_the_rest_of_the_lineage_is_replayed(root, uninterrupted):
+    shutil.copytree(uninterrupted, root, symlinks=True, dirs_exist_ok=True)  # two_jobs(), trained once for the module
     (root / "queue" / "done" / "j000001" / "input.jsonl").unlink()
-    inbox.files = [f for f in inbox.files if f.name != "first.jsonl"]  # its bytes are gone on purpose
-    inbox.drop("third.jsonl", chat_lines(8, "third"))
+    Inbox(root).drop("third.jsonl", chat_lines(8, "third"))
     run(root)
     v3 = metadata(root, 3)
     assert v3["parent_version"] == 2
