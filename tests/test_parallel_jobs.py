@@ -117,6 +117,36 @@ def test_the_gpu_check_after_a_job_reads_its_own_gpus_only(monkeypatch):
     assert gpu.wait_for_release(before, timeout=0.3, devices=["1"])["after_gib"] == 3.0
 
 
+def test_a_gpu_gone_or_nvml_silent_blocks_the_queue_instead_of_shrinking_the_pool(root, tiny_model_dir, monkeypatch):
+    """Jobs run on GPU 0 and 1; then GPU 1 drops off the bus, then NVML stops answering. Neither may turn the pool
+    into fewer GPUs (a 2-GPU job would fail as a bad config) or into CPU slots (a job would land, unlocked, on a
+    GPU another job uses): the queue waits, with the reason."""
+    from daemon.config import load_config
+    from daemon.paths import Layout
+    from daemon.supervisor import gate, gpu
+    from daemon.supervisor.loop import Supervisor
+    from test_gpu import FakeNVML
+
+    nvml = FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gpu, "_seen", {})
+    path = write_config(root, tiny_model_dir, gpus_per_job=1)
+    cfg = load_config(path, root)
+    sup = Supervisor(Layout.at(root).ensure(), cfg, path, echo=False)
+    assert sup.pool().units == ("0", "1") and gate.gpu_problem(cfg) is None
+    nvml.cards.pop()  # GPU 1 is gone
+    assert sup.pool() is None
+    assert "GPU 1 was visible to the daemon and is not now (NVML lists 0)" in gate.gpu_problem(cfg)
+
+    def silent():
+        raise RuntimeError("NVML: driver not loaded")
+
+    monkeypatch.setattr(nvml, "nvmlInit", silent)
+    assert sup.pool() is None
+    assert "GPU 0, 1 were visible to the daemon and are not now (NVML does not answer)" in gate.gpu_problem(cfg)
+
+
 # --------------------------------------------------------------------------- two jobs side by side on the CPU
 
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}

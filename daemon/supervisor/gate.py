@@ -79,6 +79,12 @@ def gpu_problem(cfg) -> str | None:
         launch.grant(cfg.gpus, cfg.cpu_processes, gpu.visible_devices())
     except UserError as e:
         return str(e)
+    if gone := gpu.gone_devices():  # `gpus: all` shrinks with the GPUs it sees: what it saw before is the measure
+        return (f"GPU {', '.join(gone)} {'was' if len(gone) == 1 else 'were'} visible to the daemon and "
+                f"{'is' if len(gone) == 1 else 'are'} not now (NVML "
+                + ("does not answer" if gpu.visible_devices() is None else "lists " +
+                   (", ".join(gpu.visible_devices()) or "none")) + "); jobs wait until it is back or the daemon "
+                "is restarted without it")
     return None
 
 

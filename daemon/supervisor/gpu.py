@@ -45,9 +45,28 @@ def visible_indices(nvml) -> list[int]:
     return indices
 
 
+# Every GPU visible_devices() has named in this process. With several jobs at once, a GPU that drops off the bus
+# (or NVML not answering for a moment) must not shrink the pool or turn it into CPU slots while other jobs use
+# the GPUs: gone_devices() names what was seen and is missing now, and the gate blocks the queue on it.
+_seen: dict[str, None] = {}
+
+
 def visible_devices() -> list[str] | None:
     """The GPUs a job may be granted, as CUDA_VISIBLE_DEVICES entries (indices, or UUIDs if that is how the
     variable names them); None without NVML, [] when CUDA_VISIBLE_DEVICES hides every GPU."""
+    now = _visible_now()
+    for entry in now or ():
+        _seen[entry] = None
+    return now
+
+
+def gone_devices() -> list[str]:
+    """The GPUs this process saw visible earlier and does not see now (NVML silent counts as none seen)."""
+    now = set(visible_devices() or ())
+    return [entry for entry in _seen if entry not in now]
+
+
+def _visible_now() -> list[str] | None:
     with _nvml() as nvml:
         if nvml is None:
             return None

@@ -151,6 +151,8 @@ class Supervisor:
         """What jobs are placed on now (slots.py); None while the GPUs `gpus` asks for are not all there."""
         devices = None
         if self.cfg.executor == "local":  # Slurm jobs take no device of this host
+            if gpu.gone_devices():  # a GPU seen earlier is gone (or NVML is silent): not CPU slots, not fewer GPUs
+                return None
             try:
                 devices = launch.grant(self.cfg.gpus, self.cfg.cpu_processes, gpu.visible_devices()).devices
             except UserError:
@@ -327,7 +329,9 @@ class Supervisor:
             "daemon": {"pid": os.getpid(), "state": self.state, "root": str(self.layout.root), "version": __version__,
                        "started_at": self.started_at, "paused": control.is_paused(self.layout),
                        "blocked": self.gate.as_status(),
-                       "parallel": {"running": len(self.running), "max": self._max_parallel()}},
+                       "parallel": {"running": len(self.running),
+                                    # an adapter's own gpus_per_job may run more than the top level's says
+                                    "max": max(len(self.running), self._max_parallel() or 0) or None}},
             "running": [a.current for a in self.running.values()], "current": self.current,
             "queue": counts, "gpu": gpu.snapshot(),
         })
