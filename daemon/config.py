@@ -20,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from daemon.base_model import BASE_MODEL_ALLOWED, base_model_kind, resolve_base_model
 from daemon.config_errors import ConfigError, issue, line_of, validation_issues
-from daemon.config_cluster import GpusPerJob, SlurmConfig
+from daemon.config_cluster import GpusPerJob, SlurmConfig, time_limit_problem
 from daemon.config_hooks import HookConfig
 from daemon.config_versions import VersionsConfig
 from daemon.config_yaml import read_yaml
@@ -242,6 +242,9 @@ def _validate(data: dict, lines: dict, source: Path | None, check_base_model: bo
     if check_base_model and isinstance(eval_file, str) and eval_file and not Path(eval_file).is_file():
         issues.append(issue("versions.eval_file", "must be an existing JSONL file (the standing eval set)",
                             eval_file, line=line_of(lines, ("versions", "eval_file"))))
+    if cfg is not None and source is not None and (short := time_limit_problem(cfg)):  # not a job's snapshot
+        issues.append(issue("slurm.time_limit", short, cfg.slurm.time_limit,
+                            line=line_of(lines, ("slurm", "time_limit"))))
     if issues:  # in the order a reader meets them in the file
         raise ConfigError(sorted(issues, key=lambda i: i["line"] or 1 << 30), source)
     cfg._source = source

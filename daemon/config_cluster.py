@@ -26,6 +26,12 @@ Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=1, le=4096)]
 _TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2}|UNLIMITED|unlimited)$")
 # An extra #SBATCH line: one long option, no newline (it is written into the batch script as is).
 _SBATCH_OPTION = re.compile(r"^--[A-Za-z][A-Za-z0-9-]*(=[^\n\r]*)?$")
+# sbatch options extra_sbatch may not give: the daemon sets them itself (name, output, folder, signal, size,
+# requeue), or they break what it relies on: one job per attempt (--array), an answer at once (--wait, --hold,
+# --test-only, --parsable), a job it can watch without -M (--clusters), its own script (--wrap).
+REFUSED_SBATCH = ("array", "wait", "clusters", "ntasks", "ntasks-per-node", "ntasks-per-core", "ntasks-per-socket",
+                  "ntasks-per-gpu", "nodes", "signal", "requeue", "no-requeue", "open-mode", "hold", "test-only",
+                  "parsable", "wrap", "job-name", "output", "error", "chdir")
 
 
 def gpus_per_job_value(v):
@@ -66,8 +72,49 @@ class SlurmConfig(BaseModel):
     @field_validator("extra_sbatch")
     @classmethod
     def _no_owned_options(cls, v):
-        owned = ("--job-name", "--output", "--error", "--chdir", "--parsable", "--wrap")
-        bad = [line for line in v if line.split("=")[0] in owned]
+        bad = [line for line in v if refused_option(line)]
         if bad:
-            raise ValueError(f"{', '.join(bad)}: set by the daemon itself ({', '.join(owned)})")
+            raise ValueError(f"{', '.join(bad)}: not allowed here (the daemon sets or forbids "
+                             f"{', '.join('--' + o for o in REFUSED_SBATCH)})")
         return v
+
+
+def refused_option(line: str) -> str | None:
+    """The refused option an extra_sbatch line names, or None. sbatch (getopt_long) takes any unambiguous
+    prefix of a long option (`--ou=x` is --output), so a prefix of two or more letters counts too."""
+    given = line[2:].split("=")[0].lower()
+    for option in REFUSED_SBATCH:
+        if given == option or (len(given) >= 2 and option.startswith(given)):
+            return option
+    return None
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """sbatch --time in seconds (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); None for UNLIMITED."""
+    if text.lower() == "unlimited":
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def time_limit_problem(cfg) -> str | None:
+    """A slurm.time_limit too short for one run to do anything: Slurm's warm stop comes stop_timeout + 60 s
+    before it, and loading may take start_timeout; such a job would be resubmitted without ever progressing."""
+    if cfg.executor != "slurm" or not cfg.slurm.time_limit:
+        return None
+    limit = time_limit_seconds(cfg.slurm.time_limit)
+    lim = cfg.limits
+    need = lim.stop_timeout_seconds + 60 + lim.start_timeout_seconds
+    if limit is None or limit > need:
+        return None
+    return (f"{cfg.slurm.time_limit} is {limit} s: it must be longer than limits.stop_timeout_seconds "
+            f"({lim.stop_timeout_seconds:g} s) + 60 s (Slurm's warm stop comes that long before the limit) + "
+            f"limits.start_timeout_seconds ({lim.start_timeout_seconds:g} s) = {need:g} s")

@@ -9,10 +9,11 @@ Set TRAINING_DAEMON_FAULTS to a JSON list of faults; the trainer child inherits 
 Points in the trainer: trainer_start (before its stop handler is set), validate, load, train_step,
 checkpoint_save, checkpoint_write, judge (measuring the new version), judge_incumbent (measuring `latest`),
 publish, version_write, published. Points in the daemon: claim, job_start,
-job_end, watch_event. docs/reliability.md says where each one sits. kind: oom (raises torch.OutOfMemoryError;
-MemoryError in a process without torch), error (RuntimeError), kill (SIGKILL to its own process), enospc
-(OSError ENOSPC), hang (sleeps until killed), sleep (sleeps `seconds`, then goes on), nan (a non-finite loss,
-train_step only), drop (the event is lost, watch_event only).
+job_end, watch_event, sbatch (kind timeout: sbatch's answer lost after Slurm took the job), slurm_published_reported
+(a Slurm job's published/held event reported). docs/reliability.md says where each one sits. kind: oom (raises
+torch.OutOfMemoryError; MemoryError in a process without torch), error (RuntimeError), kill (SIGKILL to its own
+process), enospc (OSError ENOSPC), hang (sleeps until killed), sleep (sleeps `seconds`, then goes on), nan (a
+non-finite loss, train_step only), drop (the event is lost, watch_event only), timeout (sbatch only).
 Conditions, all optional: step (fires when step == N), min_step (step >= N), micro_batch_gt (only while the
 micro-batch is larger than N, so an OOM retry with a smaller one succeeds), job_id, once_file (fires only if
 that file does not exist yet, and creates it: "once" across processes and restarts).

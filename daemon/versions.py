@@ -188,8 +188,10 @@ def repair_latest(adapter_dir: Path) -> list[str]:
     return promotion.repair(adapter_dir)
 
 
-def clean_staging(adapter_dir: Path) -> None:
+def clean_staging(adapter_dir: Path, skip_jobs: set[int] = frozenset()) -> None:
+    """Staging folders a crash left. skip_jobs: jobs whose trainer may still be publishing (a re-attached Slurm
+    job outlives the daemon): their `.tmp-job<id>-*` folders are theirs, not leftovers."""
     if adapter_dir.is_dir():
         for p in adapter_dir.iterdir():
-            if p.name.startswith(".tmp-"):
+            if p.name.startswith(".tmp-") and not any(p.name.startswith(f".tmp-job{j}-") for j in skip_jobs):
                 shutil.rmtree(p, ignore_errors=True)

@@ -62,3 +62,36 @@ def test_gpus_per_job_can_be_set_per_adapter(root, model):
     override.write_text("executor: slurm\n")
     with pytest.raises(ConfigError, match="executor: cannot be set per adapter"):
         adapter_config(cfg, "big")
+
+
+@pytest.mark.parametrize("line", ["--array=1-4", "--wait", "--clusters=other", "--ntasks=8", "--ntasks-per-node=2",
+                                  "--nodes=3", "--signal=USR2@60", "--requeue", "--no-requeue", "--open-mode=truncate",
+                                  "--hold", "--test-only", "--parsable", "--wrap=true", "--job-name=x", "--output=/x",
+                                  "--error=/x", "--chdir=/x", "--ou=/x", "--arr=0-3", "--WAIT", "--ntasks-per=1"])
+def test_extra_sbatch_refuses_what_the_daemon_sets_or_cannot_watch(root, model, line):
+    """Each of these breaks one job per attempt, an answer at once, or the daemon's own settings; a getopt prefix
+    (`--ou` is --output to sbatch) is refused like the whole name."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(config(root, model, executor="slurm", slurm={"extra_sbatch": ["--exclusive", line]}))
+    assert [e["path"] for e in exc.value.errors] == ["slurm.extra_sbatch"]
+    assert "--array" in str(exc.value) and line in str(exc.value) and "--exclusive," not in str(exc.value)
+
+
+def test_extra_sbatch_keeps_the_options_an_operator_needs(root, model):
+    extra = ["--constraint=h100", "--exclusive", "--begin=now+60", "--nodelist=n1", "--gres=gpu:2", "--comment=x"]
+    cfg = load_config(config(root, model, executor="slurm", slurm={"extra_sbatch": extra}))
+    assert cfg.slurm.extra_sbatch == extra
+
+
+def test_a_slurm_time_limit_too_short_for_a_warm_stop_and_a_start_is_refused_with_the_numbers(root, model):
+    limits = {"stop_timeout_seconds": 120, "start_timeout_seconds": 600}
+    with pytest.raises(ConfigError) as exc:
+        load_config(config(root, model, executor="slurm", limits=limits, slurm={"time_limit": "13:00"}))
+    (error,) = exc.value.errors
+    assert error["path"] == "slurm.time_limit"
+    assert "780 s" in error["message"] and "(120 s) + 60 s" in error["message"] and "(600 s)" in error["message"]
+    for fine in ("14", "1-0", "0:13:01", "UNLIMITED"):  # 14 min > 13 min; a day; 781 s; no limit
+        assert load_config(config(root, model, executor="slurm", limits=limits,
+                                  slurm={"time_limit": fine})).slurm.time_limit == fine
+    # Only Slurm's time limit: the local executor ignores the key.
+    assert load_config(config(root, model, limits=limits, slurm={"time_limit": "1"})).executor == "local"

@@ -9,6 +9,8 @@ Slurm's own record of the job. Without Slurm (or when the cluster cannot start) 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import time
 
@@ -197,6 +199,89 @@ def test_daemon_killed_while_its_slurm_job_runs_reattaches_and_ends_the_job_once
     assert slurm_jobs_named(slurm_cluster, job["attempts"][0]["slurm_job_name"]) == [f"JobId={first}"]
     assert sorted(p.name for p in (root / "checkpoints" / "default").glob("v*")) == ["v1"]
     assert sum(1 for line in status_log(root).splitlines() if f"job {job['id']} done:" in line) == 1
+    assert published_lines(root) == 1
+
+
+def published_lines(root) -> int:
+    return sum(1 for line in status_log(root).splitlines() if "published version" in line)
+
+
+@cluster_test
+def test_reattach_after_published_reports_it_once_keeps_its_staging_and_waits_for_a_silent_squeue(
+        root, tiny_model_dir, slurm_cluster, tmp_path):
+    """The daemon dies right after reporting `published` (fault point slurm_published_reported), and had not saved
+    the Slurm job id (name only); at the restart squeue first fails ("Unable to contact slurm controller"). The
+    restarted daemon keeps the attempt, finds the job by name at a later poll, does not report the version
+    again, and leaves the job's publish staging folder alone (another job's leftover goes)."""
+    configure(root, tiny_model_dir)
+    once = tmp_path / "fired"
+    fault = [{"point": "slurm_published_reported", "kind": "kill", "once_file": str(once)}]
+    daemon = start_daemon(root, "--once", **CPU_ONLY, **slurm_cluster.env,
+                          TRAINING_DAEMON_FAULTS=json.dumps(fault))
+    try:
+        first = slurm_id(root)
+        assert daemon.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert published_lines(root) == 1
+    manifest = root / "queue" / "running" / "j000001" / "job.json"
+    saved = json.loads(manifest.read_text())
+    assert saved["attempts"][-1]["events_offset"] > 0
+    del saved["attempts"][-1]["slurm_job_id"]
+    manifest.write_text(json.dumps(saved))
+    staging = root / "checkpoints" / "default"
+    (staging / ".tmp-job1-4242").mkdir()  # as if job 1's trainer were between staging and renaming a version
+    (staging / ".tmp-job9-4242").mkdir()  # a crashed job's leftover
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "squeue").write_text(
+        f'#!/bin/bash\nif [ ! -e {tmp_path}/failed ]; then touch {tmp_path}/failed\n'
+        'echo "squeue: error: Unable to contact slurm controller (connect failure)" >&2; exit 1; fi\n'
+        f'exec {shutil.which("squeue")} "$@"\n')
+    (stub / "squeue").chmod(0o755)
+    r = cli(root, "run", "--once", **CPU_ONLY, **slurm_cluster.env, PATH=f"{stub}:{os.environ['PATH']}")
+    assert r.returncode == 0, f"{r.stdout[-3000:]}{r.stderr[-3000:]}"
+    log = status_log(root)
+    assert (tmp_path / "failed").exists() and "Slurm did not answer when asked for the job named" in log
+    assert f"found Slurm job {first} by its name" in log
+    (job,) = jobs(root)
+    assert job["folder"] == "done" and [a["outcome"] for a in job["attempts"]] == ["done"], job
+    assert published_lines(root) == 1  # not again after the re-attach (nor a second hook delivery)
+    assert (staging / ".tmp-job1-4242").is_dir() and not (staging / ".tmp-job9-4242").exists()
+    assert sorted(p.name for p in staging.glob("v*")) == ["v1"]
+
+
+@cluster_test
+def test_a_lost_sbatch_answer_is_adopted_and_an_earlier_attempts_orphan_cancelled_under_a_root_with_a_space(
+        tmp_path, tiny_model_dir, slurm_cluster):
+    """Attempt 1 dies with the daemon (fault at job_start) while an orphan of it trains in Slurm; attempt 2's
+    sbatch answer is lost after Slurm took the job (fault point sbatch, kind timeout). Exactly one Slurm job
+    trains: the orphan is cancelled before attempt 2 is submitted, and attempt 2's job is found by its name.
+    The root has a space in its path (#SBATCH lines quote it)."""
+    root = tmp_path / "data root"
+    root.mkdir()
+    configure(root, tiny_model_dir)
+    faults = [{"point": "job_start", "kind": "kill", "once_file": str(tmp_path / "killed")},
+              {"point": "sbatch", "kind": "timeout", "once_file": str(tmp_path / "lost")}]
+    env = {**CPU_ONLY, **slurm_cluster.env, "TRAINING_DAEMON_FAULTS": json.dumps(faults)}
+    assert cli(root, "run", "--once", **env).returncode == -signal.SIGKILL
+    from daemon.supervisor.slurm_script import job_name
+
+    orphan = slurm_cluster.sbatch_wrap("sleep 300", f"--job-name={job_name(root.resolve(), 1, 1)}", cwd=tmp_path)
+    train_env = cli(root, "run", "--once", **env)
+    assert train_env.returncode == 0, f"{train_env.stdout[-3000:]}{train_env.stderr[-3000:]}"
+    assert slurm_cluster.wait_state(orphan, "CANCELLED", timeout=30)
+    log = status_log(root)
+    assert f"cancelled Slurm job {orphan}" in log and "of an earlier attempt of this job" in log
+    (job,) = jobs(root)
+    assert job["folder"] == "done" and [a["outcome"] for a in job["attempts"]] == ["interrupted", "done"], job
+    second = job["attempts"][1]
+    assert f"but Slurm has job {second['slurm_job_id']} under this attempt's name" in log
+    assert slurm_jobs_named(slurm_cluster, second["slurm_job_name"]) == [f"JobId={second['slurm_job_id']}"]
+    assert (root / "queue" / "done" / "j000001" / f"slurm-{second['slurm_job_id']}.out").exists()
+    assert published_lines(root) == 1
+    assert sorted(p.name for p in (root / "checkpoints" / "default").glob("v*")) == ["v1"]
 
 
 @cluster_test

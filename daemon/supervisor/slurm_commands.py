@@ -7,9 +7,13 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 GONE = "GONE"  # our name for a job Slurm no longer knows (purged after MinJobAge, no accounting to ask)
+# Once one command timed out, Slurm is taken as unresponsive until this (time.monotonic()): the other handles skip
+# their poll meanwhile, so N jobs cannot hold the one loop for N timeouts in a row (systemd's watchdog is 60 s).
+_unresponsive_until = 0.0
 
 
 class SlurmUnavailable(Exception):
@@ -23,9 +27,29 @@ def run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     except FileNotFoundError:
         raise SlurmUnavailable(f"{args[0]} not found on PATH (is Slurm installed on this host?)") from None
     except subprocess.TimeoutExpired:
+        global _unresponsive_until
+        _unresponsive_until = time.monotonic() + timeout
         raise SlurmUnavailable(f"{args[0]} did not answer in {timeout:.0f}s") from None
     except OSError as e:
         raise SlurmUnavailable(f"{args[0]} could not be run: {e}") from None
+
+
+def unresponsive() -> bool:
+    """A Slurm command timed out a moment ago (within its own timeout): polls wait, the next one asks again."""
+    return time.monotonic() < _unresponsive_until
+
+
+def jobs_named(names: list[str], timeout: float) -> list[tuple[str, str]] | None:
+    """(id, state) of every job Slurm knows by these names (squeue -t all -n), oldest first; None when Slurm did
+    not answer, which is not the same as "no such job" (an empty list)."""
+    try:
+        r = run(["squeue", "-h", "-t", "all", "-n", ",".join(names), "-o", "%i %T"], timeout)
+    except SlurmUnavailable:
+        return None
+    if r.returncode != 0:
+        return None
+    rows = [line.split()[:2] for line in r.stdout.splitlines() if len(line.split()) >= 2]
+    return sorted(((i, state) for i, state in rows), key=lambda row: int(row[0]) if row[0].isdigit() else 0)
 
 
 def problem(cfg) -> str | None:

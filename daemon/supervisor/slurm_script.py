@@ -44,12 +44,21 @@ def signal_lead_seconds(cfg) -> int:
     return int(min(SIGNAL_MAX_SECONDS, cfg.limits.stop_timeout_seconds + 60))
 
 
+def directive_path(path: str, pattern: bool = False) -> str:
+    """A path as an #SBATCH value: in double quotes (sbatch cuts an unquoted value at a space), and with `%`
+    doubled where Slurm expands filename patterns (%j...) so a `%` of the path stays itself."""
+    if '"' in path or "\n" in path:
+        raise ValueError(f"a path with a double quote or a newline cannot go on an #SBATCH line: {path!r}")
+    return '"' + (path.replace("%", "%%") if pattern else path) + '"'
+
+
 def sbatch_options(cfg, job_dir: Path, name: str) -> list[str]:
     s = cfg.slurm
+    out = directive_path(str(job_dir), pattern=True)[:-1] + '/slurm-%j.out"'
     opts = [f"--job-name={name}",
-            f"--output={job_dir}/slurm-%j.out", f"--error={job_dir}/slurm-%j.out",
+            f"--output={out}", f"--error={out}",
             "--open-mode=append",  # a requeued run adds to the same file instead of replacing it
-            f"--chdir={PROJECT_DIR}",
+            f"--chdir={directive_path(str(PROJECT_DIR))}",
             f"--signal=USR1@{signal_lead_seconds(cfg)}",
             f"--nodes={s.nodes}", f"--ntasks-per-node={tasks_per_node(cfg)}",
             "--requeue" if s.requeue else "--no-requeue"]
