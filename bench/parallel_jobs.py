@@ -9,9 +9,22 @@ For each variant (a set of top-level config keys, `NAME:KEY=VALUE[,KEY=VALUE]`) 
 into the inbox at once. Figures per variant: wall time from the drop to the last job's end, jobs per hour,
 tokens trained per second of wall time over all jobs, each job's training tokens/s and when it started and
 ended, the share of wall time in which at least one optimizer step was running (from the trainers'
-first_step and last progress events), and the daemon's GPU check after every job. The base model is
-random-weight in the named shape, saved once (`--base PATH` uses an existing model folder instead, e.g. the
-tests' tiny model for a CPU smoke run with `--variant two:max_parallel_jobs=2`).
+first_step and last progress events), and the daemon's GPU check after every job. For jobs that run one after
+another, each job's `gap_s`: its first optimizer step minus the end of the job before it (the daemon's
+job_done/job_failed line, written once that job's trainer has exited), and the variant's median gap; with
+`validated_s`, whether the next job was prepared before the GPU was free. The base model is random-weight in the
+named shape, saved once (`--base PATH` uses an existing model folder instead, e.g. the tests' tiny model for a
+CPU smoke run with `--variant two:max_parallel_jobs=2`).
+
+No gap between jobs (issue 14 item 2: the next job's trainer imports, validates and tokenizes while a job
+trains, and trains once the GPU is free; daemon/supervisor/standby.py), before and after in one call, on the
+common case of one adapter's files dropped back to back:
+
+    python bench/parallel_jobs.py --model qwen2.5-1.5b --adapters 1 --files-per-adapter 20 --examples 200 \
+        --variant before:trainer_prestart=false --variant after:trainer_prestart=true --out no-gap.json
+
+Compare `gap_s_median`, `share_of_wall_in_steps` and `jobs_per_hour` of the two variants (targets: a gap <= 3 s,
+>= 50% of wall time in optimizer steps).
 """
 
 from __future__ import annotations
@@ -123,6 +136,10 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
             j.setdefault("started_s", round(_unix(e) - t_drop, 2))
         elif kind == "first_step":
             j.setdefault("first_step_s", round(_unix(e) - t_drop, 2))
+        elif kind == "validated":
+            j.setdefault("validated_s", round(_unix(e) - t_drop, 2))
+        elif kind == "gpu_go":
+            j.setdefault("gpu_go_s", round(_unix(e) - t_drop, 2))
         elif kind == "progress":
             j["last_progress_s"] = round(_unix(e) - t_drop, 2)
             j.setdefault("tokens_per_s", []).append(e.get("tokens_per_s"))
@@ -148,12 +165,31 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
         else:
             cur[1] = max(cur[1], b)
     busy += (cur[1] - cur[0]) if cur else 0.0
+    gaps = gaps_between(list(jobs.values()))
     wall = t_end - t_drop
     return {"variant": name, "config": keys, "root": str(root), "files": n_files, "wall_s": round(wall, 2),
             "jobs_per_hour": round(n_files / wall * 3600, 1), "tokens_trained": tokens,
             "tokens_per_s_wall": round(tokens / wall, 1), "share_of_wall_in_steps": round(busy / wall, 3),
+            "gap_s_median": round(float(np.median(gaps)), 2) if gaps else None,
+            "gap_s_max": round(max(gaps), 2) if gaps else None,
             "all_ok": all(j.get("ok") for j in jobs.values()) and len(jobs) == n_files,
             "jobs": sorted(jobs.values(), key=lambda j: j["job_id"])}
+
+
+def gaps_between(jobs: list[dict]) -> list[float]:
+    """Each job's `gap_s` (set on it): its first step minus the end of the job before it, where jobs ran one
+    after another (the one before had ended when this one's first step came; side by side, no gap is set).
+    Also `prepared_before_free`: the job was validated before the job before it ended. Returns the gaps."""
+    order = sorted((j for j in jobs if "first_step_s" in j), key=lambda j: j["first_step_s"])
+    gaps = []
+    for prev, job in zip(order, order[1:]):
+        if prev.get("ended_s") is None or prev["ended_s"] > job["first_step_s"]:
+            continue
+        job["gap_s"] = round(job["first_step_s"] - prev["ended_s"], 2)
+        if job.get("validated_s") is not None:
+            job["prepared_before_free"] = job["validated_s"] < prev["ended_s"]
+        gaps.append(job["gap_s"])
+    return gaps
 
 
 def main(argv=None) -> int:
@@ -179,6 +215,14 @@ def main(argv=None) -> int:
         from bench import common
 
         base = common.save_random_model(args.model, work / "base")
+        # bench/common's word-level tokenizer encodes ordinary text to nothing, which the daemon's validation rightly
+        # refuses: the tests' byte-level BPE (with a chat template) stands in for the model's own.
+        sys.path.insert(0, str(PROJECT / "tests"))
+        from tiny_model import build_tokenizer
+
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (base / name).unlink(missing_ok=True)
+        build_tokenizer().save_pretrained(base)
     files = write_files(work, args.adapters, args.files_per_adapter, args.examples, seed=0, words=args.words)
     results = {"model": str(args.base or args.model), "adapters": args.adapters,
                "files_per_adapter": args.files_per_adapter, "examples_per_file": args.examples, "variants": []}

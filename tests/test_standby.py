@@ -50,9 +50,12 @@ def test_the_early_trainer_trains_the_next_file_and_another_waits_after_it(root,
         assert "Traceback" not in (job_dir / "trainer.log").read_text()
         version = json.loads((job_dir / "job.json").read_text())["version"]
         assert (root / "checkpoints" / "default" / f"v{version}" / "adapter_model.safetensors").exists()
-        # after the job (and its GPU check) the next one waits already, a new process
+        # the next one, a new process, was started while the job trained: its imports overlap the training
         (second,) = wait_for(lambda: standby_pids(root), timeout=60, what="the next early trainer")
         assert second != early
+        rows = events(root)
+        started = [i for i, e in enumerate(rows) if e["event"] == "standby" and e.get("pid") == second]
+        assert started and started[0] < [i for i, e in enumerate(rows) if e["event"] == "job_done"][0]
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0
@@ -65,7 +68,7 @@ def test_a_waiting_trainer_exits_when_its_daemon_is_killed(root, prestart_config
     daemon.send_signal(signal.SIGKILL)
     daemon.wait()
     wait_for(lambda: early not in trainer_pids(root), timeout=30, what="the orphaned early trainer to exit")
-    # and the lock it held is free again: a new daemon trains a file at once
+    # and nothing it left holds the device: a new daemon trains a file at once
     drop(root, "chats.jsonl", chat_lines(4))
     daemon = start_daemon(root, "--config", str(prestart_config), "--once")
     assert daemon.wait(180) == 0

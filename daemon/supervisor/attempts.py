@@ -40,6 +40,13 @@ class Attempt:
     gpu_before: dict | None = None
     trainer: TrainerHandle | None = None
     stalled: str | None = None  # why the daemon killed its trainer for silence, if it did
+    stepped: bool = False  # its trainer did its first optimizer step (loading is over)
+
+    @property
+    def gated(self) -> bool:
+        """Its trainer (the early one, standby.py) has not had the go: it prepares on the CPU or waits for the
+        GPU, holding no device lock."""
+        return bool(getattr(self.trainer, "gated", False))
 
 
 def _begin(sup, job: Job, extra: dict) -> tuple[Path, dict]:
@@ -112,9 +119,14 @@ def _start_local(sup, attempt: Attempt, place: Start) -> None:
                          level="info" if grant.processes > 1 else "debug", job_id=job.id,
                          processes=grant.processes, devices=grant.devices)
     standby, sup.standby = sup.standby, None
+    # Handed to the early trainer while another job trains (loop.py: _place): only it may take the job, since
+    # the running trainer holds the device locks a fresh one would wait for. (Side by side, on other devices,
+    # there is no early trainer: each job's is started fresh.)
+    others = [a for a in sup.running.values() if a is not attempt]
     try:
         trainer = TrainerProcess.start(attempt.job_dir, job.micro_batch_size, grant, root=sup.layout.root,
-                                       state_dir=sup.layout.state, standby=standby, slot=place.slot)
+                                       state_dir=sup.layout.state, standby=standby, slot=place.slot,
+                                       early_only=standby is not None and bool(others))
     except (OSError, RuntimeError) as e:  # its interpreter or the project gone: this attempt fails with why
         write_error(attempt.job_dir, ErrorKind.ERROR, f"the trainer could not be started: {e}")
         end(sup, attempt, protocol.FAILED)
@@ -123,6 +135,43 @@ def _start_local(sup, attempt: Attempt, place: Start) -> None:
     if trainer.early_pid is not None:
         sup.status.event("launch", f"job {job.id}: trainer started early (pid {trainer.early_pid})",
                          level="debug", job_id=job.id, pid=trainer.early_pid)
+    if trainer.gated:
+        if others:
+            attempt.current["phase"] = "waiting_for_gpu"  # until its own phase events say more
+            ahead = [a for a in others if not a.gated] or others
+            sup.status.event("waiting_for_gpu", f"job {job.id}: prepared while job "
+                             f"{', '.join(str(a.job.id) for a in ahead)} trains; it trains once the GPU is free"
+                             + (f" (after {len(others) - len(ahead)} other prepared job(s))"
+                                if len(others) > len(ahead) else ""),
+                             job_id=job.id, pid=trainer.early_pid)
+        go_if_free(sup)
+
+
+def go_if_free(sup) -> None:
+    """The GPU gate: an early trainer that has its job (prepared, or still preparing) gets the go once no other
+    trainer is past its gate (the job before it ended and its GPUs were checked: end() runs the check before
+    the loop calls this) and the gate lets a job start (nothing blocks the queue, disk above the floor, the
+    devices' trainer locks free). Never during a stop or a pause: those end the waiting trainer instead."""
+    gated = [a for a in sup.running.values() if a.gated]
+    if not gated or len(gated) < len(sup.running) or sup.signals or control.is_paused(sup.layout):
+        return
+    attempt = min(gated, key=lambda a: a.job.id)  # handed over in id order: per-adapter order holds
+    if attempt.current.get("cancelled"):
+        return
+    locks = launch.lock_names(launch.Grant(1, attempt.devices), attempt.record.get("slot") or "cpu0")
+    if sup.gate.wait_state(attempt.cfg, sup.cfg.limits.min_free_disk_mb, locks=locks) is not None:
+        return  # asked again at the next turn (loop.py: _place)
+    waited = attempt.current.get("phase") == "waiting_for_gpu"
+    attempt.gpu_before = gpu.snapshot(attempt.devices)  # now: the job before it is off the GPU
+    try:
+        attempt.trainer.go(locks)
+    except OSError:
+        return  # it died a moment ago: watch() sees its end
+    attempt.record["go_at"] = now_iso()
+    attempt.job.save(attempt.job_dir)
+    sup.status.event("gpu_go", f"job {attempt.job.id}: the GPU is free; its trainer (pid {attempt.trainer.early_pid})"
+                     " starts training", level="info" if waited else "debug", job_id=attempt.job.id,
+                     pid=attempt.trainer.early_pid, waited=waited)
 
 
 def _start_on_slurm(sup, attempt: Attempt) -> None:
@@ -180,6 +229,9 @@ def watch(sup, attempt: Attempt, timeout: float) -> None:
     """One turn of a job in training: its trainer's new events, then failed ranks and stops, then its end."""
     job, trainer, current = attempt.job, attempt.trainer, attempt.current
     for event in trainer.poll_events(timeout=timeout):
+        if event.get("event") == Event.FIRST_STEP:
+            attempt.stepped = True
+            sup._next_place = 0.0  # this turn: the next early trainer may start now (loop.py: _prestart)
         if event.get("event") == Event.PHASE and event.get("phase") == "saving" and sup.notifier:
             # Saving may take as long as a warm stop may: systemd's watchdog must wait that long too.
             sup.notifier.extend_timeout(int(sup.cfg.limits.stop_timeout_seconds * 1e6))
@@ -199,10 +251,18 @@ def watch(sup, attempt: Attempt, timeout: float) -> None:
                          f"{launch.describe_status(code)}; stopping the other ranks", level="warning",
                          job_id=job.id, rank=rank, exit_code=code)
     limits = sup.cfg.limits
+    leave = getattr(trainer, "leave_running", None)  # a Slurm job outlives the daemon (slurm_handle.py says when)
+    if leave and not current.get("cancelled") and leave(sup.signals, limits.stop_timeout_seconds):
+        sup.running.pop(job.id, None)
+        sup.status.event("left_running", f"job {job.id}: the daemon stops without ending {trainer.describe()}; it "
+                         "stays in running/ and the next start re-attaches to it", level="warning", job_id=job.id)
+        return
     if sup.signals >= 2 or current.get("cancelled"):
         trainer.cold_stop()
     elif (sup.signals or control.is_paused(sup.layout)) and trainer.warm_stop():
-        sup.status.event("stopping", f"job {job.id}: asking the trainer to checkpoint and stop", job_id=job.id)
+        what = ("stopping its trainer, which has not had the GPU yet (nothing to checkpoint)" if attempt.gated
+                else "asking the trainer to checkpoint and stop")
+        sup.status.event("stopping", f"job {job.id}: {what}", job_id=job.id)
     elif trainer.stop_overdue(limits.stop_timeout_seconds):
         sup.status.event("stop_timeout", f"job {job.id}: trainer did not stop in "
                          f"{limits.stop_timeout_seconds}s; killing it", level="warning")
@@ -239,6 +299,9 @@ def end(sup, attempt: Attempt, rc: int) -> None:
     if attempt.executor == "slurm":
         sup.status.event("gpu_memory", f"job {job.id}: {NOT_CHECKED_ON_SLURM}", level="debug", job_id=job.id,
                          released=None)
+    elif attempt.gated:  # ended before its go: its trainer never had a device
+        sup.status.event("gpu_memory", f"job {job.id}: GPU memory not checked: its trainer ended before it was "
+                         "given the GPU", level="debug", job_id=job.id, released=None)
     else:
         message, level, fields = gpu.release_report(attempt.gpu_before, attempt.devices)
         sup.status.event("gpu_memory", f"job {job.id}: {message}", level=level, job_id=job.id, **fields)

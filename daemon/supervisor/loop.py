@@ -24,7 +24,7 @@ from daemon.supervisor.job import Job, JobStatus
 from daemon.supervisor.outcome import Outcome, resume_point
 from daemon.supervisor.policy import Verdict
 from daemon.supervisor.spool import Spool
-from daemon.supervisor.standby import Standby, early_grant, start_early
+from daemon.supervisor.standby import PREPARED_AHEAD, Standby, early_grant, start_early
 from daemon.supervisor.status import LEVEL_ENV, StatusWriter
 from daemon.supervisor.status_line import status_line
 from daemon.timefmt import now_iso
@@ -69,7 +69,7 @@ class Supervisor:
         kept = attempts.reattach(self)  # Slurm jobs outlive a restart: theirs are running attempts again
         for line in self.spool.sweep(self.cfg.limits.max_attempts, keep=kept):
             self.status.event("sweep", line, level="warning")
-        self._clean_publish_leftovers()
+        self._clean_publish_leftovers(kept)  # a re-attached Slurm job may be publishing: its staging is its own
         self.web = web_start.start(self.cfg, self.layout, self.status)
         self.intake.start()
         self._prestart()
@@ -168,6 +168,8 @@ class Supervisor:
         """Start the pending jobs that may start now (slots.next_jobs). None: nothing is pending; "end": a
         --once run with nothing running meets a wait nothing will end (its jobs stay pending); else "placed"."""
         self._next_place = time.monotonic() + PLACE_EVERY_SECONDS
+        attempts.go_if_free(self)  # a prepared job whose go a closed gate held back
+        self._prestart()  # the early trainer just took a job: the next one imports while both wait
         pending = self._set_aside_unreadable(self.spool.list(JobStatus.PENDING))
         if not pending:
             return None
@@ -175,19 +177,24 @@ class Supervisor:
         pool = self.pool()
         if pool is None:  # the GPUs `gpus` asks for are gone: the gate blocks the queue, with why
             return self._wait(pending[0][0], locks=None) or "placed"
-        if len(self.running) >= pool.limit:
+        early = self._prepares_early(pool)
+        if len(self.running) >= pool.limit and not early:
             return "placed"
         configs: dict[str, object] = {}
         for job, _ in pending:
             configs.setdefault(job.adapter, self.config_for(job))
         candidates = [slots.Candidate(job.id, job.adapter, configs[job.adapter].gpus_per_job) for job, _ in pending]
-        taken = {jid: slots.Taken(a.job.adapter, tuple(a.record.get("devices") or [a.record.get("slot")]))
-                 for jid, a in self.running.items()}
+        # Preparing early, the next job is chosen as if the running one had ended: it only prepares until then.
+        taken = {} if early else {
+            jid: slots.Taken(a.job.adapter, tuple(a.record.get("devices") or [a.record.get("slot")]))
+            for jid, a in self.running.items()}
         for choice in slots.next_jobs(candidates, taken, pool):
             job, job_dir = by_id[choice.job_id]
             if isinstance(choice, slots.Misfit):
                 attempts.fail_bad_config(self, job, job_dir, choice.message)
                 continue
+            if early and (self.standby is None or not self.standby.usable_for(choice.grant)):
+                return "placed"  # not a job for the early trainer: it starts the ordinary way once the GPU is free
             locks = None if self.standby is not None or pool.executor == "slurm" else \
                 launch.lock_names(choice.grant, choice.slot)
             wait = self._wait(job, locks)
@@ -210,23 +217,43 @@ class Supervisor:
         return "placed"
 
     def job_ended(self) -> None:
-        """After attempts.end: show it, look at the queue at once, and start the next trainer early if idle."""
+        """After attempts.end (its GPU check done): the prepared next job gets its go, the queue is looked at
+        at once, and the next trainer is started early."""
         self._next_place = 0.0
+        attempts.go_if_free(self)
         self.snapshot(force=True)
-        if not self.running:
-            self._prestart()  # after the GPU check: the next trainer must not blur the reading of this one's exit
+        self._prestart()
 
     def _prestart(self) -> None:
-        """Start the next job's trainer now, so that its imports are done before a file arrives."""
+        """Start the next job's trainer now, so that its imports are done before a file arrives or the job in
+        training ends. One idle early trainer at most, and none once PREPARED_AHEAD jobs are prepared."""
         if self.standby is not None or self.signals or self.cfg.executor != "local":
             return
+        if sum(a.gated for a in self.running.values()) >= PREPARED_AHEAD:
+            return
+        if any(not a.gated and not a.stepped for a in self.running.values()):
+            return  # its imports would compete for the host with the loading and first step of the job on the GPU
         pool = self.pool()
         if pool is None or not self._single(pool) or (grant := early_grant(self.cfg)) is None:
             return
         if self.once and not self.spool.count(JobStatus.PENDING) and not self._inbox_has_files():
             return  # --once is about to end
-        if not self.gate.trainer_lock_held(launch.lock_names(grant, "cpu0")):
-            self.standby = start_early(self.layout, grant, self.status)
+        self.standby = start_early(self.layout, grant, self.status)
+
+    def _prepares_early(self, pool: slots.Pool) -> bool:
+        """A job trains and the early trainer waits for a job: hand it the next one now (standby.py), unless
+        PREPARED_AHEAD jobs are prepared already. It prepares on the CPU and trains only once the GPU is free;
+        per-adapter order holds, since only one job is past the GPU gate at a time and they pass it in the order
+        they were handed over (job id order)."""
+        if self.standby is None or not self.running or not self._single(pool):
+            return False
+        if sum(a.gated for a in self.running.values()) >= PREPARED_AHEAD:
+            return False
+        if not self.standby.usable_for(early_grant(self.cfg) or self.standby.grant):
+            self.standby.discard()  # died while idle (or the GPUs changed): _prestart starts another
+            self.standby = None
+            return False
+        return True
 
     def _finish(self, job: Job, job_dir: Path, cfg, outcome: Outcome) -> None:
         """Move the job where the policy says, and say so."""
@@ -287,13 +314,13 @@ class Supervisor:
         return any(c.path not in self.intake.claim_failures
                    for c in scan_inbox(self.layout, 0, self.cfg.intake.ignore_suffixes))
 
-    def _clean_publish_leftovers(self) -> None:
+    def _clean_publish_leftovers(self, kept: set[int] = frozenset()) -> None:
         from daemon.versions import clean_staging, repair_latest
 
         if self.layout.checkpoints.is_dir():
             for adapter_dir in self.layout.checkpoints.iterdir():
                 if adapter_dir.is_dir():
-                    clean_staging(adapter_dir)
+                    clean_staging(adapter_dir, skip_jobs=kept)
                     for note in repair_latest(adapter_dir):
                         self.status.event("latest_repaired", f"{adapter_dir.name}: {note}", adapter=adapter_dir.name)
 

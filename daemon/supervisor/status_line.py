@@ -14,7 +14,7 @@ from daemon.supervisor.console import progress_line
 # What a job is doing, by its phase (protocol.Event.PHASE, and the daemon's own "starting" and "stalled").
 _PHASES = {"starting": "starting", "validating": "validating {file}", "loading": "loading the model",
            "saving": "saving a checkpoint before stopping", "publishing": "publishing the new version",
-           "stalled": "stalled: killing its trainer"}
+           "stalled": "stalled: killing its trainer", "waiting_for_gpu": "validated, waiting for the GPU"}
 SHOWN_JOBS = 4  # with more running, the line names these and counts the rest
 
 
@@ -25,6 +25,8 @@ def _in_brief(job: dict) -> str:
         doing = f"saving step {job['saving_step']}"
     elif phase == "training":
         doing = f"step {job.get('step') or 0}/{job.get('total_steps') or '?'}"
+    elif phase == "waiting_for_gpu":
+        doing = "waiting for the GPU"  # prepared early, while the job before it trains
     else:
         doing = phase
     return f"job {job.get('job_id')} ({job.get('adapter')}) {doing}"
@@ -38,6 +40,9 @@ def status_line(state: str, current: dict | None, *, pending: int = 0, reason: s
     if running and len(running) > 1:
         named = ", ".join(_in_brief(job) for job in running[:SHOWN_JOBS])
         more = f", {len(running) - SHOWN_JOBS} more" if len(running) > SHOWN_JOBS else ""
+        waiting = sum(1 for job in running if job.get("phase") == "waiting_for_gpu")
+        if waiting:  # prepared early (standby.py): not on the GPU yet
+            return f"training {len(running) - waiting}, {waiting} waiting for the GPU: {named}{more}"
         return f"training {len(running)} jobs: {named}{more}"
     current = current or (running[0] if running else None)
     if current:

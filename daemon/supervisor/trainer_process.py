@@ -17,6 +17,7 @@ from pathlib import Path
 
 from daemon.protocol import Event
 from daemon.supervisor import launch
+from daemon.supervisor import standby as early
 from daemon.supervisor.standby import Standby
 
 
@@ -30,6 +31,9 @@ class TrainerProcess:
     def __init__(self, ranks: launch.Ranks, lifeline: int, early_pid: int | None = None):
         self.ranks = ranks
         self.early_pid = early_pid  # the early trainer's pid if it took the job, else None
+        # An early trainer waits at its GPU gate until go(): it prepares on the CPU, holds no device lock
+        # (standby.py). A fresh trainer was started holding its locks: it is past the gate from its start.
+        self.gated = early_pid is not None
         self._lifeline = lifeline
         self._events: queue.Queue = queue.Queue()
         self._pump = threading.Thread(target=_pump_events, args=(ranks.stdout, self._events), daemon=True)
@@ -45,9 +49,11 @@ class TrainerProcess:
 
     @classmethod
     def start(cls, job_dir: Path, micro_batch: int | None, grant: launch.Grant, *, root: Path, state_dir: Path,
-              standby: Standby | None = None, slot: str = "cpu0") -> "TrainerProcess":
-        """The job's trainer: `standby` if it is alive and was started for this grant (else it is discarded),
-        or fresh ranks, once the trainer locks of its devices (or CPU `slot`) are ours."""
+              standby: Standby | None = None, slot: str = "cpu0", early_only: bool = False) -> "TrainerProcess":
+        """The job's trainer: `standby` if it is alive and was started for this grant (else it is discarded;
+        it then waits at its GPU gate until go()), or fresh ranks, once the trainer locks of its devices (or CPU
+        `slot`) are ours. `early_only`: another trainer holds those locks now, so no fresh one may be started:
+        OSError if the standby cannot take the job."""
         if standby is not None:
             if standby.usable_for(grant):
                 try:
@@ -56,6 +62,8 @@ class TrainerProcess:
                 except OSError:
                     pass  # it died a moment ago
             standby.discard()
+        if early_only:
+            raise OSError("the early trainer ended before it could take the job")
         lock_fds = launch.acquire_trainer_lock(state_dir, launch.lock_names(grant, slot))
         try:
             life_r, lifeline = os.pipe()
@@ -74,6 +82,18 @@ class TrainerProcess:
             for fd in lock_fds:  # the ranks hold the trainer locks until the last exits, even if we die first
                 os.close(fd)
         return cls(ranks, lifeline)
+
+    def go(self, locks: list[str]) -> None:
+        """Open the GPU gate of an early trainer (the daemon checked that no other trainer is past its own and
+        that `locks` are free): it takes those trainer locks, loads and trains. OSError if it is gone."""
+        self.gated = False
+        self._last_event_at = time.monotonic()  # loading is watched from the go on, not from the wait
+        early.go(self.ranks, locks)
+
+    @property
+    def waiting_for_gpu(self) -> bool:
+        """Prepared, at its GPU gate: it said so (phase waiting_for_gpu) and has not had the go."""
+        return self.gated and (self.last_event or {}).get("phase") == "waiting_for_gpu"
 
     # ------------------------------------------------------------- events
     def poll_events(self, timeout: float) -> list[dict]:
@@ -102,8 +122,8 @@ class TrainerProcess:
         first event (imports), then `timeout`, or three times its slowest pace between progress lines if that
         is longer (a slow job is not a stalled one). None while it is within it, or once a stop was asked (the
         stop has its own timeout)."""
-        if self._killed or self._stop_asked_at is not None:
-            return None
+        if self._killed or self._stop_asked_at is not None or self.waiting_for_gpu:
+            return None  # silent by design: the job before it may train for hours
         allowance = start_timeout if self.last_event is None else max(timeout, 3 * self._slowest_progress_gap)
         silent = time.monotonic() - self._last_event_at
         return silent if silent > allowance else None

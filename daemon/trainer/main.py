@@ -28,15 +28,18 @@ from daemon.config_errors import ConfigError
 from daemon.paths import Layout
 from daemon.protocol import ErrorKind, Event
 from daemon.timefmt import now_iso
-from daemon.trainer import parent, publish_step
+from daemon.trainer import parent, publish_step, warm
 from daemon.trainer.eval_pool import EvalFileError, StandingSet, load_standing_set
 from daemon.trainer.fingerprint import base_fingerprint
-from daemon.trainer.process import die_with_parent, emit, rank, wait_for_job, watch_lifeline, write_error
+from daemon.trainer.process import (die_with_parent, emit, go_is_waiting, rank, wait_for_go, wait_for_job,
+                                    watch_lifeline, write_error)
 
 # torch and the training modules are imported inside the steps that use them: a trainer whose stack cannot
 # load must still get as far as writing the job's error.json (main).
 
 _stop = threading.Event()
+_device_locks: list[int] = []  # the trainer locks an early trainer took after its go: held until it exits
+LOCK_WAIT_SECONDS = 60  # the daemon saw them free before the go: only a trainer just exiting may still hold one
 
 
 def main(argv=None) -> int:
@@ -59,18 +62,20 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: _stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides what a Ctrl-C means
     import_error = None
+    gated = False
     if args.standby:
         order, import_error = wait_for_job()
         if order is None:
             return protocol.DONE  # the daemon closed our stdin: no job for us
         args.job_dir, args.micro_batch = Path(order["job_dir"]), order.get("micro_batch")
+        gated = bool(order.get("gated"))
     elif args.job_dir is None:
         ap.error("JOB_DIR is required without --standby")
     job_dir, layout = args.job_dir.resolve(), Layout.at(args.root)
     try:
         if import_error is not None:
             raise import_error  # the job learns why its trainer cannot train, in its own error.json
-        return run(job_dir, layout, args.micro_batch)
+        return run(job_dir, layout, args.micro_batch, gated=gated)
     except Exception as e:  # the last line of defence: the daemon gets the full traceback, never a truncated one
         # ENOSPC can come from anywhere (a library's save, report.json, the warm stop's checkpoint): it is a
         # full disk, not a bug.
@@ -115,18 +120,28 @@ class Attempt:
     replay: object = None  # replay.Replay: the earlier files' examples trained along (train)
 
 
-def run(job_dir: Path, layout: Layout, micro_batch: int | None) -> int:
-    """One attempt at the job, step by step; a step that ends it early raises AttemptEnds with the exit status."""
+def run(job_dir: Path, layout: Layout, micro_batch: int | None, gated: bool = False) -> int:
+    """One attempt at the job, step by step; a step that ends it early raises AttemptEnds with the exit status.
+
+    `gated`: an early trainer, handed its job while another trains (daemon/supervisor/standby.py). It prepares
+    what needs only the CPU and the job itself (config, validation, tokenization, report.json), then waits at
+    the GPU gate (wait_for_gpu) and only then does what depends on the GPU or on the adapter's previous job:
+    an earlier attempt's published version (recover), the standing eval set (the eval pool the previous job may
+    grow), the parent version and replay (train)."""
     job = json.loads((job_dir / "job.json").read_text())
     attempt = Attempt(job_dir, job, layout.adapter_dir(job["adapter"]), layout=layout)
     try:
-        recover(attempt)
+        if not gated:
+            recover(attempt)
         cfg, snapshot = load_config(attempt, micro_batch)
         try:
             base_dir = resolve_base_model(cfg.base_model)
         except ConfigError as e:  # it resolved when the daemon read the config: it has gone since
             raise protocol.Unavailable("base model unavailable: " + "; ".join(i["message"] for i in e.errors)) from e
         report = validate(attempt, cfg, base_dir)
+        if gated:
+            wait_for_gpu(attempt, base_dir)
+            recover(attempt)
         load_standing(attempt, cfg, base_dir)
         recipe = train(attempt, cfg, snapshot, base_dir, report)
         verdict = judge(attempt, recipe, cfg)  # every rank: evaluation is a collective
@@ -212,6 +227,36 @@ def validate(attempt: Attempt, cfg, base_dir: Path):
     if _stop.is_set() and "WORLD_SIZE" not in os.environ:  # ranks agree on a stop only once they can talk (recipe)
         raise AttemptEnds(protocol.STOPPED) from None
     return report
+
+
+def wait_for_gpu(attempt: Attempt, base_dir: Path) -> None:
+    """The GPU gate: the job is validated and tokenized; wait for the daemon's go (the previous trainer has
+    exited and its GPUs were checked), reading the base model's files into the page cache meanwhile, then take
+    the devices' trainer locks named in the go (bounded) and go on to load and train. Until the go this process
+    has no CUDA context and holds no device lock. A warm stop while waiting ends the attempt as stopped, with
+    nothing to checkpoint (the next attempt starts from scratch, or from a checkpoint an earlier one left)."""
+    from daemon.supervisor import launch  # the lock files' names are the daemon's (no torch in it)
+
+    warmer = None
+    if not go_is_waiting():  # the go is not there yet: another job trains
+        emit({"event": Event.PHASE, "phase": "waiting_for_gpu", "cuda_initialized": _cuda_initialized()})
+        if rank() == 0:  # one reader is enough: the page cache is the host's
+            warmer = warm.Warmer.start(base_dir)
+    go = wait_for_go(_stop.is_set)
+    note = warmer.stop() if warmer else None
+    if go is None:
+        raise AttemptEnds(protocol.STOPPED)
+    if _cuda_initialized():  # a library did it behind our back: say so, the GPU run's check looks for it
+        emit({"event": Event.LOG, "level": "warning", "message": "CUDA was initialised before the go"})
+    _device_locks.extend(launch.acquire_trainer_lock(attempt.layout.state, list(go.get("locks") or []),
+                                                     wait=LOCK_WAIT_SECONDS))
+    if note:
+        emit({"event": Event.LOG, "level": "debug", "message": note})
+
+
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 def load_standing(attempt: Attempt, cfg, base_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -84,9 +85,41 @@ def write_error(job_dir: Path, kind: ErrorKind, message: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class _Stdin:
+    """The daemon's orders on stdin, a line at a time, read from fd 0 itself: a wait for the go must also watch
+    the stop flag (select with a timeout), which Python's buffered sys.stdin would hide lines from."""
+
+    def __init__(self):
+        self._buf = b""
+        self._eof = False
+
+    def line(self, timeout: float | None = None) -> bytes | None:
+        """The next line (b"" at EOF), or None when none came within `timeout` seconds (None: wait for it)."""
+        while b"\n" not in self._buf and not self._eof:
+            ready, _, _ = select.select([0], [], [], timeout)
+            if not ready:
+                return None
+            chunk = os.read(0, 65536)
+            self._buf += chunk
+            self._eof = not chunk
+        line, sep, rest = self._buf.partition(b"\n")
+        self._buf = rest
+        return line + sep
+
+    def has_line(self) -> bool:
+        """A whole line (or EOF) is already waiting: reading it will not block."""
+        if b"\n" in self._buf or self._eof:
+            return True
+        ready, _, _ = select.select([0], [], [], 0)
+        return bool(ready)
+
+
+_STDIN = _Stdin()
+
+
 def wait_for_job() -> tuple[dict | None, Exception | None]:
-    """Standby: pay for the imports (10-14 s on a GPU host) while the daemon waits for a file, then take the job
-    the daemon writes on stdin as one JSON line. No CUDA here: the GPU stays untouched until the job starts.
+    """Standby: pay for the imports (10-20 s on a GPU host) while the daemon waits for a file, then take the job
+    the daemon writes on stdin as one JSON line. No CUDA here: the GPU stays untouched until the go (wait_for_go).
     An import that fails is kept and returned with the job, so that the job's error.json tells it."""
     import_error = None
     try:
@@ -103,13 +136,40 @@ def wait_for_job() -> tuple[dict | None, Exception | None]:
     except Exception:
         pass
     emit({"event": Event.STANDBY, "pid": os.getpid()})
-    line = sys.stdin.readline()
-    if not line.strip():
+    line = _STDIN.line()
+    if not line or not line.strip():
         return None, None
     order = json.loads(line)
-    # From here on this is an ordinary trainer for that job: its stderr goes to the job's trainer.log.
-    log = os.open(Path(order["job_dir"]) / "trainer.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # From here on this is an ordinary trainer for that job: its stderr goes to the job's trainer.log (a rank
+    # other than 0: trainer-rank<N>.log, as launch.log_name names it).
+    name = "trainer.log" if rank() == 0 else f"trainer-rank{rank()}.log"
+    log = os.open(Path(order["job_dir"]) / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stderr.flush()
     os.dup2(log, 2)
     os.close(log)
     return order, import_error
+
+
+def go_is_waiting() -> bool:
+    """The daemon's go (or its EOF) is already on stdin: waiting for it will not block."""
+    return _STDIN.has_line()
+
+
+def wait_for_go(stopped) -> dict | None:
+    """The GPU gate of an early trainer (daemon/supervisor/standby.py): wait for the daemon's go line on stdin,
+    {"go": true, "locks": [...]}, which it writes once no other trainer is past its gate and the previous job's
+    GPU check is done. None when the wait ends without one: `stopped()` turned true (a warm stop, a pause) or
+    the daemon closed stdin. A go already written wins over a stop that came after it: the daemon writes it to
+    every rank at once, so all ranks go on (and agree on the stop in the recipe) or none does."""
+    while True:
+        stop = stopped()
+        line = _STDIN.line(timeout=0 if stop else 0.2)
+        if line is None:
+            if stop:
+                return None
+            continue
+        if not line.strip():
+            return None  # EOF: the daemon let us go without a job to train
+        order = json.loads(line)
+        if order.get("go"):
+            return order
