@@ -73,6 +73,24 @@ class FakeTokenizer:
     eos_token_id = 1
 
 
+def padded_collate(counter: dict, width: int | None = None):
+    """The HF references' collate: a batch padded to `width` (None: its longest example), labels -100 on the
+    padding; counts the real tokens into counter["tokens"]."""
+
+    def collate(batch):
+        w = width or max(len(x["input_ids"]) for x in batch)
+        ids = torch.zeros(len(batch), w, dtype=torch.long)
+        labels = torch.full((len(batch), w), -100, dtype=torch.long)
+        mask = torch.zeros(len(batch), w, dtype=torch.long)
+        for i, x in enumerate(batch):
+            n = len(x["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(x["input_ids"]), torch.tensor(x["labels"]), 1
+            counter["tokens"] += n
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate
+
+
 def synthetic_examples(n: int, *, max_length: int, seed: int, mean: float = 300.0, sigma: float = 0.7):
     """Log-normal lengths with the given mean (clipped to [16, max_length]); random ids; 30% prompt masked."""
     rng = np.random.default_rng(seed)

@@ -150,16 +150,7 @@ def run_reference(name: str, args, examples, *, gradient_checkpointing: bool = F
     n_matmul = common.matmul_params(model)
     counter = {"tokens": 0}
 
-    def collate(batch):
-        width = args.max_length if tuned else max(len(x["input_ids"]) for x in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, x in enumerate(batch):
-            n = len(x["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(x["input_ids"]), torch.tensor(x["labels"]), 1
-            counter["tokens"] += n
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    collate = common.padded_collate(counter, args.max_length if tuned else None)
 
     marks: dict = {}
 
