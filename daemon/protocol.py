@@ -81,3 +81,8 @@ def unavailable_reason(e: BaseException) -> str | None:
 def is_disk_full(e: BaseException) -> bool:
     """ENOSPC from anywhere (a library's save, report.json, a checkpoint) or the free-space floor."""
     return isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno == errno.ENOSPC)
+
+
+def log_name(rank: int) -> str:
+    """Where a rank's stderr goes in its job folder, whoever started it (the daemon's launcher, srun)."""
+    return "trainer.log" if rank == 0 else f"trainer-rank{rank}.log"

@@ -47,6 +47,13 @@ def test_a_later_job_of_an_adapter_never_overtakes_an_earlier_one():
     assert started(slots.next_jobs(pending, {}, gpu_pool(4))) == [(2, "gpu0"), (4, "gpu1")]
 
 
+def test_a_duplicate_waiting_for_its_original_is_not_started_and_holds_its_adapter():
+    """Job 2 has job 1's bytes: intake decides once job 1 has ended (done: 2 is a duplicate; failed: 2 trains).
+    Until then it must not start (it did, the moment job 1 ended), nor may adapter a's job 3 pass it."""
+    pending = [slots.Candidate(2, "a", 1, held=True), slots.Candidate(3, "a", 1), slots.Candidate(4, "b", 1)]
+    assert started(slots.next_jobs(pending, {}, gpu_pool(4))) == [(4, "gpu0")]
+
+
 def test_a_job_that_does_not_fit_blocks_the_jobs_behind_it():
     pending = [slots.Candidate(2, "big", "all"), slots.Candidate(3, "small", 1)]
     running = {1: slots.Taken("x", ("0",))}

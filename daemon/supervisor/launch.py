@@ -13,19 +13,19 @@ daemon's own children. No torch in this module: the daemon imports it.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import protocol
 from daemon.paths import PROJECT_DIR, UserError
+from daemon.device_locks import acquire_trainer_lock, held_trainer_lock, lock_file  # noqa: F401 (the API)
+from daemon.protocol import log_name
 
 # Set for a multi-process job only; a single-process trainer must not inherit any from the daemon's own
 # environment and believe it is one rank of many.
@@ -123,61 +123,12 @@ def lock_names(grant: Grant, slot: str) -> list[str]:
     return [slot]
 
 
-def lock_file(name: str) -> str:
-    """state/trainer-<name>.lock: held by every rank of the trainer that runs there, until it exits."""
-    return f"trainer-{name}.lock"
-
-
-def acquire_trainer_lock(state_dir: Path, names: list[str], wait: float = 60) -> list[int]:
-    """Never two trainers on one device: the fds of the grant's locks (lock_names), locked, for the next trainer
-    to inherit. Waits for a trainer left by a dead daemon (its lifeline makes it exit); RuntimeError if it has
-    not after `wait` s (the locks taken so far are let go)."""
-    fds: list[int] = []
-    deadline = time.monotonic() + wait
-    try:
-        for name in names:
-            fd = os.open(state_dir / lock_file(name), os.O_RDWR | os.O_CREAT, 0o644)
-            fds.append(fd)
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"a trainer from an earlier daemon still holds state/{lock_file(name)}"
-                                           ) from None
-                    time.sleep(0.2)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fds
-
-
-def held_trainer_lock(state_dir: Path, names: list[str]) -> str | None:
-    """The first of these locks a trainer holds now, as state/<file>, or None when all are free (a probe: it
-    takes each lock and lets go at once)."""
-    for name in names:
-        fd = os.open(state_dir / lock_file(name), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f"state/{lock_file(name)}"
-        finally:
-            os.close(fd)  # closing drops the probe's lock
-    return None
-
-
 def trainer_command(job_dir: Path, root: Path, lifeline_fd: int, parent_pid: int, micro_batch: int | None) -> list[str]:
     cmd = [sys.executable, "-m", "daemon.trainer.main", str(job_dir), "--root", str(root),
            "--lifeline-fd", str(lifeline_fd), "--parent-pid", str(parent_pid)]
     if micro_batch:
         cmd += ["--micro-batch", str(micro_batch)]
     return cmd
-
-
-def log_name(rank: int) -> str:
-    return "trainer.log" if rank == 0 else f"trainer-rank{rank}.log"
 
 
 def job_exit_code(codes: list[int], collateral: set[int]) -> int:

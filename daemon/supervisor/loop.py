@@ -183,7 +183,8 @@ class Supervisor:
         configs: dict[str, object] = {}
         for job, _ in pending:
             configs.setdefault(job.adapter, self.config_for(job))
-        candidates = [slots.Candidate(job.id, job.adapter, configs[job.adapter].gpus_per_job) for job, _ in pending]
+        candidates = [slots.Candidate(job.id, job.adapter, configs[job.adapter].gpus_per_job,
+                                      held=job.duplicate_of is not None) for job, _ in pending]
         # Preparing early, the next job is chosen as if the running one had ended: it only prepares until then.
         taken = {} if early else {
             jid: slots.Taken(a.job.adapter, tuple(a.record.get("devices") or [a.record.get("slot")]))

@@ -66,6 +66,9 @@ class Candidate:
     job_id: int
     adapter: str
     gpus_per_job: object = "all"  # its adapter's value: "all" or a count
+    # Not to be started yet, and its adapter's later jobs wait behind it: a duplicate whose original has not ended
+    # (intake decides, once it has, whether it is done as a duplicate or trained).
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ def next_jobs(pending: list[Candidate], running: dict[int, Taken], pool: Pool) -
     room = pool.limit - len(running)
     out: list[Start | Misfit] = []
     for cand in sorted(pending, key=lambda c: c.job_id):
-        if cand.adapter in busy:
+        if cand.adapter in busy or cand.held:
+            busy.add(cand.adapter)
             continue
         n = pool.need(cand.gpus_per_job)
         if n > len(pool.units):

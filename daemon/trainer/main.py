@@ -235,7 +235,7 @@ def wait_for_gpu(attempt: Attempt, base_dir: Path) -> None:
     the devices' trainer locks named in the go (bounded) and go on to load and train. Until the go this process
     has no CUDA context and holds no device lock. A warm stop while waiting ends the attempt as stopped, with
     nothing to checkpoint (the next attempt starts from scratch, or from a checkpoint an earlier one left)."""
-    from daemon.supervisor import launch  # the lock files' names are the daemon's (no torch in it)
+    from daemon import device_locks
 
     warmer = None
     if not go_is_waiting():  # the go is not there yet: another job trains
@@ -248,8 +248,8 @@ def wait_for_gpu(attempt: Attempt, base_dir: Path) -> None:
         raise AttemptEnds(protocol.STOPPED)
     if _cuda_initialized():  # a library did it behind our back: say so, the GPU run's check looks for it
         emit({"event": Event.LOG, "level": "warning", "message": "CUDA was initialised before the go"})
-    _device_locks.extend(launch.acquire_trainer_lock(attempt.layout.state, list(go.get("locks") or []),
-                                                     wait=LOCK_WAIT_SECONDS))
+    _device_locks.extend(device_locks.acquire_trainer_lock(attempt.layout.state, list(go.get("locks") or []),
+                                                           wait=LOCK_WAIT_SECONDS))
     if note:
         emit({"event": Event.LOG, "level": "debug", "message": note})
 

@@ -141,7 +141,7 @@ def wait_for_job() -> tuple[dict | None, Exception | None]:
         return None, None
     order = json.loads(line)
     # From here on this is an ordinary trainer for that job: its stderr goes to the job's trainer.log (a rank
-    # other than 0: trainer-rank<N>.log, as launch.log_name names it).
+    # other than 0: trainer-rank<N>.log, as protocol.log_name names it).
     name = "trainer.log" if rank() == 0 else f"trainer-rank{rank()}.log"
     log = os.open(Path(order["job_dir"]) / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stderr.flush()

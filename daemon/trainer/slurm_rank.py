@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     os.environ.clear()
     os.environ.update(env)
     rank = int(os.environ.get("RANK", "0"))
-    from daemon.supervisor.launch import log_name  # no torch there
+    from daemon.protocol import log_name
 
     # stdout too: a library's print must not land in Slurm's output file as if it were the daemon's script.
     log = os.open(job_dir / log_name(rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
