@@ -28,7 +28,8 @@ from daemon.config_errors import ConfigError
 from daemon.paths import Layout
 from daemon.protocol import ErrorKind, Event
 from daemon.timefmt import now_iso
-from daemon.trainer import parent, publish_step, warm
+from daemon.trainer import publish_step, warm
+from daemon.trainer.parent import choose_parent
 from daemon.trainer.eval_pool import EvalFileError, StandingSet, load_standing_set
 from daemon.trainer.fingerprint import base_fingerprint
 from daemon.trainer.process import (die_with_parent, emit, go_is_waiting, rank, wait_for_go, wait_for_job,
@@ -367,42 +368,6 @@ def split_eval(examples: list, training, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
-
-
-def choose_parent(attempt: Attempt, cfg, base_dir: Path) -> int | None:
-    """The version to train on top of: the one an interrupted attempt's checkpoints started from; else, in mode
-    continue, the version `latest` points at (never a newer, held one), or when that is damaged the newest sound
-    version that was promoted (each damaged one is skipped, said so), when it was trained on the same base model,
-    by path and by content; else none (the base). A version from before base fingerprints were recorded is
-    trusted on its path alone."""
-    from daemon.trainer import checkpoint
-
-    found = checkpoint.complete_checkpoints(attempt.job_dir / "resume")
-    resumed_parent = json.loads((found[0] / "progress.json").read_text()).get("parent_version") if found else None
-    if resumed_parent is not None:
-        return resumed_parent
-    if cfg.training.mode != "continue":
-        return None
-
-    def note(message: str, level: str = "info") -> None:
-        attempt.parent_notes.append(message)
-        emit({"event": Event.LOG, "message": message, "level": level})
-
-    latest = parent.promoted_sound_version(attempt.adapter_dir, lambda v, problems: note(
-        f"version v{v} of {attempt.job['adapter']} is damaged ({'; '.join(problems)}): skipped", "warning"))
-    if latest is None:
-        return None
-    meta = versions.read_metadata(attempt.adapter_dir, latest)
-    if meta.get("base_model_path") and Path(meta["base_model_path"]) != base_dir:
-        note(f"latest version v{latest} was trained on {meta['base_model_path']}, not {base_dir}: "
-             "training from the base model instead")
-        return None
-    if meta.get("base_model_fingerprint") not in (None, attempt.base_fingerprint):
-        note(f"latest version v{latest} was trained on another model than the one now at {base_dir} (base "
-             f"fingerprint {meta['base_model_fingerprint'][:12]}, now {attempt.base_fingerprint[:12]}): "
-             "training from the base model instead")
-        return None
-    return latest
 
 
 if __name__ == "__main__":
