@@ -151,9 +151,18 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
     for meta in root.glob("checkpoints/*/v*/metadata.json"):
         m = json.loads(meta.read_text())
         tokens += m.get("tokens_trained") or 0
+        if m.get("job_id") in jobs:
+            jobs[m["job_id"]]["seconds"] = m.get("seconds")  # the trainer's own laps (daemon/trainer/timings.py)
+            jobs[m["job_id"]]["compile"] = (m.get("plan") or {}).get("compile")
     for j in jobs.values():
         tps = [t for t in j.pop("tokens_per_s", []) if t]
         j["tokens_per_s_median"] = sorted(tps)[len(tps) // 2] if tps else None
+        if "ended_s" in j and "last_progress_s" in j:
+            j["after_last_step_s"] = round(j["ended_s"] - j["last_progress_s"], 2)
+    laps: dict[str, list[float]] = {}
+    for j in jobs.values():
+        for lap, took in (j.get("seconds") or {}).items():
+            laps.setdefault(lap, []).append(took)
     # Seconds in which some optimizer step ran: the union of [first step, last progress] over the jobs.
     spans = sorted((j["first_step_s"], j["last_progress_s"]) for j in jobs.values()
                    if "first_step_s" in j and "last_progress_s" in j)
@@ -172,8 +181,15 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
             "tokens_per_s_wall": round(tokens / wall, 1), "share_of_wall_in_steps": round(busy / wall, 3),
             "gap_s_median": round(float(np.median(gaps)), 2) if gaps else None,
             "gap_s_max": round(max(gaps), 2) if gaps else None,
+            "seconds_median": {lap: round(float(np.median(v)), 3) for lap, v in laps.items()},
+            "after_last_step_s_median": _median([j.get("after_last_step_s") for j in jobs.values()]),
             "all_ok": all(j.get("ok") for j in jobs.values()) and len(jobs) == n_files,
             "jobs": sorted(jobs.values(), key=lambda j: j["job_id"])}
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(float(np.median(values)), 2) if values else None
 
 
 def gaps_between(jobs: list[dict]) -> list[float]:

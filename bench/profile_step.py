@@ -1,6 +1,6 @@
 """Where a training step's time goes: host (CPU) vs device, per op, for one model shape.
 
-    python bench/profile_step.py --model smollm2-135m --steps 6 [--compile]
+    python bench/profile_step.py --model smollm2-135m --steps 6 [--compile [--mode reduce-overhead]]
 
 Prints the per-micro-batch wall time of forward+loss+backward alone (no optimizer), the GPU busy share of it,
 the top ops by host time and by device time, and the top Python functions by own time (cProfile).
@@ -33,7 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--compile", action="store_true", help="the compiled path (training.compile: true, fixed shape)")
+    ap.add_argument("--mode", default=compiled.MODE, help="compiled.MODE with --compile: default | reduce-overhead")
     args = ap.parse_args(argv)
+    compiled.MODE = args.mode
     cfg = common.daemon_config(types.SimpleNamespace(micro_batch=8, lora_dropout=0.0), max_length=1024, steps=1,
                                overrides={"training": {"gradient_checkpointing": "false",
                                                        "compile": "true" if args.compile else "false"}})

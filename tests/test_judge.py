@@ -16,6 +16,7 @@ import pytest
 
 from daemon.config_versions import ProbeConfig
 from daemon.trainer.judge import decide, probe_verdict
+from daemon.trainer.timings import Laps
 from helpers import chat_lines, cli, drop, events, write_config
 
 INC = 4
@@ -247,6 +248,7 @@ class FakeRecipe:
     def __init__(self, world):
         self.world, self.sharded, self.eval_examples, self.evaluated = world, False, ["own"], []
         self.loaded = False
+        self.laps = Laps()
 
     def summary(self):
         return {"eval_loss": 1.5}
@@ -263,7 +265,7 @@ def fake_measure(monkeypatch, world, probes=(), **fault):
 
     recipe = FakeRecipe(world)
     monkeypatch.setattr(judge, "incumbent_problem", lambda *a: None)
-    monkeypatch.setattr(judge, "load_incumbent", lambda r, p: setattr(r, "loaded", True))
+    monkeypatch.setattr(judge, "load_incumbent", lambda r, p, v=None: setattr(r, "loaded", True))
     monkeypatch.setattr(judge, "unload_incumbent", lambda r: setattr(r, "loaded", False))
     if fault:
         monkeypatch.setenv("TRAINING_DAEMON_FAULTS", json.dumps([fault]))

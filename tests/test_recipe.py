@@ -176,3 +176,40 @@ def test_a_non_finite_eval_loss_diverges(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "evaluate", lambda: float("inf"))
     with pytest.raises(Diverged, match="the eval loss after step .* is not finite"):
         recipe.train()
+
+
+def test_the_parent_as_incumbent_is_measured_on_the_weights_the_run_started_from(tmp_path):
+    """Judging measures the incumbent; when it is the run's parent, the recipe swaps the parent's weights (kept at
+    setup) into the trained adapter instead of loading a second adapter: the same figures, and the trained
+    weights come back."""
+    from daemon.trainer import judge
+
+    cfg = config(max_steps=2, epochs=1)
+    first = LoRARecipe(cfg)
+    first.setup(examples()[:20], [], model=model(), tokenizer=Tok())
+    first.train()
+    first.accelerator.unwrap_model(first.model).save_pretrained(tmp_path / "v1")
+
+    recipe = LoRARecipe(cfg)
+    recipe.setup(examples()[:20], examples()[20:], model=model(), tokenizer=Tok(), adapter_dir=tmp_path / "v1")
+    recipe.progress.parent_version = 1
+    recipe.train()
+    trained = [p.detach().clone() for p in recipe.trainable]
+    trained_loss = recipe.evaluate()
+
+    assert judge.load_incumbent(recipe, tmp_path / "v1", 1) is None  # the parent: swapped in
+    assert recipe.swapped_out is not None
+    swapped_loss = recipe.evaluate()
+    judge.unload_incumbent(recipe)
+    assert all(torch.equal(p, q) for p, q in zip(recipe.trainable, trained))
+
+    assert judge.load_incumbent(recipe, tmp_path / "v1", None) is None  # not known as the parent: loaded beside
+    assert recipe.swapped_out is None
+    loaded_loss = recipe.evaluate()
+    judge.unload_incumbent(recipe)
+    assert all(torch.equal(p, q) for p, q in zip(recipe.trainable, trained))
+    assert recipe.evaluate() == trained_loss
+
+    assert swapped_loss == pytest.approx(loaded_loss, rel=1e-6)
+    assert swapped_loss != trained_loss  # the incumbent is not the trained adapter
+    assert not all(torch.equal(p, q) for p, q in zip(recipe.start_weights, trained))

@@ -16,8 +16,9 @@ peft's LoRA modules out of the hot path. What it needs:
 
 Compiled artefacts are cached (Inductor's FX graph and autograd caches, Triton's kernels) under the daemon
 root's state/torch_compile/ folder, so the next job of the same model shape and micro-batch skips most of the
-compile time. `MODE` is "default" (Inductor kernels) or "reduce-overhead" (Inductor + CUDA graphs; bench/run.py
---compile-mode measures it).
+compile time. `MODE` is what a GPU runs: "reduce-overhead" (Inductor + CUDA graphs, the faster; its gradient
+accumulation was checked on an H200 by bench/gpu_check.py) or "default" (Inductor kernels alone; bench/run.py
+--compile-modes measures both). The CPU always runs "default": CUDA graphs are a GPU's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-MODE = "default"
+MODE = "reduce-overhead"
 # training.compile: auto compiles CUDA models below this many parameters (measured on an H200: docs/performance.md).
 AUTO_MAX_PARAMS = 3_000_000_000
 # ... and runs of at least this many tokens: below it the compile (tens of seconds in a fresh process, less from
@@ -169,6 +170,11 @@ def fixed_shape(token_counts: list[int], plans: list[list[list[int]]], *, token_
             docs = max(docs, len(mb) + -(-extra // max_doc))
     docs = -(-docs // doc_bucket) * doc_bucket
     return {"tokens": tokens, "docs": docs, "max_doc": max_doc}
+
+
+def mode_for(device: torch.device) -> str:
+    """The compile mode of a model trained on `device`: MODE on a GPU, Inductor alone on the CPU."""
+    return MODE if torch.device(device).type == "cuda" else "default"
 
 
 def graphs(plan: dict) -> bool:

@@ -32,6 +32,7 @@ from daemon.trainer import publish_step, warm
 from daemon.trainer.parent import choose_parent
 from daemon.trainer.eval_pool import EvalFileError, StandingSet, load_standing_set
 from daemon.trainer.fingerprint import base_fingerprint
+from daemon.trainer.timings import Laps
 from daemon.trainer.process import (die_with_parent, emit, go_is_waiting, rank, wait_for_go, wait_for_job,
                                     watch_lifeline, write_error)
 
@@ -119,6 +120,8 @@ class Attempt:
     tokenizer: object = None  # the base model's (validate loads it)
     standing: StandingSet = field(default_factory=lambda: StandingSet("none"))  # what versions are judged on
     replay: object = None  # replay.Replay: the earlier files' examples trained along (train)
+    laps: Laps = field(default_factory=Laps)  # where the attempt's seconds went (metadata "seconds")
+    preload: object = None  # early_load.Preload: the base built on the CPU while waiting for the GPU
 
 
 def run(job_dir: Path, layout: Layout, micro_batch: int | None, gated: bool = False) -> int:
@@ -140,18 +143,24 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None, gated: bool = Fa
         except ConfigError as e:  # it resolved when the daemon read the config: it has gone since
             raise protocol.Unavailable("base model unavailable: " + "; ".join(i["message"] for i in e.errors)) from e
         report = validate(attempt, cfg, base_dir)
+        attempt.laps.mark("validate")
         if gated:
-            wait_for_gpu(attempt, base_dir)
+            wait_for_gpu(attempt, cfg, base_dir)
             recover(attempt)
         load_standing(attempt, cfg, base_dir)
+        attempt.laps.mark("standing_set")
         recipe = train(attempt, cfg, snapshot, base_dir, report)
         verdict = judge(attempt, recipe, cfg)  # every rank: evaluation is a collective
+        attempt.laps.mark("judge")
         if recipe.world.is_main:
             metadata = publish_step.build_metadata(attempt, recipe, cfg, base_dir, report, verdict)
             try:
                 publish_step.publish(attempt, recipe, metadata)
             except protocol.DiskFull as e:
                 raise failed(attempt.job_dir, ErrorKind.DISK_FULL, str(e), protocol.DISK_FULL) from e
+            attempt.laps.mark("publish")
+            emit({"event": Event.LOG, "level": "debug", "message": "seconds: " + ", ".join(
+                f"{name} {took:.2f}" for name, took in attempt.laps.as_dict().items())})
         else:  # rank 0 publishes; a sharded adapter needs every rank to gather it
             recipe.save_adapter(None)
     except AttemptEnds as end:
@@ -230,29 +239,46 @@ def validate(attempt: Attempt, cfg, base_dir: Path):
     return report
 
 
-def wait_for_gpu(attempt: Attempt, base_dir: Path) -> None:
+def wait_for_gpu(attempt: Attempt, cfg, base_dir: Path) -> None:
     """The GPU gate: the job is validated and tokenized; wait for the daemon's go (the previous trainer has
-    exited and its GPUs were checked), reading the base model's files into the page cache meanwhile, then take
-    the devices' trainer locks named in the go (bounded) and go on to load and train. Until the go this process
-    has no CUDA context and holds no device lock. A warm stop while waiting ends the attempt as stopped, with
-    nothing to checkpoint (the next attempt starts from scratch, or from a checkpoint an earlier one left)."""
+    exited and its GPUs were checked), building the base model in host memory meanwhile (early_load.Preload;
+    else reading its files into the page cache), then take the devices' trainer locks named in the go
+    (bounded), start this process's CUDA context in a thread (early_load.EarlyCuda) and go on to load and train.
+    Replay's reading of earlier files is done ahead meanwhile too (replay.read_ahead).
+    Until the go this process has no CUDA context and holds no device lock. A warm stop while waiting ends the
+    attempt as stopped, with nothing to checkpoint (the next attempt starts from scratch, or from a checkpoint an
+    earlier one left)."""
     from daemon import device_locks
+    from daemon.trainer import early_load, replay
 
-    warmer = None
+    warmer, notes = None, []
     if not go_is_waiting():  # the go is not there yet: another job trains
         emit({"event": Event.PHASE, "phase": "waiting_for_gpu", "cuda_initialized": _cuda_initialized()})
-        if rank() == 0:  # one reader is enough: the page cache is the host's
-            warmer = warm.Warmer.start(base_dir)
+        attempt.preload, why_not = early_load.Preload.start(base_dir, cfg)
+        if attempt.preload is None:
+            notes.append(f"the base is loaded after the go: {why_not}")
+            if rank() == 0:  # one reader is enough: the page cache is the host's
+                warmer = warm.Warmer.start(base_dir)
+        replay.read_ahead(cfg, attempt.layout, attempt.adapter_dir, attempt.tokenizer, base_dir,
+                          stop=lambda: _stop.is_set() or go_is_waiting())
     go = wait_for_go(_stop.is_set)
-    note = warmer.stop() if warmer else None
+    attempt.laps.mark("wait_for_gpu")
+    notes.append(warmer.stop() if warmer else None)
     if go is None:
         raise AttemptEnds(protocol.STOPPED)
     if _cuda_initialized():  # a library did it behind our back: say so, the GPU run's check looks for it
         emit({"event": Event.LOG, "level": "warning", "message": "CUDA was initialised before the go"})
     _device_locks.extend(device_locks.acquire_trainer_lock(attempt.layout.state, list(go.get("locks") or []),
                                                            wait=LOCK_WAIT_SECONDS))
-    if note:
+    if _cuda_available():  # the devices are ours now: the context is made while the CPU work goes on
+        early_load.EarlyCuda()
+    for note in filter(None, notes):
         emit({"event": Event.LOG, "level": "debug", "message": note})
+
+
+def _cuda_available() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_available())
 
 
 def _cuda_initialized() -> bool:
@@ -313,11 +339,16 @@ def train(attempt: Attempt, cfg, snapshot: dict, base_dir: Path, report):
     checkpoint.check_free_space(attempt.job_dir, cfg.limits.min_free_disk_mb)
     tensorboard = attempt.adapter_dir / "tensorboard" if cfg.status.tensorboard else None
     recipe = recipe_for(report.format)(cfg, emit=emit, job_dir=attempt.job_dir, stop_flag=_stop.is_set,
-                        tensorboard=(tensorboard, f"job-{attempt.job['id']}") if tensorboard else None)
+                        tensorboard=(tensorboard, f"job-{attempt.job['id']}") if tensorboard else None,
+                        laps=attempt.laps)
+    attempt.laps.mark("parent_replay")
     try:
         recipe.setup(train_ex, eval_ex, base_dir=base_dir,
                      adapter_dir=attempt.adapter_dir / f"v{parent}" if parent else None, config_snapshot=snapshot,
-                     max_micro_batch=attempt.micro_batch)
+                     max_micro_batch=attempt.micro_batch, tokenizer=attempt.tokenizer, preload=attempt.preload)
+        if attempt.preload is not None:
+            emit({"event": Event.LOG, "level": "debug", "message": attempt.preload.note()})
+            attempt.preload = None
         recipe.progress.parent_version = parent
         emit({"event": Event.PHASE, "phase": "training", "total_steps": recipe.progress.total_steps,
               "examples": len(train_ex), "eval_examples": len(eval_ex), "replayed": len(attempt.replay.examples),

@@ -17,13 +17,17 @@ from daemon.trainer import memory_plan
 
 def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None = None, world=None,
                       max_micro_batch: int | None = None, allow_compile: bool = True,
-                      compile_cache: Path | None = None, run_tokens: int | None = None):
+                      compile_cache: Path | None = None, run_tokens: int | None = None, preload=None,
+                      tokenizer=None, laps=None):
     """(peft model on `device`, tokenizer, plan) for the base model in `base_dir`; `adapter_dir` continues one.
 
     `world` (daemon/trainer/distributed.py): the job's ranks, which must all follow one memory plan.
     `max_micro_batch`: a cap below the config's micro_batch_size (an out-of-memory retry's).
     `allow_compile`: whether the caller trains on fixed-shape micro-batches (training.compile; compiled.py);
-    `compile_cache`: where compiled artefacts are kept; `run_tokens`: about how many tokens the run trains."""
+    `compile_cache`: where compiled artefacts are kept; `run_tokens`: about how many tokens the run trains.
+    `preload` (early_load.Preload): the base already built on the CPU while the job waited for the GPU, taken
+    when the plan wants that build (not 4-bit, same dtype); `tokenizer`: the one validation loaded;
+    `laps` (timings.Laps): where the phases are marked (here and in prepare_model)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
@@ -33,7 +37,12 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
     mplan = _memory_plan(model_cfg, _count_params_from_config(model_cfg), cfg, device,
                          can_quantize=_bitsandbytes_available() and device.type == "cuda", world=world,
                          max_micro_batch=max_micro_batch)
-    kwargs = {"dtype": dtype, "attn_implementation": attention_for(device), "trust_remote_code": trust}
+    if laps is not None:
+        laps.mark("memory_plan")  # on a GPU: waits for the CUDA context (early_load.EarlyCuda makes it)
+    kwargs = from_pretrained_kwargs(cfg, device, dtype)
+    model = preload.take() if preload is not None else None
+    if model is not None and (mplan.quantize_4bit or preload.dtype != dtype):
+        model = None  # built for another plan: dropped, and loaded as the plan wants
     if mplan.quantize_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -41,15 +50,25 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
+    if laps is not None:
+        laps.mark("load_weights")
     return prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan, world=world,
-                         allow_compile=allow_compile, compile_cache=compile_cache, run_tokens=run_tokens)
+                         allow_compile=allow_compile, compile_cache=compile_cache, run_tokens=run_tokens, laps=laps)
+
+
+def from_pretrained_kwargs(cfg, device, dtype) -> dict:
+    """What from_pretrained is given for a job's base (early_load.Preload builds it with the same)."""
+    trust = bool(getattr(cfg, "trust_remote_code", False))
+    return {"dtype": dtype, "attn_implementation": attention_for(torch.device(device)), "trust_remote_code": trust}
 
 
 def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None, *, _mplan=None, world=None,
                   max_micro_batch: int | None = None, allow_compile: bool = True, compile_cache: Path | None = None,
-                  run_tokens: int | None = None):
+                  run_tokens: int | None = None, laps=None):
     """Attach the LoRA to an already-built causal LM (moved to `device` in the plan's precision).
 
     With training.compile on (compiled.decide) the decoder layers are compiled and Liger is not applied: the
@@ -61,8 +80,13 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
     dtype = resolve_dtype(cfg.training.precision, device)
     quantized = bool(getattr(model, "is_loaded_in_4bit", False))
     sharded = _mplan is not None and _mplan.fsdp  # then the weights stay on the host until each rank takes its shard
+    # From load_for_training the weights are still on the host: the LoRA is attached there and the whole model
+    # moves once, below (attached on the device, peft moves each new adapter there on its own: 1.4 s of a 1.5B
+    # model's load on an H200 host). A built model handed in is moved first: the plan below counts it resident.
+    on_host_until_wrapped = _mplan is not None
     if not quantized:
-        model = model.to(dtype=dtype) if sharded else model.to(device=device, dtype=dtype)
+        model = model.to(dtype=dtype) if sharded or on_host_until_wrapped else model.to(device=device, dtype=dtype)
+    mark = laps.mark if laps is not None else (lambda name: None)
     if _mplan is None:
         # The weights are already resident: the plan counts them itself, so give it their bytes back.
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -84,6 +108,7 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
     # Liger's module-wide patches and Dynamo do not mix: a compiled model fuses its norms and activations itself.
     liger = (device.type == "cuda" and cfg.training.liger_kernels and not compile_on
              and _apply_liger_kernels(model))
+    mark("kernels")
 
     # Seeded so that LoRA A matrices are the same in every attempt of a job (resume is bit-for-bit on CPU).
     # LoRA weights stay in the base dtype (bf16 on GPU): fp32 adapters make every LoRA'd Linear cast its input
@@ -102,8 +127,10 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
             lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                               target_modules=_targets(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
             model = get_peft_model(model, lora, autocast_adapter_dtype=autocast)
+    mark("lora")
     if not quantized and not _mplan.fsdp:  # bitsandbytes places 4-bit weights itself and refuses .to()
         model.to(device)
+    mark("to_device")
 
     if _mplan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -112,7 +139,7 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
 
         shard(model, device)
     if compile_on:
-        compiled.compile_layers(model, cache_dir=compile_cache)
+        compiled.compile_layers(model, cache_dir=compile_cache, mode=compiled.mode_for(device))
     lora_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), dtype)
     plan = {
         "device": str(device),
@@ -122,7 +149,7 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         "gradient_checkpointing": _mplan.gradient_checkpointing,
         "quantized_4bit": quantized,
         "liger": bool(liger),
-        "compile": compiled.MODE if compile_on else False,  # "default" or "reduce-overhead" when compiled
+        "compile": compiled.mode_for(device) if compile_on else False,  # "default" or "reduce-overhead" when compiled
         "compile_reason": compile_reason,
         "micro_batch_size": _mplan.micro_batch_size,
         "free_memory_gib": _mplan.free_gib,

@@ -71,6 +71,7 @@ def build_metadata(attempt, recipe, cfg, base_dir: Path, report, verdict: dict) 
         **({"preference": summary["preference"]} if "preference" in summary else {}),
         "started_at": attempt.started_at,
         "training_seconds": summary["training_seconds"], "device": device,
+        "seconds": attempt.laps.as_dict(),  # where the attempt's time went, up to the verdict (timings.py)
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if cuda else None,
         **card_memory_fields(recipe),
         "plan": summary["plan"], "libraries": library_versions(),

@@ -30,6 +30,7 @@ from daemon.trainer.checkpoint import Progress
 from daemon.trainer.distributed import World, accelerator_kwargs
 from daemon.trainer.loss import token_loss_sum
 from daemon.trainer.model import load_for_training, prepare_model
+from daemon.trainer.timings import Laps
 from daemon.trainer.tracking import Tracker
 
 GIB = 1024**3
@@ -51,9 +52,12 @@ class StopRequested(Exception):
 
 class LoRARecipe:
     def __init__(self, cfg, *, emit: Callable[[dict], None] = lambda e: None, job_dir: Path | None = None,
-                 stop_flag: Callable[[], bool] = lambda: False, tensorboard: tuple[Path, str] | None = None):
-        """`tensorboard`: (folder, run name) for TensorBoard logs (status.tensorboard), written by rank 0."""
+                 stop_flag: Callable[[], bool] = lambda: False, tensorboard: tuple[Path, str] | None = None,
+                 laps: Laps | None = None):
+        """`tensorboard`: (folder, run name) for TensorBoard logs (status.tensorboard), written by rank 0;
+        `laps`: where setup and train mark their phases (timings.py; the version's metadata keeps them)."""
         self.cfg = cfg
+        self.laps = laps or Laps()
         self.tracker = Tracker(tensorboard, emit)
         self.t = cfg.training
         self.emit = emit
@@ -66,10 +70,12 @@ class LoRARecipe:
     # ------------------------------------------------------------------ setup
     def setup(self, train_examples, eval_examples, *, base_dir: Path | None = None, adapter_dir: Path | None = None,
               model=None, tokenizer=None, config_snapshot: dict | None = None,
-              max_micro_batch: int | None = None) -> None:
+              max_micro_batch: int | None = None, preload=None) -> None:
         """Load the model with its LoRA, build the optimizer, plan every epoch's batches, and resume if possible.
 
-        `max_micro_batch`: fewer examples per micro-batch than the config's (an out-of-memory retry)."""
+        `max_micro_batch`: fewer examples per micro-batch than the config's (an out-of-memory retry);
+        `preload`: the base built on the CPU while the job waited (early_load.Preload); `tokenizer` without
+        `model`: the base's tokenizer, already loaded."""
         # Before this process makes its CUDA context: the card's baseline, and the allocator's settings
         # (expandable segments unless the user chose; daemon/trainer/card_memory.py).
         self.card = card_memory.CardMemory.before_cuda()
@@ -80,6 +86,7 @@ class LoRARecipe:
                                        **self.tracker.accelerator_kwargs())
         self.device = self.accelerator.device
         self.world = World.from_accelerator(self.accelerator)
+        self.laps.mark("cuda_context")
         self.tracker.start(self.accelerator)
         self._seed(self.t.seed + self.world.rank)  # LoRA init is seeded on its own (model.py): the same on every rank
         # training.compile (daemon/trainer/compiled.py) needs this recipe's own step: fixed-shape packed batches.
@@ -89,11 +96,12 @@ class LoRARecipe:
         if model is None:
             model, tokenizer, self.plan = load_for_training(base_dir, self.cfg, self.device, adapter_dir=adapter_dir,
                                                             world=self.world, max_micro_batch=max_micro_batch,
+                                                            preload=preload, tokenizer=tokenizer, laps=self.laps,
                                                             **compile_kw)
         else:
             model, tokenizer, self.plan = prepare_model(model, tokenizer, self.cfg, self.device,
                                                         adapter_dir=adapter_dir, world=self.world,
-                                                        max_micro_batch=max_micro_batch, **compile_kw)
+                                                        max_micro_batch=max_micro_batch, laps=self.laps, **compile_kw)
         self.sharded = bool(self.plan.get("fsdp"))
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -125,6 +133,9 @@ class LoRARecipe:
         self.progress.total_steps = steps
 
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        # The adapter the run starts from (the parent version's, or the fresh LoRA), before a resume overwrites
+        # it: judging swaps it back in to measure the parent when the parent is the incumbent (judge.py).
+        self.start_weights = None if self.sharded else [p.detach().clone() for p in self.trainable]
         optimizer = torch.optim.AdamW(self.trainable, lr=self.t.learning_rate, weight_decay=self.t.weight_decay)
         from transformers import get_scheduler
 
@@ -138,6 +149,7 @@ class LoRARecipe:
         self._resume()
         self.world.broadcast_(self.trainable)
         self._zero_grad()  # under CUDA graphs: .grad buffers of their own before the first backward
+        self.laps.mark("optimizer_resume")
 
     def _run_tokens(self, examples) -> int:
         """About how many tokens the run will train (every epoch, or up to max_steps): auto compile weighs it."""
@@ -217,6 +229,7 @@ class LoRARecipe:
                 if not first_step_emitted:
                     first_step_emitted = True
                     self.emit({"event": Event.FIRST_STEP, "step": p.step, "loss": loss})
+                    self.laps.mark("first_step")
                 elapsed = time.perf_counter() - window_start
                 # Every N steps, and at least once a minute: the daemon's stall watchdog hears from a run whose
                 # steps are slow (a big base, 4-bit, high accumulation) long before its timeout.
@@ -229,8 +242,10 @@ class LoRARecipe:
                 p.epoch += 1
                 p.micro_batch = 0
         p.train_seconds += time.perf_counter() - window_start
+        self.laps.mark("steps")
         self._check_trained()
         eval_loss = self.evaluate()
+        self.laps.mark("eval_split")
         if eval_loss is not None and not math.isfinite(eval_loss):
             raise Diverged(f"diverged: the eval loss after step {p.step} is not finite ({eval_loss})")
         if eval_loss is not None:

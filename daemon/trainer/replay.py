@@ -7,6 +7,11 @@ reference, and checked against the sha256 recorded when they trained: a file gon
 failure. With replay_fraction f and n new examples, k = round(f / (1 - f) * n) are drawn with the job's seed and
 appended before the batches are planned, so f of the examples (on average, of each step's too) are replayed and a
 resumed run plans exactly the same batches.
+
+Reading the lineage's files is the costly part (every file validated and tokenized again, more with every
+version), and the parent is known only after the GPU go. So an early trainer reads ahead while it waits
+(`read_ahead`: the lineage of the newest version there is then) into a cache by path and sha256, and `choose`,
+after the go, reads only what was published since.
 """
 
 from __future__ import annotations
@@ -30,6 +35,45 @@ class Replay:
 
     def to_metadata(self) -> dict:
         return {"fraction": self.fraction, "examples": len(self.examples), "files": self.files, "notes": self.notes}
+
+
+_read: dict[tuple[str, str], object] = {}  # (path, sha256) -> its validation report, this process's job config
+
+
+def _validated(path: Path, sha: str | None, tokenizer, cfg, base_dir: Path):
+    """validate_for_config of a lineage file, once per process for a file whose sha256 was checked."""
+    from daemon.trainer.data import validate_for_config
+
+    key = (str(path), sha) if sha else None
+    if key in _read:
+        return _read[key]
+    report = validate_for_config(path, tokenizer, cfg, base_dir=base_dir, keep_examples=True)
+    if key is not None:
+        _read[key] = report
+    return report
+
+
+def read_ahead(cfg, layout: Layout, adapter_dir: Path, tokenizer, base_dir: Path, stop=lambda: False) -> int:
+    """Validate the files of the newest version's lineage into the cache choose() reads (before the go: the
+    parent is not known yet, but it is that version or one published after it). Never raises: what fails here
+    fails again, with its note, in choose(). Returns how many files it read."""
+    if cfg.versions.replay_fraction <= 0 or cfg.training.mode != "continue":
+        return 0
+    read = 0
+    try:
+        newest = versions.latest_version(adapter_dir)
+        for meta in lineage(adapter_dir, newest, []):
+            if stop():
+                break
+            job_id, sha = meta.get("job_id"), meta.get("source_sha256")
+            path = done_input(layout, job_id) if isinstance(job_id, int) else None
+            if path is None or not sha or not path.is_file() or durable.sha256_file(path) != sha:
+                continue
+            _validated(path, sha, tokenizer, cfg, base_dir)
+            read += 1
+    except Exception:
+        pass
+    return read
 
 
 def done_input(layout: Layout, job_id: int) -> Path:
@@ -56,8 +100,6 @@ def choose(cfg, layout: Layout, adapter_dir: Path, parent: int | None, n_train: 
            base_dir: Path, preference: bool = False) -> Replay:
     """The replayed examples for a job of n_train examples training on `parent` (continue mode). A preference
     (DPO) job replays nothing, and an SFT job never replays a preference file: pairs are not SFT examples."""
-    from daemon.trainer.data import validate_for_config
-
     f = cfg.versions.replay_fraction
     replay = Replay(f)
     if f <= 0 or parent is None or cfg.training.mode != "continue" or n_train == 0:
@@ -77,7 +119,7 @@ def choose(cfg, layout: Layout, adapter_dir: Path, parent: int | None, n_train: 
             replay.notes.append(f"job {job_id}'s file ({name}) changed since v{meta.get('version')} trained on it: "
                                 "not replayed")
             continue
-        report = validate_for_config(path, tokenizer, cfg, base_dir=base_dir, keep_examples=True)
+        report = _validated(path, sha, tokenizer, cfg, base_dir)
         if report.format == "preference":
             replay.notes.append(f"job {job_id}'s file ({name}) holds preference pairs: not replayed")
             continue

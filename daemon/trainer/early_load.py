@@ -1,0 +1,146 @@
+"""An early trainer's head start on loading: the base model built in host memory while it waits for the GPU,
+and its CUDA context made in a thread at the go while the main thread does the CPU work that comes next.
+
+Waiting at the GPU gate (main.wait_for_gpu) the process may use the CPU and host memory but never the GPU, so
+`Preload` runs `from_pretrained` on the CPU there, in a thread (the go is acted on at once either way). After
+the go, model.load_for_training takes that model instead of loading again, if the memory plan wants what was
+built: not a 4-bit base (bitsandbytes loads onto the GPU itself) and the same dtype. (On a CPU-only host the
+same head start applies: the CPU is then the device, and the model is built while the other job trains.) Otherwise the preload is
+dropped and the usual path loads. Host memory is bounded: a preload is made only when the weights take at most
+1/PRELOAD_SHARE of the memory available, so several waiting trainers never crowd the host.
+
+`EarlyCuda` reads the card's baseline and sets the allocator (card_memory.py: both must come before the
+context), then a thread makes the context and loads cuBLAS while the main thread reads the standing set,
+chooses the parent version and replay, and finishes or does the load on the CPU. torch's lazy init is thread-safe: the first CUDA call of the
+main thread waits for the thread's if it is still under way.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from daemon.trainer import warm
+
+PRELOAD_SHARE = 8  # a preload may take at most this share of MemAvailable
+
+
+def mem_available() -> int | None:
+    """/proc/meminfo's MemAvailable in bytes, or None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def preload_device():
+    """Where the job will train: "cuda" where torch sees a GPU (asked without creating a context), else "cpu"."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def preload_dtype(precision: str, device):
+    """The dtype load_for_training will want (model.resolve_dtype), decided without creating a CUDA context:
+    on a GPU bf16 for auto and bf16 (a GPU without bf16 makes load_for_training drop the preload), fp32 for fp32;
+    on the CPU fp32 unless bf16 was asked for."""
+    import torch
+
+    precision = str(precision).lower()
+    if device.type == "cuda":
+        return torch.float32 if precision == "fp32" else torch.bfloat16
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def why_not_preload(base_dir: Path, cfg, available: int | None) -> str | None:
+    """Why the base is not built in host memory while waiting (None: it is)."""
+    files = warm.weight_files(base_dir)
+    if not files or not all(p.name.endswith(".safetensors") for p in files):
+        return "no safetensors weights"
+    size = sum(p.stat().st_size for p in files)
+    if available is None or size * PRELOAD_SHARE > available:
+        return (f"the weights ({size / 2**30:.1f} GiB) take more than 1/{PRELOAD_SHARE} of the host memory "
+                f"available ({'unknown' if available is None else f'{available / 2**30:.1f} GiB'})")
+    return None
+
+
+class Preload:
+    """from_pretrained on the CPU in a thread; `take()` waits for it and hands the model over once."""
+
+    def __init__(self, base_dir: Path, cfg):
+        self.base_dir, self.cfg = base_dir, cfg
+        self.device = preload_device()
+        self.dtype = preload_dtype(cfg.training.precision, self.device)
+        self.model = None
+        self.error: str | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="preload-base")
+
+    @classmethod
+    def start(cls, base_dir: Path, cfg) -> tuple["Preload | None", str | None]:
+        """(the running preload, None), or (None, why not)."""
+        reason = why_not_preload(base_dir, cfg, mem_available())
+        if reason is not None:
+            return None, reason
+        preload = cls(base_dir, cfg)
+        preload._thread.start()
+        return preload, None
+
+    def _run(self) -> None:
+        from daemon.trainer.model import from_pretrained_kwargs
+
+        t0 = time.monotonic()
+        try:
+            from transformers import AutoModelForCausalLM
+
+            kwargs = from_pretrained_kwargs(self.cfg, self.device, self.dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(self.base_dir, **kwargs)
+        except Exception as e:  # the load after the go will meet it again and say so in the job's error
+            self.error = f"{type(e).__name__}: {e}"
+        self.seconds = time.monotonic() - t0
+
+    def take(self):
+        """The model built on the CPU (None if the load failed), once: the preload holds no reference after."""
+        self._thread.join()
+        model, self.model = self.model, None
+        return model
+
+    def note(self) -> str:
+        if self.error:
+            return f"building the base in host memory failed ({self.error}); loading it after the go instead"
+        return f"built the base in host memory while waiting for the GPU ({self.seconds:.1f} s)"
+
+
+class EarlyCuda:
+    """The card's baseline and the allocator's settings now, then the CUDA context and cuBLAS in a thread."""
+
+    def __init__(self) -> None:
+        from daemon.trainer import card_memory
+
+        card_memory.CardMemory.before_cuda().reset_peak()
+        card_memory.configure_allocator()
+        self.index = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        self.seconds = 0.0
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="early-cuda")
+        self._thread.start()
+
+    def _run(self) -> None:
+        import torch
+
+        t0 = time.monotonic()
+        try:
+            a = torch.ones(64, 64, device=f"cuda:{self.index}", dtype=torch.bfloat16)
+            (a @ a).sum().item()  # loads cuBLAS and waits for the device: the context is whole after this
+        except Exception as e:  # the main thread's first CUDA call meets it again and fails the job with it
+            self.error = f"{type(e).__name__}: {e}"
+        self.seconds = time.monotonic() - t0
+
+    def join(self) -> None:
+        self._thread.join()
