@@ -147,6 +147,10 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
             j["ended_s"], j["ok"] = round(_unix(e) - t_drop, 2), kind == "job_done"
         elif kind == "gpu_memory":
             j["gpu_check"] = e.get("message")
+        elif kind == "phase" and e.get("phase") == "waiting_for_gpu":
+            j["cuda_initialized_while_waiting"] = bool(e.get("cuda_initialized"))
+        elif kind == "log" and "CUDA was initialised before the go" in str(e.get("message")):
+            j["cuda_initialized_before_go"] = True
     tokens = 0
     for meta in root.glob("checkpoints/*/v*/metadata.json"):
         m = json.loads(meta.read_text())
@@ -154,6 +158,7 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
         if m.get("job_id") in jobs:
             jobs[m["job_id"]]["seconds"] = m.get("seconds")  # the trainer's own laps (daemon/trainer/timings.py)
             jobs[m["job_id"]]["compile"] = (m.get("plan") or {}).get("compile")
+            jobs[m["job_id"]]["lora_attached"] = (m.get("plan") or {}).get("lora_attached")
     for j in jobs.values():
         tps = [t for t in j.pop("tokens_per_s", []) if t]
         j["tokens_per_s_median"] = sorted(tps)[len(tps) // 2] if tps else None
@@ -184,6 +189,9 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
             "seconds_median": {lap: round(float(np.median(v)), 3) for lap, v in laps.items()},
             "after_last_step_s_median": _median([j.get("after_last_step_s") for j in jobs.values()]),
             "all_ok": all(j.get("ok") for j in jobs.values()) and len(jobs) == n_files,
+            "cuda_before_go": sum(bool(j.get("cuda_initialized_while_waiting") or j.get("cuda_initialized_before_go"))
+                                  for j in jobs.values()),
+            "lora_attached_early": sum(j.get("lora_attached") == "while waiting for the GPU" for j in jobs.values()),
             "jobs": sorted(jobs.values(), key=lambda j: j["job_id"])}
 
 

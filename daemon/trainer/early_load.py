@@ -2,17 +2,17 @@
 and its CUDA context made in a thread at the go while the main thread does the CPU work that comes next.
 
 Waiting at the GPU gate (main.wait_for_gpu) the process may use the CPU and host memory but never the GPU, so
-`Preload` runs `from_pretrained` on the CPU there, in a thread (the go is acted on at once either way). After
-the go, model.load_for_training takes that model instead of loading again, if the memory plan wants what was
-built: not a 4-bit base (bitsandbytes loads onto the GPU itself) and the same dtype. (On a CPU-only host the
-same head start applies: the CPU is then the device, and the model is built while the other job trains.) Otherwise the preload is
-dropped and the usual path loads. Host memory is bounded: a preload is made only when the weights take at most
-1/PRELOAD_SHARE of the memory available, so several waiting trainers never crowd the host.
+`Preload` runs `from_pretrained` on the CPU there and attaches a fresh LoRA (lora_attach.py), in a thread (the
+go is acted on at once either way). After the go, model.load_for_training takes that model instead of loading
+again, if the memory plan wants what was built: not a 4-bit base (bitsandbytes loads onto the GPU itself) and
+the same dtype; otherwise the preload is dropped and the usual path loads. On a CPU-only host the same head
+start applies (the CPU is then the device). Host memory is bounded: a preload is made only when the weights
+take at most 1/PRELOAD_SHARE of the memory available, so several waiting trainers never crowd the host.
 
 `EarlyCuda` reads the card's baseline and sets the allocator (card_memory.py: both must come before the
-context), then a thread makes the context and loads cuBLAS while the main thread reads the standing set,
-chooses the parent version and replay, and finishes or does the load on the CPU. torch's lazy init is thread-safe: the first CUDA call of the
-main thread waits for the thread's if it is still under way.
+context), then a thread makes the context and loads cuBLAS while the main thread reads the standing set and
+chooses the parent version and replay. torch's lazy init is thread-safe: the first CUDA call of the main thread
+waits for the thread's if it is still under way.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def why_not_preload(base_dir: Path, cfg, available: int | None) -> str | None:
 class Preload:
     """from_pretrained on the CPU in a thread; `take()` waits for it and hands the model over once."""
 
-    def __init__(self, base_dir: Path, cfg):
+    def __init__(self, base_dir: Path, cfg, device=None):
         self.base_dir, self.cfg = base_dir, cfg
-        self.device = preload_device()
+        self.device = preload_device() if device is None else device
         self.dtype = preload_dtype(cfg.training.precision, self.device)
         self.model = None
         self.error: str | None = None
@@ -83,16 +83,18 @@ class Preload:
         self._thread = threading.Thread(target=self._run, daemon=True, name="preload-base")
 
     @classmethod
-    def start(cls, base_dir: Path, cfg) -> tuple["Preload | None", str | None]:
-        """(the running preload, None), or (None, why not)."""
+    def start(cls, base_dir: Path, cfg, device=None) -> tuple["Preload | None", str | None]:
+        """(the running preload, None), or (None, why not); `device`: where the job trains (default: a GPU if
+        torch sees one)."""
         reason = why_not_preload(base_dir, cfg, mem_available())
         if reason is not None:
             return None, reason
-        preload = cls(base_dir, cfg)
+        preload = cls(base_dir, cfg, device)
         preload._thread.start()
         return preload, None
 
     def _run(self) -> None:
+        from daemon.trainer import lora_attach
         from daemon.trainer.model import from_pretrained_kwargs
 
         t0 = time.monotonic()
@@ -100,7 +102,8 @@ class Preload:
             from transformers import AutoModelForCausalLM
 
             kwargs = from_pretrained_kwargs(self.cfg, self.device, self.dtype)
-            self.model = AutoModelForCausalLM.from_pretrained(self.base_dir, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(self.base_dir, **kwargs)
+            self.model = lora_attach.fresh_lora(model, self.cfg)
         except Exception as e:  # the load after the go will meet it again and say so in the job's error
             self.error = f"{type(e).__name__}: {e}"
         self.seconds = time.monotonic() - t0
@@ -114,7 +117,7 @@ class Preload:
     def note(self) -> str:
         if self.error:
             return f"building the base in host memory failed ({self.error}); loading it after the go instead"
-        return f"built the base in host memory while waiting for the GPU ({self.seconds:.1f} s)"
+        return f"built the base and its LoRA in host memory while waiting for the GPU ({self.seconds:.1f} s)"
 
 
 class EarlyCuda:

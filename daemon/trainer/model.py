@@ -71,20 +71,26 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
                   run_tokens: int | None = None, laps=None):
     """Attach the LoRA to an already-built causal LM (moved to `device` in the plan's precision).
 
+    `model` may already carry a fresh LoRA of this job's config, attached on the host while the job waited for
+    the GPU (lora_attach.py; in the plan's dtype): it is kept when it can carry the job.
     With training.compile on (compiled.decide) the decoder layers are compiled and Liger is not applied: the
     caller must then train on fixed-shape packed micro-batches (packing.pad_fixed), as LoRARecipe does."""
-    from daemon.trainer import compiled
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from daemon.trainer import compiled, lora_attach
+    from peft import PeftModel
 
     device = torch.device(device)
     dtype = resolve_dtype(cfg.training.precision, device)
+    early = isinstance(model, PeftModel)
+    attached = "while waiting for the GPU" if early else "at load"
+    if early and (why := lora_attach.why_not_kept(model, adapter_dir)):
+        model, early, attached = model.unload(), False, f"at load ({why})"
     quantized = bool(getattr(model, "is_loaded_in_4bit", False))
     sharded = _mplan is not None and _mplan.fsdp  # then the weights stay on the host until each rank takes its shard
     # From load_for_training the weights are still on the host: the LoRA is attached there and the whole model
     # moves once, below (attached on the device, peft moves each new adapter there on its own: 1.4 s of a 1.5B
     # model's load on an H200 host). A built model handed in is moved first: the plan below counts it resident.
     on_host_until_wrapped = _mplan is not None
-    if not quantized:
+    if not quantized and not early:
         model = model.to(dtype=dtype) if sharded or on_host_until_wrapped else model.to(device=device, dtype=dtype)
     mark = laps.mark if laps is not None else (lambda name: None)
     if _mplan is None:
@@ -99,15 +105,19 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         register_varlen_attention()
     if model.config._attn_implementation != attn and not (device.type == "cpu" and attn == "sdpa"):
         model.set_attn_implementation(attn)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    base = model.get_base_model() if early else model
+    if not early:  # an early LoRA's base is frozen already, and its own weights must stay trainable
+        for p in model.parameters():
+            p.requires_grad_(False)
+    n_base = sum(p.numel() for name, p in base.named_parameters() if "lora_" not in name)
     compile_on, compile_reason = compiled.decide(
-        getattr(cfg.training, "compile", "auto"), device, sum(p.numel() for p in model.parameters()),
+        getattr(cfg.training, "compile", "auto"), device, n_base,
         quantized=quantized, checkpointing=bool(_mplan.gradient_checkpointing), fsdp=bool(_mplan.fsdp),
-        allowed=allow_compile and bool(getattr(cfg.training, "packing", True)), model=model, run_tokens=run_tokens)
+        allowed=allow_compile and bool(getattr(cfg.training, "packing", True)), model=base, run_tokens=run_tokens)
     # Liger's module-wide patches and Dynamo do not mix: a compiled model fuses its norms and activations itself.
+    # (Liger rebinds the norms' and MLPs' forwards: the same whether the Linears inside carry a LoRA yet or not.)
     liger = (device.type == "cuda" and cfg.training.liger_kernels and not compile_on
-             and _apply_liger_kernels(model))
+             and _apply_liger_kernels(base))
     mark("kernels")
 
     # Seeded so that LoRA A matrices are the same in every attempt of a job (resume is bit-for-bit on CPU).
@@ -118,15 +128,19 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
     autocast = cfg.lora.dtype == "fp32"
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(cfg.training.seed)
+    if early:
         if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True,
-                                              autocast_adapter_dtype=autocast)
-        else:
-            lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                              target_modules=_targets(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
-            model = get_peft_model(model, lora, autocast_adapter_dtype=autocast)
+            lora_attach.load_parent(model, adapter_dir)
+    else:
+        from peft import get_peft_model
+
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(cfg.training.seed)
+            if adapter_dir is not None:
+                model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True,
+                                                  autocast_adapter_dtype=autocast)
+            else:
+                model = get_peft_model(model, lora_attach.lora_config(cfg), autocast_adapter_dtype=autocast)
     mark("lora")
     if not quantized and not _mplan.fsdp:  # bitsandbytes places 4-bit weights itself and refuses .to()
         model.to(device)
@@ -149,6 +163,7 @@ def prepare_model(model, tokenizer, cfg, device, adapter_dir: Path | None = None
         "gradient_checkpointing": _mplan.gradient_checkpointing,
         "quantized_4bit": quantized,
         "liger": bool(liger),
+        "lora_attached": attached,  # early_load: a fresh LoRA attached on the host while the job waited
         "compile": compiled.mode_for(device) if compile_on else False,  # "default" or "reduce-overhead" when compiled
         "compile_reason": compile_reason,
         "micro_batch_size": _mplan.micro_batch_size,

@@ -1,0 +1,77 @@
+"""The LoRA attached while a job waits for the GPU (early_load.Preload, lora_attach.py) trains exactly what the
+usual load would: a fresh adapter, a parent version continued, and a parent of another LoRA config (then the
+early LoRA is dropped and the parent's is built)."""
+
+from __future__ import annotations
+
+import torch
+
+from daemon.trainer.early_load import Preload
+from daemon.trainer.model import load_for_training
+from test_model import cfg, lora_state
+
+
+def early(base_dir, config, **kw):
+    preload, why_not = Preload.start(base_dir, config, torch.device("cpu"))
+    assert preload is not None, why_not
+    return load_for_training(base_dir, config, "cpu", preload=preload, **kw)
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_fresh_lora_attached_early_is_the_one_the_usual_load_attaches(tiny_model_dir):
+    usual, _, plan = load_for_training(tiny_model_dir, cfg(), "cpu")
+    model, _, early_plan = early(tiny_model_dir, cfg())
+    assert plan["lora_attached"] == "at load" and early_plan["lora_attached"] == "while waiting for the GPU"
+    assert same(lora_state(usual), lora_state(model))  # the seed makes the same A matrices
+    assert {k: v for k, v in plan.items() if k != "lora_attached"} == \
+        {k: v for k, v in early_plan.items() if k != "lora_attached"}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_a_parent_continued_on_the_early_lora_loads_its_weights(tiny_model_dir, tmp_path):
+    parent, _, _ = load_for_training(tiny_model_dir, cfg(), "cpu")
+    with torch.no_grad():
+        for n, p in parent.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    parent.save_pretrained(tmp_path / "v1")
+    usual, _, _ = load_for_training(tiny_model_dir, cfg(seed=9), "cpu", adapter_dir=tmp_path / "v1")
+    model, _, plan = early(tiny_model_dir, cfg(seed=9), adapter_dir=tmp_path / "v1")
+    assert plan["lora_attached"] == "while waiting for the GPU"
+    assert same(lora_state(usual), lora_state(model)) and same(lora_state(parent), lora_state(model))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert torch.equal(usual(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_parent_of_another_lora_config_is_built_as_usual(tiny_model_dir, tmp_path):
+    parent, _, _ = load_for_training(tiny_model_dir, cfg(r=8, alpha=16), "cpu")
+    parent.save_pretrained(tmp_path / "v1")
+    usual, _, _ = load_for_training(tiny_model_dir, cfg(), "cpu", adapter_dir=tmp_path / "v1")
+    model, _, plan = early(tiny_model_dir, cfg(), adapter_dir=tmp_path / "v1")
+    assert plan["lora_attached"] == "at load (the parent version's LoRA config differs from this job's)"
+    assert same(lora_state(usual), lora_state(model)) and same(lora_state(parent), lora_state(model))
+    assert model.peft_config["default"].r == 8
+
+
+def test_a_parent_whose_tensors_are_not_the_adapters_one_for_one_is_loaded_by_peft(tiny_model_dir, tmp_path):
+    """The direct copy is only for a saved LoRA whose tensors are exactly the attached adapter's; any other goes
+    through PEFT's own load, as it would without the early LoRA (which warns of a stray tensor, no more)."""
+    from safetensors.torch import load_file, save_file
+
+    parent, _, _ = load_for_training(tiny_model_dir, cfg(), "cpu")
+    with torch.no_grad():
+        for n, p in parent.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    parent.save_pretrained(tmp_path / "v1")
+    path = tmp_path / "v1" / "adapter_model.safetensors"
+    weights = load_file(path)
+    weights["base_model.model.extra_buffer"] = torch.zeros(1)  # a name the adapter has no tensor for
+    save_file(weights, path)
+    usual, _, _ = load_for_training(tiny_model_dir, cfg(), "cpu", adapter_dir=tmp_path / "v1")
+    model, _, plan = early(tiny_model_dir, cfg(), adapter_dir=tmp_path / "v1")
+    assert plan["lora_attached"] == "at load (the parent version's tensors are not this adapter's one for one)"
+    assert same(lora_state(usual), lora_state(model)) and same(lora_state(parent), lora_state(model))
