@@ -17,10 +17,11 @@ def lock_file(name: str) -> str:
     return f"trainer-{name}.lock"
 
 
-def acquire_trainer_lock(state_dir: Path, names: list[str], wait: float = 60) -> list[int]:
+def acquire_trainer_lock(state_dir: Path, names: list[str], wait: float = 60,
+                         holder: str = "a trainer from an earlier daemon") -> list[int]:
     """Never two trainers on one device: the fds of the grant's locks (lock_names), locked, for the next trainer
-    to inherit. Waits for a trainer left by a dead daemon (its lifeline makes it exit); RuntimeError if it has
-    not after `wait` s (the locks taken so far are let go)."""
+    to inherit. Waits for a trainer left by a dead daemon (its lifeline makes it exit); RuntimeError naming
+    `holder` (who may hold it, for the message) if it has not after `wait` s (the locks taken so far are let go)."""
     fds: list[int] = []
     deadline = time.monotonic() + wait
     try:
@@ -33,7 +34,7 @@ def acquire_trainer_lock(state_dir: Path, names: list[str], wait: float = 60) ->
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"a trainer from an earlier daemon still holds state/{lock_file(name)}"
+                        raise RuntimeError(f"{holder} still holds state/{lock_file(name)} after {wait:.0f} s"
                                            ) from None
                     time.sleep(0.2)
     except BaseException:

@@ -86,6 +86,10 @@ def test_the_next_job_prepares_while_one_trains_and_trains_once_the_gpu_is_free(
         assert lock_fds(early_pid(root, 1))  # job 1's trainer took it after its go
         status = cli(root, "status")
         assert "waiting_for_gpu" in status.stdout, status.stdout
+        # one job trains, one is prepared: /metrics and status.json tell them apart
+        parallel = wait_for(lambda: json.loads((root / "status.json").read_text())["daemon"]["parallel"],
+                            timeout=10, what="status.json's daemon.parallel")
+        assert (parallel["running"], parallel["prepared"]) == (1, 1), parallel
         wait_for(lambda: [j["folder"] for j in jobs(root)] == ["done", "done"], timeout=180, what="both jobs done")
     finally:
         daemon.send_signal(signal.SIGTERM)

@@ -65,6 +65,12 @@ def test_api_and_metrics_show_every_running_job(site):
     assert m[("training_daemon_current_job_id", (("adapter", "alpha"),))] == 7
     assert m[("training_daemon_current_step", (("adapter", "alpha"),))] == 40
     assert m[("training_daemon_training", ())] == 1
+    assert m[("training_daemon_prepared_jobs", ())] == 0
+    # One job trains and the next is prepared by an early trainer, waiting for the GPU: counted apart.
+    writer.snapshot({**json.loads(layout.status_json.read_text()),
+                     "daemon": {"state": "training", "parallel": {"running": 1, "prepared": 1, "max": 1}}})
+    m = scrape(server)
+    assert m[("training_daemon_running_jobs", ())] == 1 and m[("training_daemon_prepared_jobs", ())] == 1
     # Job 7 ends: its series go with it.
     writer.snapshot({**json.loads(layout.status_json.read_text()), "running": [], "current": None,
                      "daemon": {"state": "idle", "parallel": {"running": 0, "max": 4}}})

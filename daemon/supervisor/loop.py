@@ -357,9 +357,12 @@ class Supervisor:
             "daemon": {"pid": os.getpid(), "state": self.state, "root": str(self.layout.root), "version": __version__,
                        "started_at": self.started_at, "paused": control.is_paused(self.layout),
                        "blocked": self.gate.as_status(),
-                       "parallel": {"running": len(self.running),
+                       # running: jobs whose trainer has its devices; prepared: early trainers waiting for them
+                       "parallel": {"running": sum(not a.gated for a in self.running.values()),
+                                    "prepared": sum(a.gated for a in self.running.values()),
                                     # an adapter's own gpus_per_job may run more than the top level's says
-                                    "max": max(len(self.running), self._max_parallel() or 0) or None}},
+                                    "max": max(sum(not a.gated for a in self.running.values()),
+                                               self._max_parallel() or 0) or None}},
             "running": [a.current for a in self.running.values()], "current": self.current,
             "queue": counts, "gpu": gpu.snapshot(),
         })

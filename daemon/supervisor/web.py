@@ -217,9 +217,14 @@ class FileCollector:
         cur = running[0] if running else {}
         yield G("training_daemon_training", "1 while a job is training", value=1 if cur else 0)
         if status:
-            yield G("training_daemon_running_jobs", "Jobs training now", value=len(running))
+            parallel = d.get("parallel") or {}
+            # `running` counts early trainers prepared and waiting for the GPU too; parallel tells them apart.
+            yield G("training_daemon_running_jobs", "Jobs training now",
+                    value=parallel.get("running", len(running)))
+            yield G("training_daemon_prepared_jobs", "Jobs prepared by an early trainer, waiting for the GPU",
+                    value=parallel.get("prepared", 0))
             # A daemon of the previous version wrote no `parallel`: it ran one job at a time.
-            at_most = (d.get("parallel") or {}).get("max", 1)
+            at_most = parallel.get("max", 1)
             if isinstance(at_most, (int, float)):
                 yield G("training_daemon_max_parallel_jobs", "Jobs that may train at the same time", value=at_most)
         # The oldest running job as `current_*`, as before there were several; every one as `job_*`.

@@ -268,8 +268,9 @@ def wait_for_gpu(attempt: Attempt, cfg, base_dir: Path) -> None:
         raise AttemptEnds(protocol.STOPPED)
     if _cuda_initialized():  # a library did it behind our back: say so, the GPU run's check looks for it
         emit({"event": Event.LOG, "level": "warning", "message": "CUDA was initialised before the go"})
-    _device_locks.extend(device_locks.acquire_trainer_lock(attempt.layout.state, list(go.get("locks") or []),
-                                                           wait=LOCK_WAIT_SECONDS))
+    _device_locks.extend(device_locks.acquire_trainer_lock(
+        attempt.layout.state, list(go.get("locks") or []), wait=LOCK_WAIT_SECONDS,
+        holder="another trainer (the daemon found the lock free when it gave this job the go)"))
     if _cuda_available():  # the devices are ours now: the context is made while the CPU work goes on
         early_load.EarlyCuda()
     for note in filter(None, notes):
