@@ -75,3 +75,31 @@ def test_a_parent_whose_tensors_are_not_the_adapters_one_for_one_is_loaded_by_pe
     model, _, plan = early(tiny_model_dir, cfg(), adapter_dir=tmp_path / "v1")
     assert plan["lora_attached"] == "at load (the parent version's tensors are not this adapter's one for one)"
     assert same(lora_state(usual), lora_state(model)) and same(lora_state(parent), lora_state(model))
+
+
+def bf16(config):
+    config.training.precision = "bf16"
+    return config
+
+
+def test_in_bf16_the_early_path_casts_the_base_as_the_usual_one_does(tiny_model_dir, tmp_path):
+    """The usual load casts the whole base to the plan's dtype, float buffers too (RoPE's inv_freq): the model
+    built while waiting must be the same, buffers and logits alike."""
+    usual, _, _ = load_for_training(tiny_model_dir, bf16(cfg()), "cpu")
+    model, _, plan = early(tiny_model_dir, bf16(cfg()))
+    assert plan["lora_attached"] == "while waiting for the GPU"
+    buffers = dict(usual.named_buffers())
+    assert {n: b.dtype for n, b in model.named_buffers()} == {n: b.dtype for n, b in buffers.items()}
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert same(lora_state(usual), lora_state(model))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert torch.equal(usual(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_base_built_for_another_dtype_is_dropped_and_the_plan_says_why(tiny_model_dir):
+    preload, _ = Preload.start(tiny_model_dir, cfg(), torch.device("cpu"))  # fp32, as precision auto on a CPU
+    model, _, plan = load_for_training(tiny_model_dir, bf16(cfg()), "cpu", preload=preload)
+    assert plan["lora_attached"] == ("at load (the base built while waiting was dropped: built in torch.float32, "
+                                     "the plan wants torch.bfloat16)")
+    assert next(p for p in model.parameters() if not p.requires_grad).dtype == torch.bfloat16
+    assert preload.note().endswith("not used: built in torch.float32, the plan wants torch.bfloat16")

@@ -149,6 +149,14 @@ def device_used(handle) -> int | None:
         return None
 
 
+def device_total(handle) -> int | None:
+    nvml = _nvml_module()
+    try:
+        return int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+    except Exception:
+        return None
+
+
 def process_used(handle, pid: int) -> int | None:
     """NVML's usedGpuMemory of `pid` on the device; None where NVML does not list it or has no figure."""
     nvml = _nvml_module()

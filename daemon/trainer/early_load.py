@@ -17,6 +17,8 @@ waits for the thread's if it is still under way.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import threading
 import time
@@ -58,16 +60,49 @@ def preload_dtype(precision: str, device):
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def why_not_preload(base_dir: Path, cfg, available: int | None) -> str | None:
-    """Why the base is not built in host memory while waiting (None: it is)."""
+def parameter_count(files: list[Path]) -> int:
+    """The tensors' elements in these safetensors files, from their headers (no weights read)."""
+    from daemon.trainer.fingerprint import safetensors_header
+
+    total = 0
+    for path in files:
+        header = json.loads(safetensors_header(path) or b"{}")
+        total += sum(math.prod(t.get("shape") or [1]) for name, t in header.items() if name != "__metadata__")
+    return total
+
+
+def why_not_preload(base_dir: Path, cfg, available: int | None, device, dtype,
+                    card_total: int | None = None) -> str | None:
+    """Why the base is not built in host memory while waiting (None: it is). Host memory: the weights as they
+    will be held (in `dtype`), for every rank of the job on this host (each preloads its own), at most
+    1/PRELOAD_SHARE of what is available. On a GPU of `card_total` bytes, weights of more than half of it are
+    likely loaded in 4 bits or sharded by the memory plan: not preloaded in full."""
+    import torch
+
     files = warm.weight_files(base_dir)
     if not files or not all(p.name.endswith(".safetensors") for p in files):
         return "no safetensors weights"
-    size = sum(p.stat().st_size for p in files)
-    if available is None or size * PRELOAD_SHARE > available:
-        return (f"the weights ({size / 2**30:.1f} GiB) take more than 1/{PRELOAD_SHARE} of the host memory "
-                f"available ({'unknown' if available is None else f'{available / 2**30:.1f} GiB'})")
+    try:
+        size = parameter_count(files) * torch.finfo(dtype).bits // 8
+    except (OSError, ValueError, TypeError):
+        return "the weights' headers are unreadable here"
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if available is None or size * ranks * PRELOAD_SHARE > available:
+        return (f"the weights ({size / 2**30:.1f} GiB{f' x {ranks} processes' if ranks > 1 else ''}) would take "
+                f"more than 1/{PRELOAD_SHARE} of the host memory available "
+                f"({'unknown' if available is None else f'{available / 2**30:.1f} GiB'})")
+    if device.type == "cuda" and card_total and size > card_total / 2:
+        return (f"the weights ({size / 2**30:.1f} GiB) take more than half of the GPU's {card_total / 2**30:.0f} GiB: "
+                "the memory plan may load them in 4 bits or shard them")
     return None
+
+
+def card_total_bytes() -> int | None:
+    """The memory of this rank's GPU, from NVML (no CUDA context); None without NVML."""
+    from daemon.trainer import card_memory
+
+    handle = card_memory.nvml_handle(int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return None if handle is None else card_memory.device_total(handle)
 
 
 class Preload:
@@ -79,6 +114,7 @@ class Preload:
         self.dtype = preload_dtype(cfg.training.precision, self.device)
         self.model = None
         self.error: str | None = None
+        self.dropped: str | None = None  # why load_for_training did not take it
         self.seconds = 0.0
         self._thread = threading.Thread(target=self._run, daemon=True, name="preload-base")
 
@@ -86,7 +122,9 @@ class Preload:
     def start(cls, base_dir: Path, cfg, device=None) -> tuple["Preload | None", str | None]:
         """(the running preload, None), or (None, why not); `device`: where the job trains (default: a GPU if
         torch sees one)."""
-        reason = why_not_preload(base_dir, cfg, mem_available())
+        device = preload_device() if device is None else device
+        reason = why_not_preload(base_dir, cfg, mem_available(), device, preload_dtype(cfg.training.precision, device),
+                                 card_total_bytes() if device.type == "cuda" else None)
         if reason is not None:
             return None, reason
         preload = cls(base_dir, cfg, device)
@@ -103,25 +141,40 @@ class Preload:
 
             kwargs = from_pretrained_kwargs(self.cfg, self.device, self.dtype)
             model = AutoModelForCausalLM.from_pretrained(self.base_dir, **kwargs)
+            # As prepare_model casts a loaded base, float buffers too (RoPE's inv_freq stays fp32 otherwise),
+            # before the LoRA is attached (whose weights keep their own dtype: lora.dtype fp32).
+            model = model.to(dtype=self.dtype)
             self.model = lora_attach.fresh_lora(model, self.cfg)
         except Exception as e:  # the load after the go will meet it again and say so in the job's error
             self.error = f"{type(e).__name__}: {e}"
         self.seconds = time.monotonic() - t0
 
+    def wait(self) -> None:
+        """Until the thread is done. The trainer waits at its go, before anything else of the job runs: the
+        thread seeds torch's global CPU generator for the LoRA's init, and transformers sets the global default
+        dtype while it builds, so nothing else may run torch beside it."""
+        self._thread.join()
+
     def take(self):
         """The model built on the CPU (None if the load failed), once: the preload holds no reference after."""
-        self._thread.join()
+        self.wait()
         model, self.model = self.model, None
         return model
+
+    def drop(self, why: str) -> None:
+        self.wait()
+        self.model, self.dropped = None, why
 
     def note(self) -> str:
         if self.error:
             return f"building the base in host memory failed ({self.error}); loading it after the go instead"
-        return f"built the base and its LoRA in host memory while waiting for the GPU ({self.seconds:.1f} s)"
+        built = f"built the base and its LoRA in host memory while waiting for the GPU ({self.seconds:.1f} s)"
+        return f"{built}, not used: {self.dropped}" if self.dropped else built
 
 
 class EarlyCuda:
-    """The card's baseline and the allocator's settings now, then the CUDA context and cuBLAS in a thread."""
+    """The card's baseline and the allocator's settings now, then the CUDA context and cuBLAS in a thread;
+    `note()` says how long it took or what failed (the main thread's first CUDA call meets a failure again)."""
 
     def __init__(self) -> None:
         from daemon.trainer import card_memory
@@ -145,5 +198,8 @@ class EarlyCuda:
             self.error = f"{type(e).__name__}: {e}"
         self.seconds = time.monotonic() - t0
 
-    def join(self) -> None:
+    def note(self) -> str:
         self._thread.join()
+        if self.error:
+            return f"making the CUDA context at the go failed: {self.error}"
+        return f"the CUDA context was made at the go, beside the CPU work ({self.seconds:.2f} s)"

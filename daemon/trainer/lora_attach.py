@@ -5,9 +5,9 @@ whether it starts fresh (get_peft_model) or from the parent version (PeftModel.f
 waiting at the GPU gate has the base in host memory (early_load.Preload), so it attaches a fresh LoRA there, as
 model.prepare_model would (the same config, the same seed, the same host RNG: the same A matrices). After the
 go, prepare_model keeps it when it is what the job needs: a fresh adapter, or the parent's when the parent's
-LoRA config is this one (then only the parent's weights are loaded into it). Anything else (another LoRA config,
-a compiled run, which must not see Liger's patches applied around it) takes the model back to its bare base
-(`unload`) and attaches as usual: the speculation never changes what trains, only how soon.
+LoRA config and tensors are this one's (then the parent's weights are copied into it). A parent of another LoRA
+config or other tensors takes the model back to its bare base (`unload`) and attaches as usual: the
+speculation never changes what trains, only how soon.
 """
 
 from __future__ import annotations

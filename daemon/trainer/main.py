@@ -122,6 +122,7 @@ class Attempt:
     replay: object = None  # replay.Replay: the earlier files' examples trained along (train)
     laps: Laps = field(default_factory=Laps)  # where the attempt's seconds went (metadata "seconds")
     preload: object = None  # early_load.Preload: the base built on the CPU while waiting for the GPU
+    early_cuda: object = None  # early_load.EarlyCuda: the CUDA context made at the go, in a thread
 
 
 def run(job_dir: Path, layout: Layout, micro_batch: int | None, gated: bool = False) -> int:
@@ -145,7 +146,7 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None, gated: bool = Fa
         report = validate(attempt, cfg, base_dir)
         attempt.laps.mark("validate")
         if gated:
-            wait_for_gpu(attempt, cfg, base_dir)
+            wait_for_gpu(attempt, cfg, base_dir, report)
             recover(attempt)
         load_standing(attempt, cfg, base_dir)
         attempt.laps.mark("standing_set")
@@ -239,19 +240,19 @@ def validate(attempt: Attempt, cfg, base_dir: Path):
     return report
 
 
-def wait_for_gpu(attempt: Attempt, cfg, base_dir: Path) -> None:
+def wait_for_gpu(attempt: Attempt, cfg, base_dir: Path, report) -> None:
     """The GPU gate: the job is validated and tokenized; wait for the daemon's go (the previous trainer has
-    exited and its GPUs were checked), building the base model in host memory meanwhile (early_load.Preload;
-    else reading its files into the page cache), then take the devices' trainer locks named in the go
-    (bounded), start this process's CUDA context in a thread (early_load.EarlyCuda) and go on to load and train.
-    Replay's reading of earlier files is done ahead meanwhile too (replay.read_ahead).
-    Until the go this process has no CUDA context and holds no device lock. A warm stop while waiting ends the
-    attempt as stopped, with nothing to checkpoint (the next attempt starts from scratch, or from a checkpoint an
-    earlier one left)."""
+    exited and its GPUs were checked), then take the devices' trainer locks named in the go (bounded), start this
+    process's CUDA context in a thread (early_load.EarlyCuda) and go on to load and train. Until the go this
+    process has no CUDA context and holds no device lock; meanwhile, in threads, it builds the base model and a
+    fresh LoRA in host memory (early_load.Preload; else it reads the weight files into the page cache) and
+    validates replay's earlier files ahead (replay.read_ahead). Both are waited for at the go, before anything
+    else runs torch (Preload.wait says why). A warm stop while waiting ends the attempt as stopped, with nothing
+    to checkpoint (the next attempt starts from scratch, or from a checkpoint an earlier one left)."""
     from daemon import device_locks
     from daemon.trainer import early_load, replay
 
-    warmer, notes = None, []
+    warmer, reader, gone, notes = None, None, threading.Event(), []
     if not go_is_waiting():  # the go is not there yet: another job trains
         emit({"event": Event.PHASE, "phase": "waiting_for_gpu", "cuda_initialized": _cuda_initialized()})
         attempt.preload, why_not = early_load.Preload.start(base_dir, cfg)
@@ -259,11 +260,19 @@ def wait_for_gpu(attempt: Attempt, cfg, base_dir: Path) -> None:
             notes.append(f"the base is loaded after the go: {why_not}")
             if rank() == 0:  # one reader is enough: the page cache is the host's
                 warmer = warm.Warmer.start(base_dir)
-        replay.read_ahead(cfg, attempt.layout, attempt.adapter_dir, attempt.tokenizer, base_dir,
-                          stop=lambda: _stop.is_set() or go_is_waiting())
+        if report.format != "preference":  # a preference job replays nothing
+            reader = threading.Thread(target=replay.read_ahead, daemon=True, name="replay-read-ahead", args=(
+                cfg, attempt.layout, attempt.adapter_dir, attempt.tokenizer, base_dir),
+                kwargs={"stop": lambda: _stop.is_set() or gone.is_set()})
+            reader.start()
     go = wait_for_go(_stop.is_set)
+    gone.set()  # the read-ahead stops after the file it is on; choose() reads the rest itself
     attempt.laps.mark("wait_for_gpu")
     notes.append(warmer.stop() if warmer else None)
+    if attempt.preload is not None:
+        attempt.preload.wait()
+    if reader is not None:
+        reader.join()
     if go is None:
         raise AttemptEnds(protocol.STOPPED)
     if _cuda_initialized():  # a library did it behind our back: say so, the GPU run's check looks for it
@@ -272,7 +281,7 @@ def wait_for_gpu(attempt: Attempt, cfg, base_dir: Path) -> None:
         attempt.layout.state, list(go.get("locks") or []), wait=LOCK_WAIT_SECONDS,
         holder="another trainer (the daemon found the lock free when it gave this job the go)"))
     if _cuda_available():  # the devices are ours now: the context is made while the CPU work goes on
-        early_load.EarlyCuda()
+        attempt.early_cuda = early_load.EarlyCuda()
     for note in filter(None, notes):
         emit({"event": Event.LOG, "level": "debug", "message": note})
 
@@ -332,6 +341,7 @@ def train(attempt: Attempt, cfg, snapshot: dict, base_dir: Path, report):
     # resumed attempt trains exactly the same examples in the same order.
     attempt.replay = replay.choose(cfg, attempt.layout, attempt.adapter_dir, parent, len(train_ex),
                                    attempt.tokenizer, base_dir, preference=report.format == "preference")
+    replay.forget()  # the files read (ahead) for it: what was chosen is in attempt.replay
     for message in attempt.replay.notes:
         emit({"event": Event.LOG, "message": f"replay: {message}"})
     train_ex = train_ex + attempt.replay.examples
@@ -347,9 +357,10 @@ def train(attempt: Attempt, cfg, snapshot: dict, base_dir: Path, report):
         recipe.setup(train_ex, eval_ex, base_dir=base_dir,
                      adapter_dir=attempt.adapter_dir / f"v{parent}" if parent else None, config_snapshot=snapshot,
                      max_micro_batch=attempt.micro_batch, tokenizer=attempt.tokenizer, preload=attempt.preload)
-        if attempt.preload is not None:
-            emit({"event": Event.LOG, "level": "debug", "message": attempt.preload.note()})
-            attempt.preload = None
+        for early in (attempt.preload, attempt.early_cuda):
+            if early is not None:
+                emit({"event": Event.LOG, "level": "debug", "message": early.note()})
+        attempt.preload = attempt.early_cuda = None
         recipe.progress.parent_version = parent
         emit({"event": Event.PHASE, "phase": "training", "total_steps": recipe.progress.total_steps,
               "examples": len(train_ex), "eval_examples": len(eval_ex), "replayed": len(attempt.replay.examples),

@@ -40,9 +40,14 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
     if laps is not None:
         laps.mark("memory_plan")  # on a GPU: waits for the CUDA context (early_load.EarlyCuda makes it)
     kwargs = from_pretrained_kwargs(cfg, device, dtype)
-    model = preload.take() if preload is not None else None
-    if model is not None and (mplan.quantize_4bit or preload.dtype != dtype):
-        model = None  # built for another plan: dropped, and loaded as the plan wants
+    model = None
+    if preload is not None:  # built while the job waited: taken if it is what the plan wants, else dropped
+        if mplan.quantize_4bit:
+            preload.drop("the memory plan loads the base in 4 bits")
+        elif preload.dtype != dtype:
+            preload.drop(f"built in {preload.dtype}, the plan wants {dtype}")
+        else:
+            model = preload.take()
     if mplan.quantize_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -56,8 +61,12 @@ def load_for_training(base_dir: Path, cfg, device, *, adapter_dir: Path | None =
         tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
     if laps is not None:
         laps.mark("load_weights")
-    return prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan, world=world,
-                         allow_compile=allow_compile, compile_cache=compile_cache, run_tokens=run_tokens, laps=laps)
+    model, tokenizer, plan = prepare_model(model, tokenizer, cfg, device, adapter_dir=adapter_dir, _mplan=mplan,
+                                           world=world, allow_compile=allow_compile, compile_cache=compile_cache,
+                                           run_tokens=run_tokens, laps=laps)
+    if preload is not None and preload.dropped:
+        plan["lora_attached"] = f"at load (the base built while waiting was dropped: {preload.dropped})"
+    return model, tokenizer, plan
 
 
 def from_pretrained_kwargs(cfg, device, dtype) -> dict:

@@ -133,9 +133,10 @@ class LoRARecipe:
         self.progress.total_steps = steps
 
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        # The adapter the run starts from (the parent version's, or the fresh LoRA), before a resume overwrites
-        # it: judging swaps it back in to measure the parent when the parent is the incumbent (judge.py).
-        self.start_weights = None if self.sharded else [p.detach().clone() for p in self.trainable]
+        # The parent version's adapter, as the run starts from it (before a resume overwrites it): judging swaps it
+        # back in to measure the parent when the parent is the incumbent (judge.py). A LoRA's worth of memory.
+        self.start_weights = ([p.detach().clone() for p in self.trainable]
+                              if adapter_dir is not None and not self.sharded else None)
         optimizer = torch.optim.AdamW(self.trainable, lr=self.t.learning_rate, weight_decay=self.t.weight_decay)
         from transformers import get_scheduler
 

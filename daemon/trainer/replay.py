@@ -76,6 +76,11 @@ def read_ahead(cfg, layout: Layout, adapter_dir: Path, tokenizer, base_dir: Path
     return read
 
 
+def forget() -> None:
+    """Drop the cache of validated lineage files (once choose() has drawn from it)."""
+    _read.clear()
+
+
 def done_input(layout: Layout, job_id: int) -> Path:
     """Where a finished job keeps its file: the spool names job folders j<id, 6 digits> (supervisor/job.py)."""
     return layout.state_dir("done") / f"j{job_id:06d}" / "input.jsonl"
