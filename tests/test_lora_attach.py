@@ -103,3 +103,38 @@ def test_a_base_built_for_another_dtype_is_dropped_and_the_plan_says_why(tiny_mo
                                      "the plan wants torch.bfloat16)")
     assert next(p for p in model.parameters() if not p.requires_grad).dtype == torch.bfloat16
     assert preload.note().endswith("not used: built in torch.float32, the plan wants torch.bfloat16")
+
+
+def test_where_bitsandbytes_is_installed_nothing_imports_it_before_the_go(tiny_model_dir, tmp_path):
+    """bitsandbytes makes a CUDA context on every visible GPU when it is imported, and peft imports it: a waiting
+    trainer on such a host imports neither (its standby imports, the base built while waiting), and attaches the
+    LoRA after the go. A stand-in bitsandbytes package records any import of it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stub = tmp_path / "stub" / "bitsandbytes"
+    stub.mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (stub / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('stand-in')\n")
+    code = f"""
+import sys, torch
+from pathlib import Path
+from daemon.trainer.process import import_training_stack
+from daemon.trainer.early_load import Preload
+from test_model import cfg
+assert import_training_stack() is None
+preload, why_not = Preload.start(Path({str(tiny_model_dir)!r}), cfg(), torch.device("cpu"))
+assert preload is not None, why_not
+model = preload.take()
+assert type(model).__name__ == "LlamaForCausalLM", type(model)
+assert "peft" not in sys.modules and "bitsandbytes" not in sys.modules
+print(preload.note())
+"""
+    root = Path(__file__).resolve().parent.parent
+    env = {**__import__("os").environ,
+           "PYTHONPATH": f"{tmp_path / 'stub'}:{root}:{root / 'tests'}"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "its LoRA after the go: bitsandbytes is installed" in done.stdout
+    assert not marker.exists()

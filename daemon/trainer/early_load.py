@@ -29,6 +29,15 @@ from daemon.trainer import warm
 PRELOAD_SHARE = 8  # a preload may take at most this share of MemAvailable
 
 
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes (the qlora extra) can be imported. Importing it (peft does, at its own import) asks
+    torch for every visible GPU's capability, which selects each device, and CUDA 12 makes a device's context when
+    it is selected: so where it is installed, nothing imports peft before the GPU go."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def mem_available() -> int | None:
     """/proc/meminfo's MemAvailable in bytes, or None where there is none (not Linux)."""
     try:
@@ -115,6 +124,7 @@ class Preload:
         self.model = None
         self.error: str | None = None
         self.dropped: str | None = None  # why load_for_training did not take it
+        self.base_only = bitsandbytes_installed()  # then the LoRA is attached after the go
         self.seconds = 0.0
         self._thread = threading.Thread(target=self._run, daemon=True, name="preload-base")
 
@@ -144,7 +154,8 @@ class Preload:
             # As prepare_model casts a loaded base, float buffers too (RoPE's inv_freq stays fp32 otherwise),
             # before the LoRA is attached (whose weights keep their own dtype: lora.dtype fp32).
             model = model.to(dtype=self.dtype)
-            self.model = lora_attach.fresh_lora(model, self.cfg)
+            # The LoRA needs peft, which imports bitsandbytes where it is installed (bitsandbytes_installed).
+            self.model = model if self.base_only else lora_attach.fresh_lora(model, self.cfg)
         except Exception as e:  # the load after the go will meet it again and say so in the job's error
             self.error = f"{type(e).__name__}: {e}"
         self.seconds = time.monotonic() - t0
@@ -168,7 +179,9 @@ class Preload:
     def note(self) -> str:
         if self.error:
             return f"building the base in host memory failed ({self.error}); loading it after the go instead"
-        built = f"built the base and its LoRA in host memory while waiting for the GPU ({self.seconds:.1f} s)"
+        built = (f"built the base in host memory while waiting for the GPU ({self.seconds:.1f} s; its LoRA after "
+                 "the go: bitsandbytes is installed, and peft imports it)" if self.base_only else
+                 f"built the base and its LoRA in host memory while waiting for the GPU ({self.seconds:.1f} s)")
         return f"{built}, not used: {self.dropped}" if self.dropped else built
 
 

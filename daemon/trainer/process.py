@@ -117,25 +117,37 @@ class _Stdin:
 _STDIN = _Stdin()
 
 
-def wait_for_job() -> tuple[dict | None, Exception | None]:
-    """Standby: pay for the imports (10-20 s on a GPU host) while the daemon waits for a file, then take the job
-    the daemon writes on stdin as one JSON line. No CUDA here: the GPU stays untouched until the go (wait_for_go).
-    An import that fails is kept and returned with the job, so that the job's error.json tells it."""
-    import_error = None
+def import_training_stack() -> Exception | None:
+    """Import what training needs, without touching a GPU; returns the import error, if any. Where bitsandbytes
+    is installed, peft and Liger's patches (which import peft, which imports bitsandbytes) wait for the GPU go:
+    bitsandbytes asks torch for every visible GPU's capability at import, which makes a CUDA context on each."""
+    from daemon.trainer.early_load import bitsandbytes_installed
+
     try:
         import accelerate  # noqa: F401
-        import peft  # noqa: F401
         import torch  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
         from daemon.trainer import data, recipe  # noqa: F401
+
+        if not bitsandbytes_installed():
+            import peft  # noqa: F401
     except Exception as e:
-        import_error = e
-    try:  # optional (the training path copes without it); monkey_patch imports every model Liger knows: 0.4 s
-        import liger_kernel.transformers  # noqa: F401
-        import liger_kernel.transformers.monkey_patch  # noqa: F401
-    except Exception:
-        pass
+        return e
+    if not bitsandbytes_installed():
+        try:  # optional (the training path copes without it); monkey_patch imports every model Liger knows: 0.4 s
+            import liger_kernel.transformers  # noqa: F401
+            import liger_kernel.transformers.monkey_patch  # noqa: F401
+        except Exception:
+            pass
+    return None
+
+
+def wait_for_job() -> tuple[dict | None, Exception | None]:
+    """Standby: pay for the imports (10-20 s on a GPU host) while the daemon waits for a file, then take the job
+    the daemon writes on stdin as one JSON line. No CUDA here: the GPU stays untouched until the go (wait_for_go).
+    An import that fails is kept and returned with the job, so that the job's error.json tells it."""
+    import_error = import_training_stack()
     emit({"event": Event.STANDBY, "pid": os.getpid()})
     line = _STDIN.line()
     if not line or not line.strip():
