@@ -17,6 +17,17 @@ def early(base_dir, config, **kw):
     return load_for_training(base_dir, config, "cpu", preload=preload, **kw)
 
 
+def saved_parent(base_dir, folder):
+    """A trained-looking parent version (LoRA B not zero) saved to `folder`."""
+    parent, _, _ = load_for_training(base_dir, cfg(), "cpu")
+    with torch.no_grad():
+        for n, p in parent.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    parent.save_pretrained(folder)
+    return parent
+
+
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
@@ -32,12 +43,7 @@ def test_a_fresh_lora_attached_early_is_the_one_the_usual_load_attaches(tiny_mod
 
 
 def test_a_parent_continued_on_the_early_lora_loads_its_weights(tiny_model_dir, tmp_path):
-    parent, _, _ = load_for_training(tiny_model_dir, cfg(), "cpu")
-    with torch.no_grad():
-        for n, p in parent.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
-    parent.save_pretrained(tmp_path / "v1")
+    parent = saved_parent(tiny_model_dir, tmp_path / "v1")
     usual, _, _ = load_for_training(tiny_model_dir, cfg(seed=9), "cpu", adapter_dir=tmp_path / "v1")
     model, _, plan = early(tiny_model_dir, cfg(seed=9), adapter_dir=tmp_path / "v1")
     assert plan["lora_attached"] == "while waiting for the GPU"
@@ -61,12 +67,7 @@ def test_a_parent_whose_tensors_are_not_the_adapters_one_for_one_is_loaded_by_pe
     through PEFT's own load, as it would without the early LoRA (which warns of a stray tensor, no more)."""
     from safetensors.torch import load_file, save_file
 
-    parent, _, _ = load_for_training(tiny_model_dir, cfg(), "cpu")
-    with torch.no_grad():
-        for n, p in parent.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
-    parent.save_pretrained(tmp_path / "v1")
+    parent = saved_parent(tiny_model_dir, tmp_path / "v1")
     path = tmp_path / "v1" / "adapter_model.safetensors"
     weights = load_file(path)
     weights["base_model.model.extra_buffer"] = torch.zeros(1)  # a name the adapter has no tensor for

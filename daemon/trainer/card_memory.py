@@ -142,17 +142,17 @@ def nvml_handle(index: int, environ=None):
 
 
 def device_used(handle) -> int | None:
-    nvml = _nvml_module()
-    try:
-        return int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
-    except Exception:
-        return None
+    return _memory_info(handle, "used")
 
 
 def device_total(handle) -> int | None:
+    return _memory_info(handle, "total")
+
+
+def _memory_info(handle, field: str) -> int | None:
     nvml = _nvml_module()
     try:
-        return int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+        return int(getattr(nvml.nvmlDeviceGetMemoryInfo(handle), field))
     except Exception:
         return None
 
