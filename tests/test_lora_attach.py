@@ -139,3 +139,35 @@ print(preload.note())
     assert done.returncode == 0, done.stderr[-2000:]
     assert "its LoRA after the go: bitsandbytes is installed" in done.stdout
     assert not marker.exists()
+
+
+def test_weights_the_preload_cannot_size_are_loaded_after_the_go_with_the_reason(tmp_path):
+    """The host-memory bound reads every tensor's shape from the safetensors headers: a file without one (a Git
+    LFS pointer), or a header of another shape, is a reason not to preload, never a crash; with an index, only
+    the files it names count (a consolidated copy beside the shards is not loaded)."""
+    import json
+    import struct
+
+    from daemon.trainer.early_load import loaded_files, why_not_preload
+
+    def write(path, header):
+        data = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(data)) + data)
+
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    (tmp_path / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    assert why_not_preload(tmp_path, cfg(), 10**12, cpu, fp32).startswith("the weights' headers are unreadable")
+    write(tmp_path / "model.safetensors", [1, 2])
+    assert why_not_preload(tmp_path, cfg(), 10**12, cpu, fp32).startswith("the weights' headers are unreadable")
+    write(tmp_path / "model.safetensors", {"w": {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 4]}})
+    assert why_not_preload(tmp_path, cfg(), 10**12, cpu, fp32) is None
+    assert "would take more than 1/8" in why_not_preload(tmp_path, cfg(), 8 * 4 * 10**6 - 1, cpu, fp32)
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        write(tmp_path / shard, {"v": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]}})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert [p.name for p in loaded_files(tmp_path)] == ["model-00001-of-00002.safetensors",
+                                                        "model-00002-of-00002.safetensors"]
+    assert why_not_preload(tmp_path, cfg(), 8 * 4 * 20, cpu, fp32) is None  # 20 parameters: the shards only
+    on_card = why_not_preload(tmp_path, cfg(), 10**12, torch.device("cuda"), fp32, card_total=100)
+    assert "more than half of the GPU" in on_card

@@ -112,8 +112,9 @@ def test_the_next_job_prepares_while_one_trains_and_trains_once_the_gpu_is_free(
     notes = [e["message"] for e in rows if e["event"] == "log" and e.get("job_id") == 2]
     assert any("built the base and its LoRA in host memory while waiting for the GPU" in m for m in notes), notes
     assert meta2["plan"]["lora_attached"] == "while waiting for the GPU"  # kept: the parent has this LoRA config
-    order = ("validate wait_for_gpu standing_set parent_replay cuda_context memory_plan load_weights kernels lora "
-             "to_device optimizer_resume first_step steps eval_split judge_new incumbent_load judge publish").split()
+    order = ("validate wait_for_gpu early_load_rest standing_set parent_replay cuda_context memory_plan load_weights "
+             "kernels lora to_device optimizer_resume first_step steps eval_split judge_new incumbent_load judge "
+             "publish").split()
     said = next(m for m in notes if m.startswith("job 2: seconds: "))
     assert [lap.split()[0] for lap in said.removeprefix("job 2: seconds: ").split(", ")] == order, said
     laps = meta2["seconds"]

@@ -70,14 +70,37 @@ def preload_dtype(precision: str, device):
 
 
 def parameter_count(files: list[Path]) -> int:
-    """The tensors' elements in these safetensors files, from their headers (no weights read)."""
+    """The tensors' elements in these safetensors files, from their headers (no weights read); ValueError for
+    a file without a readable header (a Git LFS pointer, a truncated file)."""
     from daemon.trainer.fingerprint import safetensors_header
 
     total = 0
     for path in files:
-        header = json.loads(safetensors_header(path) or b"{}")
-        total += sum(math.prod(t.get("shape") or [1]) for name, t in header.items() if name != "__metadata__")
+        header = json.loads(safetensors_header(path) or b"null")
+        if not isinstance(header, dict):
+            raise ValueError(f"{path.name} has no safetensors header")
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                if not isinstance(tensor, dict) or not isinstance(tensor.get("shape"), list):
+                    raise ValueError(f"{path.name}: {name} has no shape")
+                total += math.prod(tensor["shape"])
     return total
+
+
+def loaded_files(base_dir: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads: those an index names (model.safetensors.index.json) where
+    there is one, else every .safetensors file; [] when the weights are in another format."""
+    files = warm.weight_files(base_dir)
+    if not files or not all(p.name.endswith(".safetensors") for p in files):
+        return []
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return files
+        return [p for p in files if p.name in named] or files
+    return files
 
 
 def why_not_preload(base_dir: Path, cfg, available: int | None, device, dtype,
@@ -88,13 +111,13 @@ def why_not_preload(base_dir: Path, cfg, available: int | None, device, dtype,
     likely loaded in 4 bits or sharded by the memory plan: not preloaded in full."""
     import torch
 
-    files = warm.weight_files(base_dir)
-    if not files or not all(p.name.endswith(".safetensors") for p in files):
+    files = loaded_files(base_dir)
+    if not files:
         return "no safetensors weights"
     try:
         size = parameter_count(files) * torch.finfo(dtype).bits // 8
-    except (OSError, ValueError, TypeError):
-        return "the weights' headers are unreadable here"
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        return f"the weights' headers are unreadable here ({e})"
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     if available is None or size * ranks * PRELOAD_SHARE > available:
         return (f"the weights ({size / 2**30:.1f} GiB{f' x {ranks} processes' if ranks > 1 else ''}) would take "

@@ -269,19 +269,20 @@ def wait_for_gpu(attempt: Attempt, cfg, base_dir: Path, report) -> None:
     gone.set()  # the read-ahead stops after the file it is on; choose() reads the rest itself
     attempt.laps.mark("wait_for_gpu")
     notes.append(warmer.stop() if warmer else None)
-    if attempt.preload is not None:
-        attempt.preload.wait()
-    if reader is not None:
-        reader.join()
-    if go is None:
+    if go is None:  # stopped: the threads die with the process, nothing of theirs is kept
         raise AttemptEnds(protocol.STOPPED)
     if _cuda_initialized():  # a library did it behind our back: say so, the GPU run's check looks for it
         emit({"event": Event.LOG, "level": "warning", "message": "CUDA was initialised before the go"})
     _device_locks.extend(device_locks.acquire_trainer_lock(
         attempt.layout.state, list(go.get("locks") or []), wait=LOCK_WAIT_SECONDS,
         holder="another trainer (the daemon found the lock free when it gave this job the go)"))
-    if _cuda_available():  # the devices are ours now: the context is made while the CPU work goes on
+    if _cuda_available():  # the devices are ours now: the context is made while the rest goes on
         attempt.early_cuda = early_load.EarlyCuda()
+    if attempt.preload is not None:
+        attempt.preload.wait()
+    if reader is not None:
+        reader.join()
+    attempt.laps.mark("early_load_rest")
     for note in filter(None, notes):
         emit({"event": Event.LOG, "level": "debug", "message": note})
 
