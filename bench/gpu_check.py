@@ -1,7 +1,8 @@
 """GPU correctness checks for the fast paths (run on the device before timing anything).
 
 Packed varlen attention vs padded SDPA, the chunked loss vs the plain HF loss from full logits, and the compiled
-decoder layers (training.compile: Inductor, Liger off, the batch padded to the run's fixed shape) in each
+decoder layers (training.compile: Inductor, Liger off, the batch padded to the run's fixed shape, the fused
+loss chunk) in each
 mode given by --compile-modes (default: "default"; "reduce-overhead" adds CUDA graphs): loss and LoRA gradients
 must agree with an fp32 reference to bf16 rounding (loss within 1e-2 relative, gradients at most twice the
 plain HF bf16 path's error).
@@ -11,6 +12,7 @@ plain HF bf16 path's error).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
@@ -73,9 +75,11 @@ def compiled_grads(name, ex, ex2, cfg, mode):
                                  token_budget=8 * 1024, max_length=1024)
     b1, b2 = (packing.pad_fixed(packing.collate(e, packing=True, pad_id=0), **shape) for e in (ex, ex2))
 
+    fused_loss = functools.partial(loss.token_loss_sum, fused=True)  # the loss compiled runs use (step.py)
+
     def call(batch, model=pm):
         compiled.mark_step()
-        return grads(model, batch)
+        return grads(model, batch, fused_loss)
 
     value, g = call(b1)
     value2, g2 = call(b1)  # the compiled code (and graphs) replayed
@@ -85,7 +89,7 @@ def compiled_grads(name, ex, ex2, cfg, mode):
         p.grad = torch.zeros_like(p)
     for batch in (b1, b2):
         compiled.mark_step()
-        loss.token_loss_sum(pm, {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}).backward()
+        fused_loss(pm, {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}).backward()
     g_acc = torch.cat([p.grad.float().flatten() for p in trainable])
     stats = {"repeat_loss": abs(value - value2) / abs(value), "repeat_grad": rel(g2, g),
              "accumulated_grad": rel(g_acc, g + gb)}

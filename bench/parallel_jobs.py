@@ -8,10 +8,12 @@ For each variant (a set of top-level config keys, `NAME:KEY=VALUE[,KEY=VALUE]`) 
 `--examples` text examples (seeded log-normal lengths around 300 tokens of a small word vocabulary), all renamed
 into the inbox at once. Figures per variant: wall time from the drop to the last job's end, jobs per hour,
 tokens trained per second of wall time over all jobs, each job's training tokens/s and when it started and
-ended, the share of wall time in which at least one optimizer step was running (from the trainers'
-first_step and last progress events), and the daemon's GPU check after every job. For jobs that run one after
-another, each job's `gap_s`: its first optimizer step minus the end of the job before it (the daemon's
-job_done/job_failed line, written once that job's trainer has exited), and the variant's median gap; with
+ended, the share of wall time in which at least one optimizer step was running (from when each trainer's first
+step began, its first_step event less the step's own seconds, to its last progress event;
+`share_of_wall_after_first_step` leaves the first step out, as figures before it was timed did), and the daemon's
+GPU check after every job. For jobs that run one after another, each job's `gap_s`: its first optimizer step's end
+minus the end of the job before it (the daemon's job_done/job_failed line, written once that job's trainer has
+exited), `gap_to_step_began_s` the same to when that step began, and the variant's medians; with
 `validated_s`, whether the next job was prepared before the GPU was free. The base model is random-weight in the
 named shape, saved once (`--base PATH` uses an existing model folder instead, e.g. the tests' tiny model for a
 CPU smoke run with `--variant two:max_parallel_jobs=2`).
@@ -136,6 +138,8 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
             j.setdefault("started_s", round(_unix(e) - t_drop, 2))
         elif kind == "first_step":
             j.setdefault("first_step_s", round(_unix(e) - t_drop, 2))
+            if e.get("seconds") is not None:  # the step's own duration: when the GPU began training
+                j.setdefault("first_step_began_s", round(_unix(e) - e["seconds"] - t_drop, 2))
         elif kind == "validated":
             j.setdefault("validated_s", round(_unix(e) - t_drop, 2))
         elif kind == "gpu_go":
@@ -168,23 +172,22 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
     for j in jobs.values():
         for lap, took in (j.get("seconds") or {}).items():
             laps.setdefault(lap, []).append(took)
-    # Seconds in which some optimizer step ran: the union of [first step, last progress] over the jobs.
-    spans = sorted((j["first_step_s"], j["last_progress_s"]) for j in jobs.values()
-                   if "first_step_s" in j and "last_progress_s" in j)
-    busy, cur = 0.0, None
-    for a, b in spans:
-        if cur is None or a > cur[1]:
-            busy += (cur[1] - cur[0]) if cur else 0.0
-            cur = [a, b]
-        else:
-            cur[1] = max(cur[1], b)
-    busy += (cur[1] - cur[0]) if cur else 0.0
+    # Seconds in which some optimizer step ran: the union of [first step began, last progress] over the jobs
+    # (the first step's own time counted; older trainers say only when it ended); and, comparable with figures
+    # taken before the first step's duration was known, the union from the first step's end.
+    busy = union_seconds([(j.get("first_step_began_s", j["first_step_s"]), j["last_progress_s"])
+                          for j in jobs.values() if "first_step_s" in j and "last_progress_s" in j])
+    busy_after_first = union_seconds([(j["first_step_s"], j["last_progress_s"]) for j in jobs.values()
+                                      if "first_step_s" in j and "last_progress_s" in j])
     gaps = gaps_between(list(jobs.values()))
+    began_gaps = [j["gap_to_step_began_s"] for j in jobs.values() if "gap_to_step_began_s" in j]
     wall = t_end - t_drop
     return {"variant": name, "config": keys, "root": str(root), "files": n_files, "wall_s": round(wall, 2),
             "jobs_per_hour": round(n_files / wall * 3600, 1), "tokens_trained": tokens,
             "tokens_per_s_wall": round(tokens / wall, 1), "share_of_wall_in_steps": round(busy / wall, 3),
+            "share_of_wall_after_first_step": round(busy_after_first / wall, 3),
             "gap_s_median": round(float(np.median(gaps)), 2) if gaps else None,
+            "gap_to_step_began_s_median": round(float(np.median(began_gaps)), 2) if began_gaps else None,
             "gap_s_max": round(max(gaps), 2) if gaps else None,
             "seconds_median": {lap: round(float(np.median(v)), 3) for lap, v in laps.items()},
             "after_last_step_s_median": _median([j.get("after_last_step_s") for j in jobs.values()]),
@@ -200,6 +203,18 @@ def _median(values) -> float | None:
     return round(float(np.median(values)), 2) if values else None
 
 
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the [start, end] spans."""
+    busy, cur = 0.0, None
+    for a, b in sorted(spans):
+        if cur is None or a > cur[1]:
+            busy += (cur[1] - cur[0]) if cur else 0.0
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    return busy + ((cur[1] - cur[0]) if cur else 0.0)
+
+
 def gaps_between(jobs: list[dict]) -> list[float]:
     """Each job's `gap_s` (set on it): its first step minus the end of the job before it, where jobs ran one
     after another (the one before had ended when this one's first step came; side by side, no gap is set).
@@ -210,6 +225,8 @@ def gaps_between(jobs: list[dict]) -> list[float]:
         if prev.get("ended_s") is None or prev["ended_s"] > job["first_step_s"]:
             continue
         job["gap_s"] = round(job["first_step_s"] - prev["ended_s"], 2)
+        if "first_step_began_s" in job:
+            job["gap_to_step_began_s"] = round(job["first_step_began_s"] - prev["ended_s"], 2)
         if job.get("validated_s") is not None:
             job["prepared_before_free"] = job["validated_s"] < prev["ended_s"]
         gaps.append(job["gap_s"])

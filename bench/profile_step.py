@@ -1,9 +1,12 @@
 """Where a training step's time goes: host (CPU) vs device, per op, for one model shape.
 
     python bench/profile_step.py --model smollm2-135m --steps 6 [--compile [--mode reduce-overhead]]
+        [--chunk-elements 67108864,134217728]
 
 Prints the per-micro-batch wall time of forward+loss+backward alone (no optimizer), the GPU busy share of it,
-the top ops by host time and by device time, and the top Python functions by own time (cProfile).
+the top ops by host time and by device time, and the top Python functions by own time (cProfile). The loss is
+the one the recipe runs (fused chunks when compiled); `--chunk-elements` first times it at each loss chunk size
+(logits per chunk, loss.CHUNK_ELEMENTS), and profiles at the last.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--compile", action="store_true", help="the compiled path (training.compile: true, fixed shape)")
     ap.add_argument("--mode", default=compiled.MODE, help="compiled.MODE with --compile: default | reduce-overhead")
+    ap.add_argument("--chunk-elements", default="", help="comma list of loss.CHUNK_ELEMENTS values to time")
     args = ap.parse_args(argv)
     compiled.MODE = args.mode
     cfg = common.daemon_config(types.SimpleNamespace(micro_batch=8, lora_dropout=0.0), max_length=1024, steps=1,
@@ -49,23 +53,34 @@ def main(argv=None) -> int:
         shape = compiled.fixed_shape(counts, [plan_mb[:args.steps + 3]], token_budget=args.tokens, max_length=1024)
         batches = [packing.pad_fixed(b, **shape) for b in batches]
 
+    # Gradients in buffers of their own, zeroed in place, as the recipe keeps them under CUDA graphs (step.py):
+    # a .grad made by a graph's backward lives in its pool, which the next replay overwrites.
+    for q in pm.parameters():
+        if q.requires_grad:
+            q.grad = torch.zeros_like(q)
+
     def step(b):
+        pm.zero_grad(set_to_none=False)
         if plan.get("compile"):
             compiled.mark_step()
         b = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-        loss.token_loss_sum(pm, b).backward()
+        loss.token_loss_sum(pm, b, fused=bool(plan.get("compile"))).backward()
 
-    for b in batches[:3]:
-        step(b)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for b in batches[3:]:
-        step(b)
-    host = time.perf_counter() - t
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    print(f"{args.model}: {plan}\nper micro-batch: host {host / args.steps * 1e3:.1f} ms, "
-          f"wall {wall / args.steps * 1e3:.1f} ms")
+    print(f"{args.model}: {plan}")
+    for chunk in [int(c) for c in args.chunk_elements.split(",") if c] or [loss.CHUNK_ELEMENTS]:
+        loss.CHUNK_ELEMENTS = chunk
+        for b in batches[:3]:
+            step(b)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for b in batches[3:]:
+            step(b)
+        host = time.perf_counter() - t
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        print(f"loss chunk {chunk} logits ({loss._chunk_size(pm.config.vocab_size)} tokens): per micro-batch: "
+              f"host {host / args.steps * 1e3:.1f} ms, wall {wall / args.steps * 1e3:.1f} ms, "
+              f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
     prof_busy = common.BusyProfiler(start_step=0, steps=1)
     prof_busy.step(0)

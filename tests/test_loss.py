@@ -75,3 +75,26 @@ def test_eval_needs_no_graph(tiny_model_dir):
     with torch.no_grad():
         value = loss.token_loss_sum(model, packing.collate(exs, packing=True, pad_id=0))
     assert not value.requires_grad and torch.isfinite(value)
+
+
+def test_the_fused_chunk_of_compiled_runs_gives_the_eager_loss_and_gradient(monkeypatch):
+    """training.compile's loss (Inductor, here on CPU) is the eager chunked loss: same value, same gradient, in
+    fp32 and in bf16 (the gradient rounded to bf16 once, as the eager path rounds it), ragged last chunk included."""
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 24 * 96)  # 24 tokens a chunk, a ragged last one
+    g = torch.Generator().manual_seed(3)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        weight = torch.randn(96, 32, generator=g).to(dtype)
+        base = torch.randn(60, 32, generator=g).to(dtype)
+        targets = torch.randint(0, 96, (60,), generator=g)
+        targets[::4] = -100
+        results = []
+        for fused in (False, True):
+            hidden = base.clone().requires_grad_(True)
+            value = loss.linear_cross_entropy_sum(hidden, weight, targets, fused=fused)
+            (grad,) = torch.autograd.grad(value * 0.5, hidden)
+            results.append((value.detach(), grad))
+        (v_eager, g_eager), (v_fused, g_fused) = results
+        assert v_fused.dtype == torch.float32 and g_fused.dtype == dtype
+        torch.testing.assert_close(v_fused, v_eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_fused.float(), g_eager.float(), rtol=tol, atol=tol)
+        assert (g_fused[::4] == 0).all() and (g_fused[1::4] != 0).any()  # ignored rows get no gradient

@@ -99,6 +99,8 @@ def test_the_next_job_prepares_while_one_trains_and_trains_once_the_gpu_is_free(
     assert index(rows, "validated", 2) < index(rows, "job_done", 1)
     assert index(rows, "job_done", 1) < index(rows, "gpu_memory", 1) < index(rows, "gpu_go", 2) \
         < index(rows, "first_step", 2)
+    first = rows[index(rows, "first_step", 2)]  # how long the step took: when training began is known too
+    assert first["seconds"] > 0 and f"first optimizer step done in {first['seconds']:.2f}s" in first["message"]
     phases = [e["phase"] for e in rows if e["event"] == "phase" and e.get("job_id") == 2]
     assert phases[:3] == ["validating", "waiting_for_gpu", "loading"], phases
     assert not any(e.get("cuda_initialized") for e in rows if e["event"] == "phase")

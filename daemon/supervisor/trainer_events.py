@@ -32,8 +32,10 @@ def report(ev: dict, job: Job, current: dict, status: StatusWriter) -> None:
                      f"{ev['tokens_per_s']:.0f} tok/s ETA {fmt_eta(ev.get('eta_s'))}{gpu_txt}",
                      job_id=job.id, **{k: v for k, v in ev.items() if k not in ("event", "ts")})
     elif kind == Event.FIRST_STEP:
-        status.event("first_step", f"job {job.id}: first optimizer step done (loss {ev['loss']:.4f})",
-                     job_id=job.id, loss=ev["loss"])
+        took = ev.get("seconds")
+        status.event("first_step", f"job {job.id}: first optimizer step done"
+                     + (f" in {took:.2f}s" if took is not None else "") + f" (loss {ev['loss']:.4f})",
+                     job_id=job.id, loss=ev["loss"], **({"seconds": took} if took is not None else {}))
     elif kind == Event.EVAL:
         current["eval_loss"] = ev["eval_loss"]
         reward = ev.get("reward_accuracy")

@@ -82,13 +82,15 @@ def _saved_shapes(path: Path) -> dict:
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
-def load_parent(model, adapter_dir: Path) -> None:
+def load_parent(model, adapter_dir: Path, device=None) -> None:
     """The parent version's LoRA weights copied into the attached adapter (why_not_kept found them the same
     tensors, one for one), as PeftModel.from_pretrained would load them, without PEFT's pairwise matching of
-    names (1 s for a 1.5B model's 392 tensors on an H200 host)."""
+    names (1 s for a 1.5B model's 392 tensors on an H200 host). `device`: where the adapter is now (the file is
+    read straight there; default the host)."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(adapter_dir) / SAFETENSORS))
+    where = "cpu" if device is None or torch.device(device).type == "cpu" else str(device)  # safetensors: no "cpu:0"
+    weights = load_file(str(Path(adapter_dir) / SAFETENSORS), device=where)
     with torch.no_grad():
         for key, p in _saved_names(model).items():
             p.copy_(weights[key])

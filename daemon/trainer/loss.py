@@ -22,8 +22,9 @@ CHUNK_ELEMENTS = 1 << 26  # logits per chunk (fp32: 256 MB)
 PAD_MULTIPLE = 128
 
 
-def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Sum of next-token cross entropy over the batch's trainable positions, as an fp32 scalar."""
+def token_loss_sum(model, batch: dict, *, fused: bool = False) -> torch.Tensor:
+    """Sum of next-token cross entropy over the batch's trainable positions, as an fp32 scalar. `fused`: each
+    chunk's softmax and gradient in one compiled kernel pair (for compiled runs: see `_fused_chunk`)."""
     causal_lm = _causal_lm(model)
     if "cu_seq_lens" in batch and batch["input_ids"].is_cuda:
         batch = pad_packed(batch, PAD_MULTIPLE)
@@ -35,7 +36,7 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     # Shift the labels, not the hidden states: hidden.view(-1, H) then needs no copy.
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1).reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    return linear_cross_entropy_sum(hidden, head.weight, targets, head.bias)
+    return linear_cross_entropy_sum(hidden, head.weight, targets, head.bias, fused=fused)
 
 
 def pad_packed(batch: dict, multiple: int) -> dict:
@@ -95,10 +96,10 @@ def hf_loss_sum(causal_lm, batch: dict) -> torch.Tensor:
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             bias: torch.Tensor | None = None) -> torch.Tensor:
+                             bias: torch.Tensor | None = None, *, fused: bool = False) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight.T + bias, targets_i) over targets != -100, chunked over tokens."""
     if torch.is_grad_enabled() and hidden.requires_grad:
-        return _ChunkedLinearCE.apply(hidden, weight, bias, targets)
+        return _ChunkedLinearCE.apply(hidden, weight, bias, targets, fused)
     loss, _ = _chunked_forward(hidden, weight, bias, targets, want_grad=False)
     return loss
 
@@ -107,7 +108,34 @@ def _chunk_size(vocab: int) -> int:
     return max(128, min(8192, CHUNK_ELEMENTS // max(vocab, 1)))
 
 
-def _chunked_forward(hidden, weight, bias, targets, *, want_grad: bool):
+def _chunk_loss_and_grad(logits: torch.Tensor, t: torch.Tensor, acc: torch.dtype):
+    """One chunk's loss sum and d(loss)/d(logits) in the logits' dtype: the eager path's arithmetic, written
+    for Inductor, which fuses it into a reduction (the log-sum-exp and the target's logit) and one pointwise pass
+    (softmax - onehot, masked, cast): two reads of the bf16 logits and one write, where the eager ops make
+    eight passes over an fp32 copy. That is ~7% of a compiled Qwen2.5-1.5B micro-batch (docs/performance.md)."""
+    x = logits.to(acc)
+    lse = torch.logsumexp(x, dim=-1)
+    valid = t != IGNORE
+    safe_t = t.clamp(min=0)
+    loss = torch.where(valid, lse - x.gather(1, safe_t.unsqueeze(1)).squeeze(1), 0.0).sum()
+    onehot = torch.arange(x.shape[1], device=x.device).unsqueeze(0) == safe_t.unsqueeze(1)
+    grad = (torch.exp(x - lse.unsqueeze(1)) - onehot.to(acc)) * valid.unsqueeze(1).to(acc)
+    return loss, grad.to(logits.dtype)
+
+
+_fused_chunk = None
+
+
+def _fused():
+    global _fused_chunk
+    if _fused_chunk is None:
+        # Inductor alone (no CUDA graphs: its outputs must outlive the next call); the two chunk shapes of a
+        # fixed-shape run (full and last) are two compiles, cached with the layers' under state/torch_compile.
+        _fused_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _fused_chunk
+
+
+def _chunked_forward(hidden, weight, bias, targets, *, want_grad: bool, fused: bool = False):
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are upcast; fp64 (tests) stays fp64
     loss = torch.zeros((), dtype=acc, device=hidden.device)
@@ -116,6 +144,11 @@ def _chunked_forward(hidden, weight, bias, targets, *, want_grad: bool):
     for start in range(0, n, step):
         h = hidden[start:start + step]
         t = targets[start:start + step]
+        if want_grad and fused:
+            chunk_loss, grad_logits = _fused()(F.linear(h, weight, bias), t, acc)
+            loss += chunk_loss
+            grad_hidden[start:start + step] = grad_logits.to(weight.dtype) @ weight
+            continue
         logits = F.linear(h, weight, bias).to(acc)
         lse = torch.logsumexp(logits, dim=-1)
         valid = t != IGNORE
@@ -135,12 +168,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
     """Forward computes the loss and d(loss)/d(hidden) together; backward only scales the saved gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        loss, grad_hidden = _chunked_forward(hidden, weight, bias, targets, want_grad=True)
+    def forward(ctx, hidden, weight, bias, targets, fused):
+        loss, grad_hidden = _chunked_forward(hidden, weight, bias, targets, want_grad=True, fused=fused)
         ctx.save_for_backward(grad_hidden)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_out.to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad_out.to(grad_hidden.dtype), None, None, None, None

@@ -218,6 +218,7 @@ class LoRARecipe(OptimizerStep):
                     self.save_checkpoint()
                     last_ckpt_time, last_ckpt_step = time.monotonic(), p.step
                 window = plan[p.micro_batch:p.micro_batch + self.accum]
+                step_began = time.perf_counter()
                 stepped = self.train_step(window)
                 p.micro_batch += len(window)  # a skipped step consumes its micro-batches too
                 if stepped is None:
@@ -226,7 +227,9 @@ class LoRARecipe(OptimizerStep):
                 window_tokens += n_tokens
                 if not first_step_emitted:
                     first_step_emitted = True
-                    self.emit({"event": Event.FIRST_STEP, "step": p.step, "loss": loss})
+                    # How long the step itself took: with it, the events say when the GPU started training.
+                    self.emit({"event": Event.FIRST_STEP, "step": p.step, "loss": loss,
+                               "seconds": round(time.perf_counter() - step_began, 3)})
                     self.laps.mark("first_step")
                 elapsed = time.perf_counter() - window_start
                 # Every N steps, and at least once a minute: the daemon's stall watchdog hears from a run whose

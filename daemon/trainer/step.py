@@ -89,7 +89,9 @@ class OptimizerStep:
             if self.fixed_shape:
                 batch = packing.pad_fixed(batch, **self.fixed_shape)
                 compiled.mark_step()
-            step_loss = token_loss_sum(model, self._to_device(batch))
+            # Compiled runs on a GPU also fuse the loss's softmax and gradient (loss._chunk_loss_and_grad).
+            step_loss = token_loss_sum(model, self._to_device(batch),
+                                       fused=bool(self.fixed_shape) and self.device.type == "cuda")
             # A padding repeat (counts False) still runs its backward, as FSDP's collectives need, but adds 0.
             self.accelerator.backward(step_loss / max(n_window, 1) if counts else step_loss * 0.0)
             if counts:
