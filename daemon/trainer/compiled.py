@@ -12,7 +12,8 @@ peft's LoRA modules out of the hot path. What it needs:
 - no Liger: Liger replaces RMSNorm/SwiGLU/RoPE with Triton autograd Functions module-wide, and Dynamo does not
   trace them; the compiled layers fuse norms and activations themselves. The model is prepared without Liger
   when it is compiled (model.py), and a process whose transformers modules Liger already patched is not compiled.
-- the eager path unchanged: the embedding, the final norm and the chunked loss (daemon/trainer/loss.py) stay eager.
+- the eager path unchanged: the embedding, the final norm and the chunked loss's matmuls (daemon/trainer/loss.py)
+  stay eager; on a GPU each loss chunk's softmax and gradient run as one Inductor kernel (loss._fused).
 
 Compiled artefacts are cached (Inductor's FX graph and autograd caches, Triton's kernels) under the daemon
 root's state/torch_compile/ folder, so the next job of the same model shape and micro-batch skips most of the
