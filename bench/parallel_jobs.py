@@ -177,10 +177,12 @@ def summarise(name, keys, root, events, t_drop, t_end, n_files) -> dict:
     # Seconds in which some optimizer step ran: the union of [first step began, last progress] over the jobs
     # (the first step's own time counted; older trainers say only when it ended); and, comparable with figures
     # taken before the first step's duration was known, the union from the first step's end.
-    busy = union_seconds([(j.get("first_step_began_s", j["first_step_s"]), j["last_progress_s"])
-                          for j in jobs.values() if "first_step_s" in j and "last_progress_s" in j])
-    busy_after_first = union_seconds([(j["first_step_s"], j["last_progress_s"]) for j in jobs.values()
-                                      if "first_step_s" in j and "last_progress_s" in j])
+    # Spans end at the end of the measured wall time (a variant cut off at --timeout has jobs still training).
+    end = t_end - t_drop
+    timed = [j for j in jobs.values() if "first_step_s" in j and "last_progress_s" in j]
+    busy = union_seconds([(j.get("first_step_began_s", j["first_step_s"]), j["last_progress_s"]) for j in timed],
+                         end)
+    busy_after_first = union_seconds([(j["first_step_s"], j["last_progress_s"]) for j in timed], end)
     gaps = gaps_between(list(jobs.values()))
     began_gaps = [j["gap_to_step_began_s"] for j in jobs.values() if "gap_to_step_began_s" in j]
     wall = t_end - t_drop
@@ -206,10 +208,10 @@ def _median(values) -> float | None:
     return round(float(np.median(values)), 2) if values else None
 
 
-def union_seconds(spans: list[tuple[float, float]]) -> float:
-    """Seconds covered by at least one of the [start, end] spans."""
+def union_seconds(spans: list[tuple[float, float]], until: float = float("inf")) -> float:
+    """Seconds up to `until` covered by at least one of the [start, end] spans."""
     busy, cur = 0.0, None
-    for a, b in sorted(spans):
+    for a, b in sorted((a, min(b, until)) for a, b in spans if a < until):
         if cur is None or a > cur[1]:
             busy += (cur[1] - cur[0]) if cur else 0.0
             cur = [a, b]

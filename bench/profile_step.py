@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     print(f"{args.model}: {plan}")
     for chunk in [int(c) for c in args.chunk_elements.split(",") if c] or [loss.CHUNK_ELEMENTS]:
         loss.CHUNK_ELEMENTS = chunk
+        torch.cuda.reset_peak_memory_stats()
         for b in batches[:3]:
             step(b)
         torch.cuda.synchronize()

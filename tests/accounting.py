@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,9 +200,19 @@ def resumes(root: Path) -> list[dict]:
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-    """Signal the daemon and wait for it; its exit status."""
+    """Signal the daemon and wait for it; its exit status. One that does not exit in time is asked for its
+    threads' stacks (SIGUSR2, which the daemon answers on stderr: daemon.out under its root) for the failure."""
     proc.send_signal(sig)
-    return proc.wait(timeout=timeout)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(2)
+        args = [str(a) for a in proc.args]
+        out = Path(args[args.index("--root") + 1]) / "daemon.out" if "--root" in args else None
+        tail = out.read_text(errors="replace")[-6000:] if out is not None and out.exists() else "(no daemon.out)"
+        proc.kill()
+        raise AssertionError(f"the daemon did not exit {timeout}s after signal {sig}; its stacks:\n{tail}") from None
 
 
 def faults(*specs: dict) -> str:

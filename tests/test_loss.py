@@ -20,7 +20,7 @@ def cfg():
 
 
 def test_linear_cross_entropy_matches_full_logits_in_value_and_gradient(monkeypatch):
-    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 50)  # 7 tokens a chunk: many chunks, a ragged last one
+    monkeypatch.setattr(loss, "_chunk_size", lambda vocab: 7)  # 7 tokens a chunk: many chunks, a ragged last one
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
@@ -50,7 +50,7 @@ def test_chunked_loss_equals_hf_loss_on_the_tiny_model(tiny_model_dir, monkeypat
         ids = [rng.randrange(vocab) for _ in range(rng.randint(4, 30))]
         exs.append(NS(input_ids=ids, labels=[-100] * 3 + ids[3:]))
     batch = packing.collate(exs, packing=False, pad_id=0)
-    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 16 * vocab)  # several chunks
+    monkeypatch.setattr(loss, "_chunk_size", lambda vocab: 16)  # several chunks, a ragged last one
 
     ours = loss.token_loss_sum(model, batch)
     ours.backward()
@@ -80,21 +80,27 @@ def test_eval_needs_no_graph(tiny_model_dir):
 def test_the_fused_chunk_of_compiled_runs_gives_the_eager_loss_and_gradient(monkeypatch):
     """training.compile's loss (Inductor, here on CPU) is the eager chunked loss: same value, same gradient, in
     fp32 and in bf16 (the gradient rounded to bf16 once, as the eager path rounds it), ragged last chunk included."""
-    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 24 * 96)  # 24 tokens a chunk, a ragged last one
+    monkeypatch.setattr(loss, "_chunk_size", lambda vocab: 24)  # 60 tokens: chunks of 24, 24 and a ragged 12
+    compiled_calls = []
+    fused_chunk = loss._fused
+    monkeypatch.setattr(loss, "_fused", lambda: compiled_calls.append(1) or fused_chunk())
     g = torch.Generator().manual_seed(3)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         weight = torch.randn(96, 32, generator=g).to(dtype)
+        bias = torch.randn(96, generator=g).to(dtype)
         base = torch.randn(60, 32, generator=g).to(dtype)
         targets = torch.randint(0, 96, (60,), generator=g)
         targets[::4] = -100
         results = []
         for fused in (False, True):
+            compiled_calls.clear()
             hidden = base.clone().requires_grad_(True)
-            value = loss.linear_cross_entropy_sum(hidden, weight, targets, fused=fused)
+            value = loss.linear_cross_entropy_sum(hidden, weight, targets, bias, fused=fused)
             (grad,) = torch.autograd.grad(value * 0.5, hidden)
             results.append((value.detach(), grad))
+        assert len(compiled_calls) == 3  # the fused run went through the compiled chunk, once a chunk
         (v_eager, g_eager), (v_fused, g_fused) = results
-        assert v_fused.dtype == torch.float32 and g_fused.dtype == dtype
+        assert v_fused.dtype == torch.float32
         torch.testing.assert_close(v_fused, v_eager, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g_fused.float(), g_eager.float(), rtol=tol, atol=tol)
         assert (g_fused[::4] == 0).all() and (g_fused[1::4] != 0).any()  # ignored rows get no gradient

@@ -58,6 +58,7 @@ def test_first_signal_is_a_warm_stop(root, tiny_model_dir, tmp_path_factory):
     assert (root / "queue/pending/j000001/resume" / f"step-{stopped_at:06d}" / "COMPLETE").exists()
     assert not (root / "checkpoints" / "default" / "v1").exists()  # ... so neither done nor published
     assert not trainer_pids(root)
+    assert [e["message"] for e in events(root, "signal")] == ["SIGTERM: warm stop: checkpointing the running jobs"]
     finish_and_compare(root, inbox, expected, resumed_from=stopped_at)
 
 
@@ -71,6 +72,8 @@ def test_second_signal_is_a_cold_stop_and_loses_nothing(root, tiny_model_dir, tm
     time.sleep(0.5)  # the trainer is now stuck in its warm-stop checkpoint
     assert stop(daemon, signal.SIGINT) == 0  # Ctrl-C counts as the second signal too
     assert trainer not in trainer_pids(root)  # its process group was killed
+    assert [e["message"] for e in events(root, "signal")] == ["SIGTERM: warm stop: checkpointing the running jobs",
+                                                              "SIGINT: cold stop: killing the trainers"]
 
     (job,) = jobs(root)
     assert job["folder"] == "pending" and job["attempts"][-1]["outcome"] == "cold_stopped"
@@ -172,3 +175,17 @@ def test_a_second_daemon_on_the_same_root_is_refused(root, tiny_model_dir):
     r = cli(root, "run", "--once", timeout=30)
     assert r.returncode == 0, r.stderr
     account(root, inbox)
+
+
+def test_sigusr2_writes_every_threads_stack_and_the_daemon_carries_on(root, tiny_model_dir):
+    """For a daemon that seems stuck (docs/operations.md): its stacks on stderr, nothing else changes."""
+    write_config(root, tiny_model_dir)
+    daemon = start_daemon(root)
+    wait_for(lambda: events(root, "daemon_started"), timeout=60, what="daemon_started")
+    daemon.send_signal(signal.SIGUSR2)
+    dump = wait_for(lambda: "most recent call first" in (text := (root / "daemon.out").read_text(errors="replace"))
+                    and text, timeout=10, what="the stack dump on stderr")
+    assert "Current thread" in dump and "daemon/supervisor/loop.py" in dump
+    time.sleep(0.5)
+    assert daemon.poll() is None and not events(root, "signal")
+    assert stop(daemon) == 0

@@ -9,6 +9,7 @@ SIGTERM/SIGINT is a warm stop of every trainer, the second a cold one (rq's work
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import time
@@ -40,6 +41,8 @@ class Supervisor:
         self.spool = Spool(layout)
         self.intake = Intake(layout, cfg.intake, self.spool, self.status)
         self.signals = 0
+        self._signals_unsaid: list[int] = []  # received, not yet logged: the handler itself takes no lock
+        self._signals_said = 0
         self.state = "starting"
         self.running: dict[int, Attempt] = {}  # the jobs in training, by job id, oldest first
         self._next_place = 0.0
@@ -80,6 +83,7 @@ class Supervisor:
         try:
             self._loop()
         finally:
+            self._say_signals()
             for attempt in self.running.values():
                 if attempt.trainer:
                     # The loop itself failed with a trainer running: closing its lifeline makes it exit at once
@@ -106,6 +110,7 @@ class Supervisor:
         """The one loop: each turn does the housekeeping, watches every job in training, then starts the pending
         jobs that may start. A stop (signal) ends it once no trainer runs."""
         while True:
+            self._say_signals()
             if self.running:
                 self._tick(timeout=0)  # the trainers' events are what this turn waits for
                 for attempt in list(self.running.values()):
@@ -289,16 +294,26 @@ class Supervisor:
         return readable
 
     def _install_signals(self) -> None:
+        # A handler runs on the main thread between any two bytecodes, perhaps inside the status writer's lock
+        # (not reentrant): it only counts, and the loop says what it means at its next turn (_say_signals).
         def on_stop(signum, _frame):
             self.signals += 1
-            what = ("warm stop: checkpointing the running jobs" if self.signals == 1
-                    else "cold stop: killing the trainers")
-            self.status.event("signal", f"{signal.Signals(signum).name}: {what}", level="warning")
+            self._signals_unsaid.append(signum)
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         if hasattr(self.status, "reopen"):
             signal.signal(signal.SIGHUP, lambda *_: self.status.reopen())
+        # `kill -USR2 <pid>`: every thread's stack to stderr (the journal under systemd), for a daemon that hangs.
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
+
+    def _say_signals(self) -> None:
+        while self._signals_unsaid:
+            signum = self._signals_unsaid.pop(0)
+            self._signals_said += 1
+            what = ("warm stop: checkpointing the running jobs" if self._signals_said == 1
+                    else "cold stop: killing the trainers")
+            self.status.event("signal", f"{signal.Signals(signum).name}: {what}", level="warning")
 
     def _end_paused_once(self) -> None:
         waiting = self.spool.count(JobStatus.PENDING)

@@ -96,7 +96,7 @@ class Standby:
         """Start it: one process per rank of `grant`, in one process group, each with the environment
         launch.rank_env gives a job's rank (its rendezvous port chosen now, bound only after the go); their
         logs are state/standby.log (rank 0), state/standby-rank<N>.log, until they have a job. It holds no
-        trainer lock: rank 0 takes its devices' locks after the go (daemon/trainer/main.py: wait_for_gpu)."""
+        trainer lock: rank 0 takes its devices' locks after the go (daemon/trainer/gpu_gate.py)."""
         life_r, life_w = os.pipe()
         cmd = [sys.executable, "-m", "daemon.trainer.main", "--standby", "--root", str(root),
                "--lifeline-fd", str(life_r), "--parent-pid", str(os.getpid())]

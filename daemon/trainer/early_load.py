@@ -1,7 +1,7 @@
 """An early trainer's head start on loading: the base model built in host memory while it waits for the GPU,
 and its CUDA context made in a thread at the go while the main thread does the CPU work that comes next.
 
-Waiting at the GPU gate (main.wait_for_gpu) the process may use the CPU and host memory but never the GPU, so
+Waiting at the GPU gate (gpu_gate.wait) the process may use the CPU and host memory but never the GPU, so
 `Preload` runs `from_pretrained` on the CPU there and attaches a fresh LoRA (lora_attach.py), in a thread (the
 go is acted on at once either way). After the go, model.load_for_training takes that model instead of loading
 again, if the memory plan wants what was built: not a 4-bit base (bitsandbytes loads onto the GPU itself) and

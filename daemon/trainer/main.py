@@ -28,12 +28,12 @@ from daemon.config_errors import ConfigError
 from daemon.paths import Layout
 from daemon.protocol import ErrorKind, Event
 from daemon.timefmt import now_iso
-from daemon.trainer import publish_step, warm
+from daemon.trainer import gpu_gate, publish_step
 from daemon.trainer.parent import choose_parent
 from daemon.trainer.eval_pool import EvalFileError, StandingSet, load_standing_set
 from daemon.trainer.fingerprint import base_fingerprint
 from daemon.trainer.timings import Laps
-from daemon.trainer.process import (die_with_parent, emit, go_is_waiting, rank, wait_for_go, wait_for_job,
+from daemon.trainer.process import (die_with_parent, emit, rank, wait_for_job,
                                     watch_lifeline, write_error)
 
 # torch and the training modules are imported inside the steps that use them: a trainer whose stack cannot
@@ -41,7 +41,6 @@ from daemon.trainer.process import (die_with_parent, emit, go_is_waiting, rank, 
 
 _stop = threading.Event()
 _device_locks: list[int] = []  # the trainer locks an early trainer took after its go: held until it exits
-LOCK_WAIT_SECONDS = 60  # the daemon saw them free before the go: only a trainer just exiting may still hold one
 
 
 def main(argv=None) -> int:
@@ -130,7 +129,7 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None, gated: bool = Fa
 
     `gated`: an early trainer, handed its job while another trains (daemon/supervisor/standby.py). It prepares
     what needs only the CPU and the job itself (config, validation, tokenization, report.json), then waits at
-    the GPU gate (wait_for_gpu) and only then does what depends on the GPU or on the adapter's previous job:
+    the GPU gate (gpu_gate.wait) and only then does what depends on the GPU or on the adapter's previous job:
     an earlier attempt's published version (recover), the standing eval set (the eval pool the previous job may
     grow), the parent version and replay (train)."""
     job = json.loads((job_dir / "job.json").read_text())
@@ -146,7 +145,8 @@ def run(job_dir: Path, layout: Layout, micro_batch: int | None, gated: bool = Fa
         report = validate(attempt, cfg, base_dir)
         attempt.laps.mark("validate")
         if gated:
-            wait_for_gpu(attempt, cfg, base_dir, report)
+            if not gpu_gate.wait(attempt, cfg, base_dir, report, stop=_stop, locks=_device_locks):
+                raise AttemptEnds(protocol.STOPPED)  # stopped while waiting: nothing of the threads' is kept
             recover(attempt)
         load_standing(attempt, cfg, base_dir)
         attempt.laps.mark("standing_set")
@@ -238,63 +238,6 @@ def validate(attempt: Attempt, cfg, base_dir: Path):
     if _stop.is_set() and "WORLD_SIZE" not in os.environ:  # ranks agree on a stop only once they can talk (recipe)
         raise AttemptEnds(protocol.STOPPED) from None
     return report
-
-
-def wait_for_gpu(attempt: Attempt, cfg, base_dir: Path, report) -> None:
-    """The GPU gate: the job is validated and tokenized; wait for the daemon's go (the previous trainer has
-    exited and its GPUs were checked), then take the devices' trainer locks named in the go (bounded), start this
-    process's CUDA context in a thread (early_load.EarlyCuda) and go on to load and train. Until the go this
-    process has no CUDA context and holds no device lock; meanwhile, in threads, it builds the base model and a
-    fresh LoRA in host memory (early_load.Preload; else it reads the weight files into the page cache) and
-    validates replay's earlier files ahead (replay.read_ahead). Both are waited for at the go, before anything
-    else runs torch (Preload.wait says why). A warm stop while waiting ends the attempt as stopped, with nothing
-    to checkpoint (the next attempt starts from scratch, or from a checkpoint an earlier one left)."""
-    from daemon import device_locks
-    from daemon.trainer import early_load, replay
-
-    warmer, reader, gone, notes = None, None, threading.Event(), []
-    if not go_is_waiting():  # the go is not there yet: another job trains
-        emit({"event": Event.PHASE, "phase": "waiting_for_gpu", "cuda_initialized": _cuda_initialized()})
-        attempt.preload, why_not = early_load.Preload.start(base_dir, cfg)
-        if attempt.preload is None:
-            notes.append(f"the base is loaded after the go: {why_not}")
-            if rank() == 0:  # one reader is enough: the page cache is the host's
-                warmer = warm.Warmer.start(base_dir)
-        if report.format != "preference":  # a preference job replays nothing
-            reader = threading.Thread(target=replay.read_ahead, daemon=True, name="replay-read-ahead", args=(
-                cfg, attempt.layout, attempt.adapter_dir, attempt.tokenizer, base_dir),
-                kwargs={"stop": lambda: _stop.is_set() or gone.is_set()})
-            reader.start()
-    go = wait_for_go(_stop.is_set)
-    gone.set()  # the read-ahead stops after the file it is on; choose() reads the rest itself
-    attempt.laps.mark("wait_for_gpu")
-    notes.append(warmer.stop() if warmer else None)
-    if go is None:  # stopped: the threads die with the process, nothing of theirs is kept
-        raise AttemptEnds(protocol.STOPPED)
-    if _cuda_initialized():  # a library did it behind our back: say so, the GPU run's check looks for it
-        emit({"event": Event.LOG, "level": "warning", "message": "CUDA was initialised before the go"})
-    _device_locks.extend(device_locks.acquire_trainer_lock(
-        attempt.layout.state, list(go.get("locks") or []), wait=LOCK_WAIT_SECONDS,
-        holder="another trainer (the daemon found the lock free when it gave this job the go)"))
-    if _cuda_available():  # the devices are ours now: the context is made while the rest goes on
-        attempt.early_cuda = early_load.EarlyCuda()
-    if attempt.preload is not None:
-        attempt.preload.wait()
-    if reader is not None:
-        reader.join()
-    attempt.laps.mark("early_load_rest")
-    for note in filter(None, notes):
-        emit({"event": Event.LOG, "level": "debug", "message": note})
-
-
-def _cuda_available() -> bool:
-    torch = sys.modules.get("torch")
-    return bool(torch is not None and torch.cuda.is_available())
-
-
-def _cuda_initialized() -> bool:
-    torch = sys.modules.get("torch")
-    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 def load_standing(attempt: Attempt, cfg, base_dir: Path) -> None:
