@@ -325,7 +325,7 @@ def test_metrics_carry_the_reward_accuracy(root):
     from daemon.durable import write_json
     from daemon.paths import Layout
     from daemon.supervisor.spool import Spool
-    from daemon.supervisor.web import FileCollector
+    from daemon.supervisor.web_metrics import FileCollector
 
     layout = Layout.at(root)
     write_json(layout.status_json, {"current": {"adapter": "default", "loss": 0.3, "reward_accuracy": 0.75}})

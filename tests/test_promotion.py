@@ -71,7 +71,7 @@ def metrics(root: Path) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     from daemon.supervisor.spool import Spool
-    from daemon.supervisor.web import FileCollector
+    from daemon.supervisor.web_metrics import FileCollector
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FileCollector(Spool(Layout.at(root))))
