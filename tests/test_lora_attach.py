@@ -125,6 +125,7 @@ from daemon.trainer.process import import_training_stack
 from daemon.trainer.early_load import Preload
 from test_model import cfg
 assert import_training_stack() is None
+assert "matplotlib.figure" in sys.modules  # the loss plot's stack too: after the last step it would hold the GPU
 preload, why_not = Preload.start(Path({str(tiny_model_dir)!r}), cfg(), torch.device("cpu"))
 assert preload is not None, why_not
 model = preload.take()
